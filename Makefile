@@ -1,0 +1,31 @@
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m jaxreg demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxreg tests benchmarks examples
+	$(VENV)/bin/ruff format --check jaxreg tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy jaxreg
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

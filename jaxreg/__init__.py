@@ -1,0 +1,16 @@
+"""jaxreg: structured loss composition in JAX.
+
+Compose a base loss with named, weighted regularizers into one compiled program that
+returns the total loss, every term's value, contribution and gradient norm, and the
+gradient.
+"""
+
+from jaxreg._src.compose import Objective as Objective
+from jaxreg._src.compose import compose as compose
+from jaxreg._src.output import CompositeOutput as CompositeOutput
+from jaxreg._src.output import TermOutput as TermOutput
+from jaxreg._src.terms import MAX_TERMS as MAX_TERMS
+from jaxreg._src.terms import Term as Term
+from jaxreg._src.terms import TermError as TermError
+
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""Terms: a named, weighted, pure loss function, and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Schedule = Callable[[jax.Array], jax.Array]
+"""An optax-style schedule: ``step -> weight`` (``optax.linear_schedule`` etc.)."""
+
+TermFn = Callable[[Any, Any], Any]
+"""``fn(x, batch) -> loss`` or ``fn(x, batch) -> (loss, metrics)``."""
+
+MAX_TERMS = 100
+"""Most terms one objective may hold (the specification's security limit)."""
+
+
+class TermError(ValueError):
+    """A term, or what its function returned, is not valid.
+
+    The message always names the term, the field, what was expected and what was found.
+    """
+
+
+def _describe(value: Any) -> str:
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_weight(name: str, weight: Any) -> float:
+    """Checks a concrete weight and returns it as a Python float.
+
+    Raises:
+      TermError: unless ``weight`` is a finite, non-negative real number.
+    """
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real | np.ndarray | jax.Array):
+        raise TermError(
+            f"Term {name!r}: weight must be a finite non-negative number or a schedule "
+            f"(step -> weight); found {_describe(weight)}."
+        )
+    if isinstance(weight, np.ndarray | jax.Array):
+        if weight.shape != ():
+            raise TermError(
+                f"Term {name!r}: weight must be a scalar; found {_describe(weight)}."
+            )
+        if isinstance(weight, jax.core.Tracer):
+            raise TermError(
+                f"Term {name!r}: a Term's own weight must be concrete; pass traced weights "
+                "per call instead, as objective(x, batch, weights={...})."
+            )
+    value = float(weight)
+    if not math.isfinite(value) or value < 0:
+        raise TermError(
+            f"Term {name!r}: weight must be finite and non-negative; found {value!r}."
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """A named, weighted loss term: a pure function of the differentiated input.
+
+    The objective built by :func:`jaxreg.compose` adds ``weight * fn(x, batch)`` to the
+    total loss and reports the term's value, contribution and (optionally) gradient norm.
+
+    Args:
+      name: a non-empty name, unique within one objective; it keys the term's metrics.
+        It may not contain ``"/"``, the separator of :meth:`CompositeOutput.flat`.
+      fn: a pure, traceable function ``fn(x, batch)`` returning a scalar loss, or a pair
+        ``(loss, metrics)`` with ``metrics`` a dict of scalar arrays.
+      weight: a finite non-negative number, or an optax-style schedule ``step -> weight``
+        evaluated inside the compiled program at the ``step`` passed to the objective.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> l1 = jr.Term("l1", lambda x, batch: jnp.sum(jnp.abs(x)), weight=0.01)
+      >>> l1.name, l1.weight
+      ('l1', 0.01)
+    """
+
+    name: str
+    fn: TermFn
+    weight: float | Schedule = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise TermError(f"Term name must be a non-empty string; found {self.name!r}.")
+        if "/" in self.name:
+            raise TermError(
+                f"Term {self.name!r}: name may not contain '/', the separator of flat() keys."
+            )
+        if not callable(self.fn):
+            raise TermError(
+                f"Term {self.name!r}: fn must be callable as fn(x, batch); "
+                f"found {_describe(self.fn)}."
+            )
+        if not callable(self.weight):
+            object.__setattr__(self, "weight", check_weight(self.name, self.weight))
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the weight is a schedule ``step -> weight``."""
+        return callable(self.weight)
+
+    def evaluate(self, x: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Calls ``fn(x, batch)`` and checks that it returned a scalar and scalar metrics."""
+        out = self.fn(x, batch)
+        if isinstance(out, tuple):
+            if len(out) != 2:
+                raise TermError(
+                    f"Term {self.name!r}: fn must return a scalar loss or a pair "
+                    f"(loss, metrics); found a tuple of length {len(out)}."
+                )
+            loss, metrics = out
+        else:
+            loss, metrics = out, {}
+        loss = _check_scalar(self.name, "loss", loss)
+        if metrics is None:
+            metrics = {}
+        if not isinstance(metrics, Mapping):
+            raise TermError(
+                f"Term {self.name!r}: metrics must be a dict of scalar arrays; "
+                f"found {_describe(metrics)}."
+            )
+        checked = {}
+        for key, value in metrics.items():
+            if not isinstance(key, str) or not key or "/" in key:
+                raise TermError(
+                    f"Term {self.name!r}: metric names must be non-empty strings without '/'; "
+                    f"found {key!r}."
+                )
+            checked[key] = _check_scalar(self.name, f"metrics[{key!r}]", value)
+        return loss, checked
+
+
+def _check_scalar(name: str, field: str, value: Any) -> jax.Array:
+    try:
+        array = jnp.asarray(value)
+    except TypeError:
+        raise TermError(
+            f"Term {name!r}: {field} must be a scalar array; found {_describe(value)}."
+        ) from None
+    if array.shape != ():
+        raise TermError(
+            f"Term {name!r}: {field} must be a scalar (shape ()); found {_describe(array)}. "
+            "Reduce it (e.g. jnp.sum or jnp.mean) inside the term."
+        )
+    if field == "loss" and not jnp.issubdtype(array.dtype, jnp.floating):
+        raise TermError(
+            f"Term {name!r}: loss must have a floating dtype to be differentiated; "
+            f"found {array.dtype}."
+        )
+    return array
+
+
+def as_term(spec: Any, *, role: str, default_name: str) -> Term:
+    """Normalises a :class:`Term`, an SDK-style dict, or a plain callable to a Term."""
+    if isinstance(spec, Term):
+        return spec
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - {"name", "fn", "weight"}
+        if unknown:
+            raise TermError(
+                f"{role} {spec.get('name', '?')!r}: unknown keys {sorted(unknown)}; "
+                "expected 'name', 'fn' and optionally 'weight'."
+            )
+        missing = {"name", "fn"} - set(spec)
+        if missing:
+            raise TermError(
+                f"{role} {spec.get('name', '?')!r}: missing keys {sorted(missing)}; "
+                "expected {'name': str, 'fn': callable, 'weight': float}."
+            )
+        return Term(spec["name"], spec["fn"], spec.get("weight", 1.0))
+    if callable(spec):
+        return Term(default_name, spec)
+    raise TermError(
+        f"{role}: expected a jaxreg.Term, a dict {{'name', 'fn', 'weight'}} or a callable "
+        f"fn(x, batch); found {_describe(spec)}."
+    )
+
+
+def normalize_terms(base: Any, regularizers: Any) -> tuple[Term | None, tuple[Term, ...]]:
+    """Validates the base and regularizers given to ``compose`` and returns Terms."""
+    base_term = None if base is None else as_term(base, role="base", default_name="base")
+    if regularizers is None:
+        regularizers = ()
+    if isinstance(regularizers, Term | Mapping) or callable(regularizers):
+        regularizers = (regularizers,)
+    if not isinstance(regularizers, Sequence):
+        raise TermError(
+            "regularizers must be a sequence of jaxreg.Term (or dicts); "
+            f"found {_describe(regularizers)}."
+        )
+    regs = tuple(
+        as_term(r, role=f"regularizers[{i}]", default_name=f"regularizer_{i}")
+        for i, r in enumerate(regularizers)
+    )
+    if base_term is None and not regs:
+        raise TermError(
+            "compose needs a base loss or at least one regularizer; got neither."
+        )
+    if len(regs) > MAX_TERMS:
+        raise TermError(
+            f"compose accepts at most {MAX_TERMS} regularizers; found {len(regs)}."
+        )
+    seen: set[str] = set()
+    for term in ((base_term,) if base_term else ()) + regs:
+        if term.name in seen:
+            raise TermError(
+                f"Term {term.name!r}: names must be unique within an objective; "
+                "it appears more than once."
+            )
+        seen.add(term.name)
+    return base_term, regs
