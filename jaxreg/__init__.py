@@ -5,11 +5,17 @@ returns the total loss, every term's value, contribution and gradient norm, and 
 gradient.
 """
 
+from jaxreg import losses as losses
+from jaxreg import regularizers as regularizers
+from jaxreg._src.batch import Batch as Batch
+from jaxreg._src.batch import BatchError as BatchError
+from jaxreg._src.batch import per_datum as per_datum
 from jaxreg._src.compose import Objective as Objective
 from jaxreg._src.compose import compose as compose
 from jaxreg._src.output import CompositeOutput as CompositeOutput
 from jaxreg._src.output import TermOutput as TermOutput
 from jaxreg._src.terms import MAX_TERMS as MAX_TERMS
+from jaxreg._src.terms import InputError as InputError
 from jaxreg._src.terms import Term as Term
 from jaxreg._src.terms import TermError as TermError
 

@@ -29,6 +29,14 @@ class TermError(ValueError):
     """
 
 
+class InputError(ValueError):
+    """A term function was given inputs it cannot use.
+
+    Raised by the built-in terms (and usable by users' own); :class:`Term` re-raises it as
+    a :class:`TermError` prefixed with the term's name.
+    """
+
+
 def _describe(value: Any) -> str:
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
@@ -114,7 +122,10 @@ class Term:
 
     def evaluate(self, x: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Calls ``fn(x, batch)`` and checks that it returned a scalar and scalar metrics."""
-        out = self.fn(x, batch)
+        try:
+            out = self.fn(x, batch)
+        except InputError as e:
+            raise TermError(f"Term {self.name!r}: {e}") from e
         if isinstance(out, tuple):
             if len(out) != 2:
                 raise TermError(

@@ -1,0 +1,233 @@
+"""The token batch: padded per-token arrays with a mask, and ragged <-> padded packing."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreg._src.terms import InputError
+
+Bucket = str | int | Sequence[int] | None
+
+
+class BatchError(InputError):
+    """A batch, or the ragged data it is packed from, is malformed.
+
+    The message names the field, what was expected and what was found.
+    """
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Padded per-token inputs with a mask: the ``batch`` argument of token-level terms.
+
+    Attributes:
+      mask: ``[B, T]``, 1 for real tokens and 0 for padding (any numeric or bool dtype).
+      inputs: padded per-token arrays named like Tinker's ``loss_fn_inputs``
+        (``target_tokens``, ``weights``, ``advantages``, ``logprobs`` for the sampling
+        policy, ``ref_logprobs``, ...), each ``[B, T]`` or ``[B, T, K]``.
+      num_datums: how many leading rows are real datums when :meth:`from_ragged` padded
+        the batch dimension (``batch_bucket``); ``None`` means all rows.
+
+    Logprobs ``x`` are ``[B, T]``, or ``[B, T, K]`` for multi-target data; the mask stays
+    ``[B, T]``. Build one from per-datum arrays of different lengths with
+    :meth:`from_ragged`, and go back with :meth:`unpad`.
+
+    Example:
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> x, batch = jr.Batch.from_ragged(
+      ...     [np.array([-1.0, -2.0]), np.array([-0.5])],
+      ...     {"weights": [np.ones(2), np.ones(1)]},
+      ... )
+      >>> x.shape, batch.mask.shape
+      ((2, 8), (2, 8))
+      >>> [a.tolist() for a in batch.unpad(x)]
+      [[-1.0, -2.0], [-0.5]]
+    """
+
+    mask: jax.Array
+    inputs: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    num_datums: jax.Array | None = None
+
+    def __getitem__(self, key: str) -> jax.Array:
+        return self.inputs[key]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Per-datum lengths (read from the mask on the host)."""
+        return np.asarray(self.mask).astype(bool).sum(axis=1)
+
+    def unpad(self, array: Any) -> list[np.ndarray]:
+        """Splits a padded ``[B, T, ...]`` array back into per-datum NumPy arrays.
+
+        Padded datums (rows added by ``batch_bucket``) are dropped, so the result has one
+        entry per datum given to :meth:`from_ragged`.
+        """
+        array = np.asarray(array)
+        mask = np.asarray(self.mask)
+        if array.shape[:2] != mask.shape:
+            raise BatchError(
+                f"unpad: array must be [B, T, ...] with [B, T] = {mask.shape} (the mask); "
+                f"found shape {array.shape}."
+            )
+        n = mask.shape[0] if self.num_datums is None else int(np.asarray(self.num_datums))
+        lengths = mask.astype(bool).sum(axis=1)
+        return [array[i, : lengths[i]] for i in range(n)]
+
+    @classmethod
+    def from_ragged(
+        cls,
+        logprobs: Sequence[Any],
+        inputs: Mapping[str, Sequence[Any]] | None = None,
+        *,
+        bucket: Bucket = "pow2",
+        min_length: int = 8,
+        batch_bucket: Bucket = None,
+        dtype: Any = np.float32,
+    ) -> tuple[jax.Array, Batch]:
+        """Packs per-datum arrays of different lengths into padded arrays and a mask.
+
+        Args:
+          logprobs: one array per datum, ``[T_i]`` or ``[T_i, K]`` (same ``K`` for all).
+          inputs: ``{name: [one array per datum]}``, each ``[T_i]`` or ``[T_i, K]``.
+          bucket: the padded length: ``"pow2"`` (next power of two, at least
+            ``min_length``), an int ``m`` (next multiple of ``m``), a sorted list of
+            allowed lengths (the smallest that fits), or ``None`` (the longest datum).
+            A stream of batches of random lengths then compiles once per bucket.
+          min_length: the smallest padded length for ``"pow2"``.
+          batch_bucket: pads the number of datums the same way (rows of mask 0), so that
+            varying batch sizes compile a bounded number of times too. Default: no padding.
+          dtype: the floating dtype of the padded logprobs and floating inputs.
+
+        Returns:
+          ``(x, batch)``: padded logprobs ``[B, T]`` or ``[B, T, K]`` and the :class:`Batch`.
+        """
+        n = len(logprobs)
+        arrays = [np.asarray(a) for a in logprobs]
+        lengths = np.array([a.shape[0] if a.ndim else -1 for a in arrays], np.int64)
+        for i, a in enumerate(arrays):
+            if a.ndim not in (1, 2):
+                raise BatchError(
+                    f"logprobs[{i}]: expected a [T] or [T, K] array; found shape {a.shape}."
+                )
+        max_len = int(lengths.max()) if n else 0
+        t = _bucket(bucket, max_len, min_length, "bucket")
+        b = _bucket(batch_bucket, n, 1, "batch_bucket") if batch_bucket is not None else n
+        x = _pad(arrays, lengths, b, t, "logprobs", dtype)
+        rows = np.arange(b)[:, None]
+        mask = (np.arange(t)[None, :] < np.pad(lengths, (0, b - n))[rows[:, 0], None]).astype(
+            np.float32
+        )
+        packed = {}
+        for name, values in (inputs or {}).items():
+            if len(values) != n:
+                raise BatchError(
+                    f"inputs[{name!r}]: expected one array per datum ({n}); found {len(values)}."
+                )
+            per = [np.asarray(v) for v in values]
+            for i, v in enumerate(per):
+                if v.ndim == 0 or v.shape[0] != lengths[i]:
+                    raise BatchError(
+                        f"inputs[{name!r}][{i}]: expected length {lengths[i]} (the length of "
+                        f"logprobs[{i}]); found shape {v.shape}."
+                    )
+            packed[name] = _pad(per, lengths, b, t, f"inputs[{name!r}]", dtype)
+        num = None if batch_bucket is None else jnp.asarray(n, jnp.int32)
+        batch = cls(jnp.asarray(mask), {k: jnp.asarray(v) for k, v in packed.items()}, num)
+        return jnp.asarray(x), batch
+
+
+def _bucket(bucket: Bucket, length: int, minimum: int, field: str) -> int:
+    if bucket is None:
+        return length
+    if bucket == "pow2":
+        return max(minimum, 1 << max(0, length - 1).bit_length())
+    if isinstance(bucket, int) and not isinstance(bucket, bool):
+        if bucket <= 0:
+            raise BatchError(f"{field}: a multiple must be positive; found {bucket}.")
+        return max(bucket, -(-length // bucket) * bucket)
+    if isinstance(bucket, Sequence) and not isinstance(bucket, str):
+        for size in sorted(bucket):
+            if size >= length:
+                return int(size)
+        raise BatchError(
+            f"{field}: the longest datum has length {length}, more than the largest allowed "
+            f"length {max(bucket)}."
+        )
+    raise BatchError(
+        f"{field}: expected 'pow2', a positive int, a list of lengths or None; found {bucket!r}."
+    )
+
+
+def _pad(arrays, lengths, b, t, field, dtype) -> np.ndarray:
+    """Vectorised padding: one concatenate and one scatter, no per-token Python loop."""
+    tails = {a.shape[1:] for a in arrays}
+    if len(tails) > 1:
+        raise BatchError(
+            f"{field}: all datums need the same trailing shape; found {sorted(tails)}."
+        )
+    tail = tails.pop() if tails else ()
+    kind = np.result_type(*arrays) if arrays else np.dtype(dtype)
+    out_dtype = kind if np.issubdtype(kind, np.integer) or kind == np.bool_ else dtype
+    if np.issubdtype(kind, np.integer) and kind.itemsize > 4:
+        out_dtype = np.int32
+    out = np.zeros((b, t, *tail), out_dtype)
+    if not arrays or lengths.sum() == 0:
+        return out
+    flat = np.concatenate(arrays, axis=0)
+    rows = np.repeat(np.arange(len(arrays)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    cols = np.arange(flat.shape[0]) - np.repeat(starts, lengths)
+    out[rows, cols] = flat
+    return out
+
+
+def per_datum(
+    fn: Callable[[jax.Array, dict[str, jax.Array]], Any], *, reduction: str = "sum"
+) -> Callable[[jax.Array, Batch], Any]:
+    """Lifts a per-datum loss ``fn(logprobs_row, inputs_row)`` to a batch term.
+
+    The row function sees one padded row: padded positions hold 0 in the logprobs and in
+    every input, and ``inputs_row["mask"]`` marks the real tokens, so losses written as
+    sums over tokens (as Tinker's are) port unchanged. ``fn`` may return a scalar or
+    ``(scalar, metrics)``; metrics are averaged over the real datums.
+
+    Args:
+      fn: ``fn(logprobs_row, inputs_row) -> loss`` for one datum.
+      reduction: ``"sum"`` over datums (Tinker's convention) or ``"mean"`` over the
+        non-empty datums.
+
+    Example:
+      >>> term = jr.Term("nll", jr.per_datum(lambda lp, inp: -jnp.sum(inp["weights"] * lp)))
+      ... # doctest: +SKIP
+    """
+    if reduction not in ("sum", "mean"):
+        raise BatchError(f"per_datum: reduction must be 'sum' or 'mean'; found {reduction!r}.")
+
+    def term(x: jax.Array, batch: Batch):
+        mask = batch.mask.astype(x.dtype)
+        m = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+        xs = jnp.where(m > 0, x, 0)
+        inputs = {
+            k: jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 2)) > 0, v, 0)
+            for k, v in batch.inputs.items()
+        }
+        inputs["mask"] = mask
+        out = jax.vmap(fn)(xs, inputs)
+        losses, metrics = out if isinstance(out, tuple) else (out, {})
+        real = (jnp.sum(mask, axis=1) > 0).astype(losses.dtype)
+        count = jnp.maximum(jnp.sum(real), 1)
+        loss = jnp.sum(losses * real)
+        if reduction == "mean":
+            loss = loss / count
+        return loss, {k: jnp.sum(v * real) / count for k, v in metrics.items()}
+
+    term.__name__ = getattr(fn, "__name__", "per_datum")
+    return term
