@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.output import CompositeOutput, TermOutput
+from jaxreg._src.output import CompositeOutput, Layout, pack
 from jaxreg._src.terms import Term, TermError, check_weight, normalize_terms
 
 GradStrategy = Literal["per_term", "vmap"] | Sequence[Sequence[str]]
@@ -44,9 +44,12 @@ class Objective:
         self.groups = _groups(grad_strategy, self.names)
         self.trace_count = 0
         self._index = {name: i for i, name in enumerate(self.names)}
-        fixed = np.array([0.0 if t.scheduled else t.weight for t in self.terms], np.float32)
-        self._default = (fixed, np.zeros(len(fixed), bool))
-        self._default_step = np.zeros((), np.int32)
+        self._scheduled = any(t.scheduled for t in self.terms)
+        # A NaN weight tells the compiled program to evaluate that term's schedule.
+        fixed = np.array([np.nan if t.scheduled else t.weight for t in self.terms], np.float32)
+        self._fixed = fixed
+        self._default_w = jnp.asarray(fixed)
+        self._default_step = jnp.zeros((), jnp.int32)
         self._cache_key: Any = None
         self._cache_value: Any = None
         self._jitted = jax.jit(self._run)
@@ -78,16 +81,20 @@ class Objective:
         Returns:
           A :class:`CompositeOutput`.
         """
-        w, use = self._default if weights is None else self._weights(weights)
-        if step is None:
+        w = self._default_w if weights is None else self._weights(weights)
+        if not self._scheduled:
+            step = None
+        elif step is None:
             step = self._default_step
         elif isinstance(step, numbers.Integral):
             step = np.int32(step)
-        return self._jitted(x, batch, w, use, step)
+        return self._jitted(x, batch, w, step)
 
-    def _weights(self, weights: Mapping[str, Any]) -> tuple[Any, Any]:
+    def _weights(self, weights: Mapping[str, Any]) -> Any:
         if not isinstance(weights, Mapping):
-            raise TermError(f"weights must be a dict {{name: weight}}; found {type(weights)}.")
+            raise TermError(
+                f"weights must be a dict {{name: weight}}; found {type(weights).__name__}."
+            )
         unknown = [k for k in weights if k not in self._index]
         if unknown:
             raise TermError(
@@ -101,37 +108,32 @@ class Objective:
             key = tuple(weights.items())
             if key == self._cache_key:
                 return self._cache_value
-        fixed, use = self._default
-        if concrete:
-            w, use = fixed.copy(), use.copy()
+            w = self._fixed.copy()
             for name, value in weights.items():
                 w[self._index[name]] = check_weight(name, value)
-                use[self._index[name]] = True
-            self._cache_key, self._cache_value = key, (w, use)
-            return w, use
-        # Traced or array weights (e.g. inside a user's jit): assemble with jnp.
-        parts = [fixed[i] for i in range(len(fixed))]
-        use = use.copy()
+            self._cache_key, self._cache_value = key, jnp.asarray(w)
+            return self._cache_value
+        # Array or traced weights (e.g. inside a user's jit): assemble with jnp.
+        parts = [jnp.asarray(v, jnp.float32) for v in self._fixed]
         for name, value in weights.items():
-            i = self._index[name]
             if not isinstance(value, jax.core.Tracer):
                 check_weight(name, value)
-            parts[i] = jnp.asarray(value, jnp.float32)
-            use[i] = True
-        return jnp.stack([jnp.asarray(p, jnp.float32) for p in parts]), use
+            parts[self._index[name]] = jnp.asarray(value).astype(jnp.float32)
+        return jnp.stack(parts)
 
     # ---------------------------------------------------------------- compiled path
 
-    def _run(self, x, batch, w, use, step) -> CompositeOutput:
+    def _run(self, x, batch, w, step) -> CompositeOutput:
         self.trace_count += 1
-        weights = []
-        for i, term in enumerate(self.terms):
-            if term.scheduled:
-                sched = jnp.asarray(term.weight(step)).astype(jnp.float32)  # type: ignore[operator]
-                weights.append(jnp.where(use[i], w[i], sched))
-            else:
-                weights.append(w[i])
-        w = jnp.stack(weights)
+        if self._scheduled:
+            weights = []
+            for i, term in enumerate(self.terms):
+                if term.scheduled:
+                    sched = jnp.asarray(term.weight(step)).astype(jnp.float32)  # type: ignore[operator]
+                    weights.append(jnp.where(jnp.isnan(w[i]), sched, w[i]))
+                else:
+                    weights.append(w[i])
+            w = jnp.stack(weights)
         need_jacobian = self.track_grad_norms or self.term_grads or self.grad_conflicts
         if need_jacobian:
             values, metrics, grad, gram, jac = self._jacobian(x, batch, w)
@@ -184,14 +186,20 @@ class Objective:
             part = jax.tree.map(lambda j, wg=wg: _weighted(wg, j), jac)
             grad = part if grad is None else jax.tree.map(jnp.add, grad, part)
 
-        gram = jnp.zeros((n, n), jnp.float32 if dtype == jnp.float32 else dtype)
-        for a, (ga, ja) in enumerate(blocks):
-            for gb, jb in blocks[a:]:
-                block = _gram(ja, jb, gram.dtype)
-                ia, ib = np.asarray(ga), np.asarray(gb)
-                gram = gram.at[np.ix_(ia, ib)].set(block)
-                gram = gram.at[np.ix_(ib, ia)].set(block.T)
-
+        acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
+        if self.grad_conflicts:
+            gram = jnp.zeros((n, n), acc)
+            for a, (ga, ja) in enumerate(blocks):
+                for gb, jb in blocks[a:]:
+                    block = _gram(ja, jb, acc)
+                    ia, ib = np.asarray(ga), np.asarray(gb)
+                    gram = gram.at[np.ix_(ia, ib)].set(block)
+                    gram = gram.at[np.ix_(ib, ia)].set(block.T)
+        else:
+            # Only the Gramian's diagonal (the squared norms) is needed.
+            gram = jnp.zeros((n,), acc)
+            for group, jac in blocks:
+                gram = gram.at[np.asarray(group)].set(_sq_norms(jac, acc))
         jac_full = None
         if self.term_grads:
             order = np.argsort(np.concatenate([np.asarray(g) for g, _ in blocks]))
@@ -202,50 +210,40 @@ class Objective:
         return values_arr, metrics, grad, gram, jac_full
 
     def _output(self, values, metrics, grad, w, gram, jac) -> CompositeOutput:
-        w = w.astype(values.dtype)
+        dtype = values.dtype
+        w = w.astype(dtype)
         contributions = w * values
         norms = total_norm = cosines = None
         if gram is not None:
-            diag = jnp.diagonal(gram)
-            norms = _safe_sqrt(diag).astype(values.dtype)
-            if self.track_grad_norms:
-                total_norm = _safe_sqrt(_tree_sq_norm(grad)).astype(values.dtype)
+            norms = _safe_sqrt(jnp.diagonal(gram) if gram.ndim == 2 else gram).astype(dtype)
             if self.grad_conflicts:
                 denom = jnp.outer(norms, norms).astype(gram.dtype)
                 cosines = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1), 0)
-        if not self.track_grad_norms:
-            norms = None
-
-        outputs = []
-        for i, term in enumerate(self.terms):
-            outputs.append(
-                TermOutput(
-                    value=values[i],
-                    weight=w[i],
-                    contribution=contributions[i],
-                    custom=metrics[i],
-                    grad_norm=None if norms is None else norms[i],
-                    grad_norm_weighted=None if norms is None else w[i] * norms[i],
-                    name=term.name,
-                )
-            )
-        base = outputs[0] if self.base is not None else None
-        regs = outputs[1:] if self.base is not None else outputs
-        reg_total = (
-            jnp.sum(contributions[1:] if self.base is not None else contributions)
-            if regs
-            else jnp.zeros((), values.dtype)
+                cosines = jnp.clip(cosines, -1, 1)
+        track = self.track_grad_norms
+        if track:
+            total_norm = _safe_sqrt(_tree_sq_norm(grad)).astype(dtype)
+        layout = Layout(
+            names=self.names,
+            has_base=self.base is not None,
+            custom=tuple(tuple(m) for m in metrics),
+            norms=track,
+            differentiable=(True,) * len(self.terms),
         )
+        start = 1 if self.base is not None else 0
+        if total_norm is None:
+            total_norm = jnp.zeros((), dtype)
+        totals = [jnp.sum(contributions), jnp.sum(contributions[start:]), total_norm]
+        per_term = []
+        for i in range(len(self.terms)):
+            fields = [values[i], w[i], contributions[i]]
+            if track:
+                fields += [norms[i], w[i] * norms[i]]
+            fields += [jnp.asarray(v).astype(dtype) for v in metrics[i].values()]
+            per_term.append(fields)
+        scalars = jnp.stack(pack(layout, totals, per_term))
         return CompositeOutput(
-            loss_total=jnp.sum(contributions),
-            grad=grad,
-            regularizer_total=reg_total,
-            base_loss=base,
-            regularizers={t.name: t for t in regs},
-            total_grad_norm=total_norm,
-            grad_cosines=cosines,
-            term_grads=jac,
-            term_names=self.names,
+            grad=grad, scalars=scalars, grad_cosines=cosines, term_grads=jac, layout=layout
         )
 
 
@@ -255,13 +253,25 @@ def _weighted(w: jax.Array, jac: jax.Array) -> jax.Array:
     return out
 
 
+def _sq_norms(jac: Any, dtype) -> jax.Array:
+    """``diag(J J^T)``: each stacked gradient's squared L2 norm over all leaves."""
+    leaves = jax.tree.leaves(jac)
+    return sum(
+        (jnp.sum(jnp.square(j.astype(dtype)).reshape(j.shape[0], -1), axis=1) for j in leaves),
+        start=jnp.zeros((leaves[0].shape[0],), dtype),
+    )
+
+
 def _gram(ja: Any, jb: Any, dtype) -> jax.Array:
     """``J_a J_b^T`` summed over the leaves of two stacked-gradient pytrees."""
     total = None
     for a, b in zip(jax.tree.leaves(ja), jax.tree.leaves(jb), strict=True):
         a = a.reshape(a.shape[0], -1).astype(dtype)
         b = b.reshape(b.shape[0], -1).astype(dtype)
-        block = jnp.einsum("ik,jk->ij", a, b, precision=jax.lax.Precision.HIGHEST)
+        if a.shape[0] == b.shape[0] == 1:  # an elementwise product XLA fuses with its producers
+            block = jnp.sum(a * b).reshape(1, 1)
+        else:
+            block = jnp.einsum("ik,jk->ij", a, b, precision=jax.lax.Precision.HIGHEST)
         total = block if total is None else total + block
     if total is None:
         return jnp.zeros((jax.tree.leaves(ja)[0].shape[0],) * 2, dtype)

@@ -1,8 +1,14 @@
-"""The objective's output: registered pytrees, the metrics schema and flat logger dicts."""
+"""The objective's output: registered pytrees, the metrics schema and flat logger dicts.
+
+All scalar results of one call travel out of the compiled program packed in one vector
+(``CompositeOutput.scalars``), so that a call returns a handful of arrays instead of one
+per metric; the documented fields are views into it, built on access.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +21,6 @@ class TermOutput:
     """One term's measurements for one call of the objective.
 
     Attributes:
-      name: the term's name.
       value: the term's unweighted loss value.
       weight: the weight used on this call (after schedules and per-call overrides).
       contribution: ``weight * value``, the term's share of ``loss_total``.
@@ -23,6 +28,7 @@ class TermOutput:
       grad_norm: the L2 norm (global over the pytree) of the term's own, unweighted
         gradient; ``None`` unless ``track_grad_norms`` was set.
       grad_norm_weighted: ``weight * grad_norm``; ``None`` unless tracked.
+      name: the term's name.
       differentiable: whether the term contributes to ``grad`` (host terms without a
         gradient do not).
     """
@@ -36,20 +42,42 @@ class TermOutput:
     name: str = dataclasses.field(default="", metadata={"static": True})
     differentiable: bool = dataclasses.field(default=True, metadata={"static": True})
 
-    def metrics(self, *, base: bool = False) -> dict[str, Any]:
-        """This term's entry in the metrics schema, as (unconverted) arrays."""
-        entry: dict[str, Any] = {"value": self.value}
-        if not base:
-            entry["weight"] = self.weight
-            entry["contribution"] = self.contribution
-        entry["custom"] = dict(self.custom)
-        if self.grad_norm is not None:
-            entry["grad_norm"] = self.grad_norm
-            if not base:
-                entry["grad_norm_weighted"] = self.grad_norm_weighted
-        if not self.differentiable:
-            entry["differentiable"] = False
-        return entry
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each scalar lives in the packed vector (static: part of the pytree's treedef)."""
+
+    names: tuple[str, ...]
+    has_base: bool
+    custom: tuple[tuple[str, ...], ...]
+    norms: bool
+    differentiable: tuple[bool, ...]
+
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        per_term = 5 if self.norms else 3
+        offsets, at = [], 3
+        for keys in self.custom:
+            offsets.append(at)
+            at += per_term + len(keys)
+        return (*offsets, at)
+
+    @property
+    def size(self) -> int:
+        return self.offsets[-1]
+
+
+# Fixed slots of the packed vector.
+LOSS_TOTAL, REGULARIZER_TOTAL, TOTAL_GRAD_NORM = 0, 1, 2
+
+
+def pack(layout: Layout, totals: list[Any], terms: list[list[Any]]) -> list[Any]:
+    """Orders scalars as ``layout`` reads them (``terms[i]``: fields then custom values)."""
+    flat = list(totals)
+    for fields in terms:
+        flat.extend(fields)
+    assert len(flat) == layout.size, (len(flat), layout.size)
+    return flat
 
 
 @jax.tree_util.register_dataclass
@@ -58,89 +86,142 @@ class CompositeOutput:
     """Everything one call of a composed objective computes, as a pytree of arrays.
 
     Attributes:
-      loss_total: ``base + sum_i weight_i * value_i``.
       grad: the gradient of ``loss_total`` with respect to ``x`` (same pytree as ``x``).
-      regularizer_total: ``sum_i weight_i * value_i`` over the regularizers.
-      base_loss: the base term's :class:`TermOutput`, or ``None`` without a base.
-      regularizers: ``{name: TermOutput}`` in the order the regularizers were given.
-      total_grad_norm: ``||grad||_2`` when ``track_grad_norms`` was set, else ``None``.
+      scalars: every scalar result, packed in one vector; read it through the
+        properties below (``loss_total``, ``regularizers``, ...).
       grad_cosines: ``[n, n]`` cosine similarities between the terms' gradients (order:
         :attr:`term_names`) when ``grad_conflicts`` was set, else ``None``.
       term_grads: each term's own unweighted gradient, stacked on a leading axis of
         size ``n`` (order: :attr:`term_names`), when ``term_grads`` was set, else ``None``.
-      term_names: the names of all terms, the base first.
+      layout: where each scalar lives in ``scalars`` (static).
 
     Example:
       >>> out = objective(x, batch)              # doctest: +SKIP
+      >>> out.loss_total, out.grad               # doctest: +SKIP
       >>> out.regularizers["kl"].contribution    # doctest: +SKIP
       >>> out.to_dict()["loss_total"]            # doctest: +SKIP
     """
 
-    loss_total: jax.Array
     grad: Any
-    regularizer_total: jax.Array
-    base_loss: TermOutput | None
-    regularizers: dict[str, TermOutput]
-    total_grad_norm: jax.Array | None = None
+    scalars: jax.Array
     grad_cosines: jax.Array | None = None
     term_grads: Any = None
-    term_names: tuple[str, ...] = dataclasses.field(default=(), metadata={"static": True})
+    layout: Layout = dataclasses.field(default=None, metadata={"static": True})  # type: ignore[assignment]
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The names of all terms, the base first."""
+        return self.layout.names
+
+    @property
+    def loss_total(self) -> jax.Array:
+        """``base + sum_i weight_i * value_i``."""
+        return self.scalars[LOSS_TOTAL]
+
+    @property
+    def regularizer_total(self) -> jax.Array:
+        """``sum_i weight_i * value_i`` over the regularizers."""
+        return self.scalars[REGULARIZER_TOTAL]
+
+    @property
+    def total_grad_norm(self) -> jax.Array | None:
+        """``||grad||_2`` when ``track_grad_norms`` was set, else ``None``."""
+        return self.scalars[TOTAL_GRAD_NORM] if self.layout.norms else None
+
+    def _term(self, i: int, scalars: Any) -> TermOutput:
+        layout = self.layout
+        at = layout.offsets[i]
+        k = 5 if layout.norms else 3
+        fields = scalars[at : at + k + len(layout.custom[i])]
+        return TermOutput(
+            value=fields[0],
+            weight=fields[1],
+            contribution=fields[2],
+            custom={key: fields[k + j] for j, key in enumerate(layout.custom[i])},
+            grad_norm=fields[3] if layout.norms else None,
+            grad_norm_weighted=fields[4] if layout.norms else None,
+            name=layout.names[i],
+            differentiable=layout.differentiable[i],
+        )
+
+    @property
+    def base_loss(self) -> TermOutput | None:
+        """The base term's :class:`TermOutput`, or ``None`` without a base."""
+        return self._term(0, self.scalars) if self.layout.has_base else None
+
+    @property
+    def regularizers(self) -> dict[str, TermOutput]:
+        """``{name: TermOutput}`` in the order the regularizers were given."""
+        start = 1 if self.layout.has_base else 0
+        return {
+            self.layout.names[i]: self._term(i, self.scalars)
+            for i in range(start, len(self.layout.names))
+        }
 
     @property
     def terms(self) -> dict[str, TermOutput]:
         """All terms' outputs, the base first, keyed by name."""
-        terms = {} if self.base_loss is None else {self.base_loss.name: self.base_loss}
-        terms.update(self.regularizers)
-        return terms
-
-    def metrics_tree(self) -> dict[str, Any]:
-        """The metrics schema as a nested dict of (unconverted) arrays."""
-        tree: dict[str, Any] = {
-            "loss_total": self.loss_total,
-            "regularizer_total": self.regularizer_total,
-            "regularizers": {n: t.metrics() for n, t in self.regularizers.items()},
-        }
-        if self.base_loss is not None:
-            tree["base_loss"] = self.base_loss.metrics(base=True)
-        if self.total_grad_norm is not None:
-            tree["total_grad_norm"] = self.total_grad_norm
-        if self.grad_cosines is not None:
-            tree["grad_cosines"] = self.grad_cosines
-        return tree
+        return {n: self._term(i, self.scalars) for i, n in enumerate(self.layout.names)}
 
     def to_dict(self) -> dict[str, Any]:
-        """The metrics schema of DESIGN.md with plain Python floats (one device transfer).
+        """The metrics schema of DESIGN.md, with plain Python floats (one device transfer).
 
-        ``grad_cosines``, when present, becomes ``{name: {name: cosine}}``.
+        ``{"loss_total", "regularizer_total", "regularizers": {name: {"value", "weight",
+        "contribution", "custom", ["grad_norm", "grad_norm_weighted"]}}, ["base_loss":
+        {"value", "custom", ["grad_norm"]}], ["total_grad_norm"], ["grad_cosines":
+        {name: {name: cosine}}]}``; bracketed keys appear only when computed.
         """
-        host = jax.device_get(self.metrics_tree())
-        cosines = host.pop("grad_cosines", None)
-        result = _to_python(host)
+        if self.grad_cosines is None:
+            scalars, cosines = _host(self.scalars), None
+        else:
+            scalars, cosines = jax.device_get((self.scalars, self.grad_cosines))
+            scalars = _host(scalars)
+        layout = self.layout
+        result: dict[str, Any] = {
+            "loss_total": scalars[LOSS_TOTAL],
+            "regularizer_total": scalars[REGULARIZER_TOTAL],
+            "regularizers": {},
+        }
+        for i, name in enumerate(layout.names):
+            term = self._term(i, scalars)
+            base = layout.has_base and i == 0
+            entry: dict[str, Any] = {"value": term.value}
+            if not base:
+                entry["weight"] = term.weight
+                entry["contribution"] = term.contribution
+            entry["custom"] = term.custom
+            if layout.norms:
+                entry["grad_norm"] = term.grad_norm
+                if not base:
+                    entry["grad_norm_weighted"] = term.grad_norm_weighted
+            if not term.differentiable:
+                entry["differentiable"] = False
+            if base:
+                result["base_loss"] = entry
+            else:
+                result["regularizers"][name] = entry
+        if layout.norms:
+            result["total_grad_norm"] = scalars[TOTAL_GRAD_NORM]
         if cosines is not None:
-            names = self.term_names
             result["grad_cosines"] = {
-                a: {b: float(cosines[i, j]) for j, b in enumerate(names)}
-                for i, a in enumerate(names)
+                a: {b: _float(cosines[i, j]) for j, b in enumerate(layout.names)}
+                for i, a in enumerate(layout.names)
             }
         return result
 
-    def flat(self, prefix: str = "") -> dict[str, float]:
+    def flat(self, prefix: str = "") -> dict[str, Any]:
         """A flat ``{"regularizers/kl/grad_norm": float, ...}`` dict for experiment loggers.
 
         Args:
           prefix: prepended to every key (e.g. ``"train/"``).
         """
-        flat: dict[str, float] = {}
+        flat: dict[str, Any] = {}
         _flatten(self.to_dict(), prefix, flat)
         return flat
 
 
-def _to_python(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _to_python(v) for k, v in tree.items()}
-    if isinstance(tree, bool):
-        return tree
-    value = np.asarray(tree)
+def _float(value: Any) -> float:
+    value = np.asarray(value)
     if value.dtype.itemsize < 8:
         # The shortest decimal that round-trips in the value's own precision, so that a
         # float32 weight of 0.1 reports as 0.1, not 0.10000000149011612.
@@ -148,7 +229,14 @@ def _to_python(tree: Any) -> Any:
     return float(value)
 
 
-def _flatten(tree: dict[str, Any], prefix: str, out: dict[str, float]) -> None:
+def _host(scalars: Any) -> list[float]:
+    array = np.asarray(jax.device_get(scalars))
+    if array.dtype.itemsize < 8:
+        return [float(str(v)) for v in array.astype(np.float32)]
+    return array.tolist()
+
+
+def _flatten(tree: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
     for key, value in tree.items():
         if isinstance(value, dict):
             _flatten(value, f"{prefix}{key}/", out)

@@ -15,6 +15,7 @@ from jaxreg._src.tokens import (
     get,
     reduce,
     term_function,
+    token_mean,
     token_stats,
 )
 
@@ -120,6 +121,14 @@ def elastic_net(x: Any, batch: Any = None, *, l1_ratio: float = 0.5, center: Any
 # ------------------------------------------------------------------------- entropy
 
 
+def _mean(value: jax.Array, per_token: jax.Array, mask: jax.Array, reduction: str):
+    """The per-token mean, free when the loss already is it."""
+    if reduction == "token_mean":
+        return jax.lax.stop_gradient(value)
+    return token_mean(jax.lax.stop_gradient(per_token), mask)
+
+
+
 def _candidate_logprobs(x: jax.Array, mask: jax.Array, renormalize: bool) -> jax.Array:
     x = clean(x, mask)
     return jax.nn.log_softmax(x, axis=-1) if renormalize else x
@@ -151,16 +160,14 @@ def entropy(
     The loss is :math:`-H` for ``mode="maximize"`` and :math:`H` for ``"minimize"``.
 
     Returns:
-      ``(loss, {"mean", "max", "min"})``: per-token entropy statistics.
+      ``(loss, {"mean"})``: the mean per-token entropy.
     """
     if mode not in ("maximize", "minimize"):
         raise InputError(f"entropy: mode must be 'maximize' or 'minimize'; found {mode!r}.")
     mask = check_tokens("entropy", x, batch)
     h = _entropy_per_token(x, mask, renormalize)
     value = reduce("entropy", h, mask, reduction)
-    return (-value if mode == "maximize" else value), token_stats(
-        jax.lax.stop_gradient(h), mask
-    )
+    return (-value if mode == "maximize" else value), {"mean": _mean(value, h, mask, reduction)}
 
 
 # ------------------------------------------------------------------------- KL
@@ -240,7 +247,8 @@ def kl(
     per = _kl_per_token(
         x, get(batch, ref, x, mask), mask, direction, estimator, clip, renormalize
     )
-    return reduce("kl", per, mask, reduction), token_stats(jax.lax.stop_gradient(per), mask)
+    value = reduce("kl", per, mask, reduction)
+    return value, {"mean": _mean(value, per, mask, reduction), **token_stats(per, mask)}
 
 
 @term_function
@@ -260,7 +268,7 @@ def consistency(
     symmetric KL of :func:`kl` between the views.
 
     Returns:
-      ``(loss, {"mean", "max", "min"})``: per-token discrepancy statistics.
+      ``(loss, {"max"})``: the largest per-token discrepancy.
     """
     if kind not in ("mse", "kl"):
         raise InputError(f"consistency: kind must be 'mse' or 'kl'; found {kind!r}.")
@@ -281,9 +289,7 @@ def consistency(
         per = jnp.sum(sq, axis=-1) if sq.ndim == 3 else sq
     else:
         per = _kl_per_token(a, b, m, "symmetric", "k3", 20.0, False)
-    return reduce("consistency", per, m, reduction), token_stats(
-        jax.lax.stop_gradient(per), m
-    )
+    return reduce("consistency", per, m, reduction), {"max": token_stats(per, m)["max"]}
 
 
 @term_function
@@ -292,14 +298,14 @@ def smoothness(x: jax.Array, batch: Batch, *, reduction: str = "token_mean"):
     consecutive real tokens (summed over ``K`` for ``[B, T, K]``).
 
     Returns:
-      ``(loss, {"mean", "max", "min"})``: statistics of the squared differences.
+      ``(loss, {"max"})``: the largest squared difference.
     """
     mask = check_tokens("smoothness", x, batch)
     xc = clean(x, mask)
     diff = jnp.square(xc[:, 1:] - xc[:, :-1])
     per = jnp.sum(diff, axis=-1) if diff.ndim == 3 else diff
     m = mask[:, 1:] * mask[:, :-1]
-    return reduce("smoothness", per, m, reduction), token_stats(jax.lax.stop_gradient(per), m)
+    return reduce("smoothness", per, m, reduction), {"max": token_stats(per, m)["max"]}
 
 
 @term_function

@@ -1,0 +1,1 @@
+"""jaxreg benchmarks: ratios measured side by side in one run (see RESULTS.md)."""
