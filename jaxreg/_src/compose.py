@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.output import CompositeOutput, Layout, pack
+from jaxreg._src.output import CompositeOutput, Layout
 from jaxreg._src.terms import Term, TermError, check_weight, normalize_terms
 
 GradStrategy = Literal["per_term", "vmap"] | Sequence[Sequence[str]]
@@ -233,15 +233,11 @@ class Objective:
         start = 1 if self.base is not None else 0
         if total_norm is None:
             total_norm = jnp.zeros((), dtype)
-        totals = [jnp.sum(contributions), jnp.sum(contributions[start:]), total_norm]
-        per_term = []
-        for i in range(len(self.terms)):
-            fields = [values[i], w[i], contributions[i]]
-            if track:
-                fields += [norms[i], w[i] * norms[i]]
-            fields += [jnp.asarray(v).astype(dtype) for v in metrics[i].values()]
-            per_term.append(fields)
-        scalars = jnp.stack(pack(layout, totals, per_term))
+        totals = jnp.stack([jnp.sum(contributions), jnp.sum(contributions[start:]), total_norm])
+        fields = [values, w, contributions] + ([norms, w * norms] if track else [])
+        custom = [jnp.asarray(v).astype(dtype) for m in metrics for v in m.values()]
+        parts = [totals, *fields] + ([jnp.stack(custom)] if custom else [])
+        scalars = jnp.concatenate(parts)
         return CompositeOutput(
             grad=grad, scalars=scalars, grad_cosines=cosines, term_grads=jac, layout=layout
         )
@@ -310,9 +306,7 @@ def _groups(strategy: GradStrategy, names: tuple[str, ...]) -> tuple[tuple[int, 
         ids = []
         for name in group:
             if name not in index:
-                raise TermError(
-                    f"grad_strategy: unknown term {name!r}; terms are {list(names)}."
-                )
+                raise TermError(f"grad_strategy: unknown term {name!r}; terms are {list(names)}.")
             if name in seen:
                 raise TermError(f"grad_strategy: term {name!r} is in more than one group.")
             seen.add(name)

@@ -54,7 +54,13 @@ def cross_entropy(x: jax.Array, batch: Batch, *, reduction: str = "sum", weights
     w = _weights("cross_entropy", x, batch, mask, weights)
     per_token = _per_token(-w * clean(x, mask))
     loss = reduce("cross_entropy", per_token, mask, reduction)
-    per = jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1)
+    count = jnp.maximum(jnp.sum(mask), 1)
+    if reduction == "sum":
+        per = jax.lax.stop_gradient(loss) / count
+    elif reduction == "token_mean":
+        per = jax.lax.stop_gradient(loss)
+    else:
+        per = jnp.sum(jax.lax.stop_gradient(per_token) * mask) / count
     return loss, {"nll_per_token": per}
 
 

@@ -53,31 +53,29 @@ class Layout:
     norms: bool
     differentiable: tuple[bool, ...]
 
+    @property
+    def fields(self) -> int:
+        """Per-term fields: value, weight, contribution[, grad_norm, grad_norm_weighted]."""
+        return 5 if self.norms else 3
+
     @functools.cached_property
-    def offsets(self) -> tuple[int, ...]:
-        per_term = 5 if self.norms else 3
-        offsets, at = [], 3
+    def custom_offsets(self) -> tuple[int, ...]:
+        """Where each term's custom metrics start (after the ``[fields, n]`` block)."""
+        at = 3 + self.fields * len(self.names)
+        offsets = []
         for keys in self.custom:
             offsets.append(at)
-            at += per_term + len(keys)
+            at += len(keys)
         return (*offsets, at)
 
     @property
     def size(self) -> int:
-        return self.offsets[-1]
+        return self.custom_offsets[-1]
 
 
-# Fixed slots of the packed vector.
+# Fixed slots of the packed vector; then a ``[fields, n]`` block (field-major), then the
+# custom metrics of each term in order.
 LOSS_TOTAL, REGULARIZER_TOTAL, TOTAL_GRAD_NORM = 0, 1, 2
-
-
-def pack(layout: Layout, totals: list[Any], terms: list[list[Any]]) -> list[Any]:
-    """Orders scalars as ``layout`` reads them (``terms[i]``: fields then custom values)."""
-    flat = list(totals)
-    for fields in terms:
-        flat.extend(fields)
-    assert len(flat) == layout.size, (len(flat), layout.size)
-    return flat
 
 
 @jax.tree_util.register_dataclass
@@ -130,16 +128,19 @@ class CompositeOutput:
 
     def _term(self, i: int, scalars: Any) -> TermOutput:
         layout = self.layout
-        at = layout.offsets[i]
-        k = 5 if layout.norms else 3
-        fields = scalars[at : at + k + len(layout.custom[i])]
+        n = len(layout.names)
+
+        def field(f: int) -> Any:
+            return scalars[3 + f * n + i]
+
+        at = layout.custom_offsets[i]
         return TermOutput(
-            value=fields[0],
-            weight=fields[1],
-            contribution=fields[2],
-            custom={key: fields[k + j] for j, key in enumerate(layout.custom[i])},
-            grad_norm=fields[3] if layout.norms else None,
-            grad_norm_weighted=fields[4] if layout.norms else None,
+            value=field(0),
+            weight=field(1),
+            contribution=field(2),
+            custom={key: scalars[at + j] for j, key in enumerate(layout.custom[i])},
+            grad_norm=field(3) if layout.norms else None,
+            grad_norm_weighted=field(4) if layout.norms else None,
             name=layout.names[i],
             differentiable=layout.differentiable[i],
         )

@@ -128,7 +128,6 @@ def _mean(value: jax.Array, per_token: jax.Array, mask: jax.Array, reduction: st
     return token_mean(jax.lax.stop_gradient(per_token), mask)
 
 
-
 def _candidate_logprobs(x: jax.Array, mask: jax.Array, renormalize: bool) -> jax.Array:
     x = clean(x, mask)
     return jax.nn.log_softmax(x, axis=-1) if renormalize else x
@@ -174,8 +173,13 @@ def entropy(
 
 
 def _kl_per_token(
-    x: jax.Array, ref: jax.Array, mask: jax.Array, direction: str, estimator: str,
-    clip: float, renormalize: bool,
+    x: jax.Array,
+    ref: jax.Array,
+    mask: jax.Array,
+    direction: str,
+    estimator: str,
+    clip: float,
+    renormalize: bool,
 ) -> jax.Array:
     if x.ndim == 3:
         logp = _candidate_logprobs(x, mask, renormalize)
@@ -244,9 +248,7 @@ def kl(
             f"kl: batch.inputs[{ref!r}] must be shaped like x {tuple(x.shape)}; "
             f"found {tuple(batch.inputs[ref].shape)}."
         )
-    per = _kl_per_token(
-        x, get(batch, ref, x, mask), mask, direction, estimator, clip, renormalize
-    )
+    per = _kl_per_token(x, get(batch, ref, x, mask), mask, direction, estimator, clip, renormalize)
     value = reduce("kl", per, mask, reduction)
     return value, {"mean": _mean(value, per, mask, reduction), **token_stats(per, mask)}
 
@@ -351,4 +353,3 @@ def length_penalty(x: jax.Array, batch: Batch, *, max_length: int = 64):
     return jnp.sum(per * late), {
         "over_length_fraction": jnp.mean((lengths > max_length).astype(x.dtype))
     }
-

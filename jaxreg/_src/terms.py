@@ -57,9 +57,7 @@ def check_weight(name: str, weight: Any) -> float:
         )
     if isinstance(weight, np.ndarray | jax.Array):
         if weight.shape != ():
-            raise TermError(
-                f"Term {name!r}: weight must be a scalar; found {_describe(weight)}."
-            )
+            raise TermError(f"Term {name!r}: weight must be a scalar; found {_describe(weight)}.")
         if isinstance(weight, jax.core.Tracer):
             raise TermError(
                 f"Term {name!r}: a Term's own weight must be concrete; pass traced weights "
@@ -67,9 +65,7 @@ def check_weight(name: str, weight: Any) -> float:
             )
     value = float(weight)
     if not math.isfinite(value) or value < 0:
-        raise TermError(
-            f"Term {name!r}: weight must be finite and non-negative; found {value!r}."
-        )
+        raise TermError(f"Term {name!r}: weight must be finite and non-negative; found {value!r}.")
     return value
 
 
@@ -217,13 +213,9 @@ def normalize_terms(base: Any, regularizers: Any) -> tuple[Term | None, tuple[Te
         for i, r in enumerate(regularizers)
     )
     if base_term is None and not regs:
-        raise TermError(
-            "compose needs a base loss or at least one regularizer; got neither."
-        )
+        raise TermError("compose needs a base loss or at least one regularizer; got neither.")
     if len(regs) > MAX_TERMS:
-        raise TermError(
-            f"compose accepts at most {MAX_TERMS} regularizers; found {len(regs)}."
-        )
+        raise TermError(f"compose accepts at most {MAX_TERMS} regularizers; found {len(regs)}.")
     seen: set[str] = set()
     for term in ((base_term,) if base_term else ()) + regs:
         if term.name in seen:

@@ -46,9 +46,7 @@ class TermFunction:
         if len(args) == 2 and not isinstance(args[0], str):
             return self._impl(*args, **{**self._options, **kwargs})
         if len(args) > len(self._params):
-            raise TypeError(
-                f"{self._impl.__name__}: too many options; it takes {self._params}."
-            )
+            raise TypeError(f"{self._impl.__name__}: too many options; it takes {self._params}.")
         options = dict(zip(self._params, args, strict=False))
         unknown = set(kwargs) - set(self._params)
         if unknown:
