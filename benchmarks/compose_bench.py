@@ -100,10 +100,9 @@ def bench_logprobs(repeats: int) -> list[list[str]]:
     vmapped = jr.compose(TERMS[0], TERMS[1:], track_grad_norms=True, grad_strategy="vmap")
     full = jr.compose(FULL_TERMS[0], FULL_TERMS[1:], track_grad_norms=True)
     naive_fns = [jax.jit(jax.value_and_grad(t.fn)) for t in TERMS]
-    rows = []
-    for b, t in SIZES:
-        x, batch = logprob_workload(b, t)
-        fns: dict = {  # noqa: B023 (called before the loop moves on)
+
+    def candidates(x, batch):
+        fns = {
             "floor": lambda: floor(x, batch),
             "full": lambda: full(x, batch),
             "plain": lambda: plain(x, batch),
@@ -112,10 +111,14 @@ def bench_logprobs(repeats: int) -> list[list[str]]:
             "naive": lambda: naive_step(naive_fns, x, batch),
         }
         if torch is not None:
-            tx, tm, tr = (
-                torch.from_numpy(np.asarray(a)) for a in (x, batch.mask, batch["ref_logprobs"])
-            )
+            arrays = (x, batch.mask, batch["ref_logprobs"])
+            tx, tm, tr = (torch.from_numpy(np.array(a)) for a in arrays)
             fns["torch"] = lambda: torch_step(torch, tx, tm, tr)
+        return fns
+
+    rows = []
+    for b, t in SIZES:
+        fns = candidates(*logprob_workload(b, t))
         times = time_interleaved(fns, repeats=repeats)
         f = times["floor"]
         rows.append(

@@ -85,8 +85,8 @@ class CompositeOutput:
 
     Attributes:
       grad: the gradient of ``loss_total`` with respect to ``x`` (same pytree as ``x``).
-      scalars: every scalar result, packed in one vector; read it through the
-        properties below (``loss_total``, ``regularizers``, ...).
+      scalars: every scalar result, packed in one vector (its last axis; leading axes
+        appear under ``jax.vmap``); read it through the properties below.
       grad_cosines: ``[n, n]`` cosine similarities between the terms' gradients (order:
         :attr:`term_names`) when ``grad_conflicts`` was set, else ``None``.
       term_grads: each term's own unweighted gradient, stacked on a leading axis of
@@ -114,31 +114,36 @@ class CompositeOutput:
     @property
     def loss_total(self) -> jax.Array:
         """``base + sum_i weight_i * value_i``."""
-        return self.scalars[LOSS_TOTAL]
+        return self.scalars[..., LOSS_TOTAL]
 
     @property
     def regularizer_total(self) -> jax.Array:
         """``sum_i weight_i * value_i`` over the regularizers."""
-        return self.scalars[REGULARIZER_TOTAL]
+        return self.scalars[..., REGULARIZER_TOTAL]
 
     @property
     def total_grad_norm(self) -> jax.Array | None:
         """``||grad||_2`` when ``track_grad_norms`` was set, else ``None``."""
-        return self.scalars[TOTAL_GRAD_NORM] if self.layout.norms else None
+        return self.scalars[..., TOTAL_GRAD_NORM] if self.layout.norms else None
 
-    def _term(self, i: int, scalars: Any) -> TermOutput:
+    def _get(self, k: int) -> jax.Array:
+        return self.scalars[..., k]
+
+    def _term(self, i: int, get: Any = None) -> TermOutput:
+        """Term ``i``'s output, reading slot ``k`` of the packed vector as ``get(k)``."""
+        get = get or self._get
         layout = self.layout
         n = len(layout.names)
 
         def field(f: int) -> Any:
-            return scalars[3 + f * n + i]
+            return get(3 + f * n + i)
 
         at = layout.custom_offsets[i]
         return TermOutput(
             value=field(0),
             weight=field(1),
             contribution=field(2),
-            custom={key: scalars[at + j] for j, key in enumerate(layout.custom[i])},
+            custom={key: get(at + j) for j, key in enumerate(layout.custom[i])},
             grad_norm=field(3) if layout.norms else None,
             grad_norm_weighted=field(4) if layout.norms else None,
             name=layout.names[i],
@@ -148,21 +153,18 @@ class CompositeOutput:
     @property
     def base_loss(self) -> TermOutput | None:
         """The base term's :class:`TermOutput`, or ``None`` without a base."""
-        return self._term(0, self.scalars) if self.layout.has_base else None
+        return self._term(0) if self.layout.has_base else None
 
     @property
     def regularizers(self) -> dict[str, TermOutput]:
         """``{name: TermOutput}`` in the order the regularizers were given."""
         start = 1 if self.layout.has_base else 0
-        return {
-            self.layout.names[i]: self._term(i, self.scalars)
-            for i in range(start, len(self.layout.names))
-        }
+        return {self.layout.names[i]: self._term(i) for i in range(start, len(self.layout.names))}
 
     @property
     def terms(self) -> dict[str, TermOutput]:
         """All terms' outputs, the base first, keyed by name."""
-        return {n: self._term(i, self.scalars) for i, n in enumerate(self.layout.names)}
+        return {n: self._term(i) for i, n in enumerate(self.layout.names)}
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics schema of DESIGN.md, with plain Python floats (one device transfer).
@@ -184,7 +186,7 @@ class CompositeOutput:
             "regularizers": {},
         }
         for i, name in enumerate(layout.names):
-            term = self._term(i, scalars)
+            term = self._term(i, scalars.__getitem__)
             base = layout.has_base and i == 0
             entry: dict[str, Any] = {"value": term.value}
             if not base:
@@ -231,7 +233,13 @@ def _float(value: Any) -> float:
 
 
 def _host(scalars: Any) -> list[float]:
+    """The packed scalars as Python floats."""
     array = np.asarray(jax.device_get(scalars))
+    if array.ndim != 1:
+        raise ValueError(
+            f"to_dict() needs the output of one call; found scalars of shape {array.shape} "
+            "(a vmapped output? index it first, e.g. jax.tree.map(lambda a: a[0], out))."
+        )
     if array.dtype.itemsize < 8:
         return [float(str(v)) for v in array.astype(np.float32)]
     return array.tolist()
