@@ -259,10 +259,10 @@ def main(argv: list[str] | None = None) -> None:
             [
                 "[B,T]",
                 "floor ms",
-                "floor, loss only",
                 "compose",
                 "compose+norms",
                 "compose+norms (vmap)",
+                "compose+norms, built-in metrics",
                 "naive JAX / compose+norms",
                 "torch / compose+norms",
             ],

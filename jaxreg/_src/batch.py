@@ -167,7 +167,7 @@ def _bucket(bucket: Bucket, length: int, minimum: int, field: str) -> int:
 
 
 def _pad(arrays, lengths, b, t, field, dtype) -> np.ndarray:
-    """Vectorised padding: one concatenate and one scatter, no per-token Python loop."""
+    """Padding by one block copy per datum (memcpy speed; no per-token Python loop)."""
     tails = {a.shape[1:] for a in arrays}
     if len(tails) > 1:
         raise BatchError(
@@ -179,13 +179,8 @@ def _pad(arrays, lengths, b, t, field, dtype) -> np.ndarray:
     if np.issubdtype(kind, np.integer) and kind.itemsize > 4:
         out_dtype = np.int32
     out = np.zeros((b, t, *tail), out_dtype)
-    if not arrays or lengths.sum() == 0:
-        return out
-    flat = np.concatenate(arrays, axis=0)
-    rows = np.repeat(np.arange(len(arrays)), lengths)
-    starts = np.cumsum(lengths) - lengths
-    cols = np.arange(flat.shape[0]) - np.repeat(starts, lengths)
-    out[rows, cols] = flat
+    for i, a in enumerate(arrays):
+        out[i, : lengths[i]] = a
     return out
 
 

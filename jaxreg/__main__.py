@@ -1,0 +1,7 @@
+"""``python -m jaxreg``."""
+
+import sys
+
+from jaxreg.cli import main
+
+sys.exit(main())
