@@ -25,7 +25,8 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy jaxreg
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.compose_bench
+	$(PY) -m benchmarks.batch_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
