@@ -199,6 +199,10 @@ def test_pytree_input_global_norms():
     assert out.regularizers["l1"].grad_norm == pytest.approx(math.sqrt(3), rel=1e-6)
     np.testing.assert_allclose(out.grad["w"], [[2.5, 4.5]])
     np.testing.assert_allclose(out.term_grads["b"], [[6.0], [1.0]])
+    centered = jr.regularizers.l2(center=1.0)(params, None)[0]
+    assert float(centered) == pytest.approx(0 + 1 + 4)
+    with pytest.raises(jr.InputError, match="center must be a scalar"):
+        jr.regularizers.l2(center={"w": 1.0})(params, None)
 
 
 # ------------------------------------------------------------------ compile once

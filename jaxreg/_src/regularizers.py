@@ -38,11 +38,11 @@ def _masked_leaves(name: str, x: Any, batch: Any, center: Any) -> list[jax.Array
         center = batch.inputs[center].astype(x.dtype)
     if center is None:
         diff = x
-    elif jax.tree.structure(center).num_leaves == 1 and not jax.tree.leaves(center)[0].shape:
-        c = jax.tree.leaves(center)[0]
-        diff = jax.tree.map(lambda a: a - jnp.asarray(c).astype(a.dtype), x)
+    elif len(jax.tree.leaves(center)) == 1 and jnp.ndim(jax.tree.leaves(center)[0]) == 0:
+        c = jnp.asarray(jax.tree.leaves(center)[0])
+        diff = jax.tree.map(lambda a: a - c.astype(a.dtype), x)
     else:
-        if jax.tree.structure(center) != jax.tree.structure(x):
+        if str(jax.tree.structure(center)) != str(jax.tree.structure(x)):
             raise InputError(
                 f"{name}: center must be a scalar, a batch input name or a pytree shaped "
                 f"like x; found structure {jax.tree.structure(center)}, expected "
