@@ -38,8 +38,8 @@ def _masked_leaves(name: str, x: Any, batch: Any, center: Any) -> list[jax.Array
         center = batch.inputs[center].astype(x.dtype)
     if center is None:
         diff = x
-    elif len(jax.tree.leaves(center)) == 1 and jnp.ndim(jax.tree.leaves(center)[0]) == 0:
-        c = jnp.asarray(jax.tree.leaves(center)[0])
+    elif jax.tree_util.treedef_is_leaf(jax.tree.structure(center)) and jnp.ndim(center) == 0:
+        c = jnp.asarray(center)
         diff = jax.tree.map(lambda a: a - c.astype(a.dtype), x)
     else:
         if str(jax.tree.structure(center)) != str(jax.tree.structure(x)):
