@@ -1,0 +1,79 @@
+"""Every built-in term next to the NLL base at [64, 8192]: compose+norms vs the floor.
+
+Run: ``python -m benchmarks.terms_bench [--quick]``. Terms return their loss only on both
+sides (as in compose_bench), so the ratio measures compose's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxreg as jr
+from benchmarks.common import table, time_interleaved
+
+L, R = jr.losses, jr.regularizers
+BUILT_INS = {
+    "importance_sampling": L.importance_sampling,
+    "ppo": L.ppo,
+    "dpo": L.dpo,
+    "l1": R.l1,
+    "l2": R.l2,
+    "elastic_net": R.elastic_net,
+    "entropy": R.entropy,
+    "kl": R.kl,
+    "consistency": R.consistency,
+    "smoothness": R.smoothness,
+    "confidence_penalty": R.confidence_penalty,
+    "length_penalty": R.length_penalty,
+}
+
+
+def workload(b=64, t=8192, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(t // 2, t + 1, size=b)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
+
+    def lp():
+        return jnp.asarray(-rng.random((b, t), np.float32) * 3)
+
+    inputs = {
+        "weights": jnp.asarray(mask),
+        "ref_logprobs": lp(),
+        "logprobs": lp(),
+        "advantages": jnp.asarray(rng.normal(size=(b, t)).astype(np.float32)),
+    }
+    return lp(), jr.Batch(jnp.asarray(mask), inputs)
+
+
+def loss_only(fn):
+    return lambda x, batch: fn(x, batch)[0]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    x, batch = workload()
+    nll = loss_only(L.cross_entropy)
+    rows = []
+    for name, fn in BUILT_INS.items():
+        term = loss_only(fn)
+        floor = jax.jit(jax.value_and_grad(lambda x, b, term=term: nll(x, b) + 0.1 * term(x, b)))
+        objective = jr.compose(
+            jr.Term("nll", nll), [jr.Term(name, term, 0.1)], track_grad_norms=True
+        )
+        times = time_interleaved(
+            {"floor": lambda f=floor: f(x, batch), "norms": lambda o=objective: o(x, batch)},
+            repeats=5 if args.quick else 11,
+        )
+        rows.append([name, f"{times['floor'] * 1e3:.3f}", f"{times['norms'] / times['floor']:.2f}"])
+        print(rows[-1], flush=True)
+    print(table(rows, ["term (+ NLL base)", "floor ms", "compose+norms / floor"]))
+
+
+if __name__ == "__main__":
+    main()
