@@ -245,8 +245,7 @@ class Objective:
 
 def _weighted(w: jax.Array, jac: jax.Array) -> jax.Array:
     """``w @ J`` for one leaf: ``J`` is ``[n, ...]``."""
-    out = jnp.tensordot(w.astype(jac.dtype), jac, axes=1)
-    return out
+    return jnp.tensordot(w.astype(jac.dtype), jac, axes=1)
 
 
 def _sq_norms(jac: Any, dtype) -> jax.Array:
