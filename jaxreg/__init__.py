@@ -7,11 +7,13 @@ gradient.
 
 from jaxreg import losses as losses
 from jaxreg import regularizers as regularizers
+from jaxreg import remote as remote
 from jaxreg._src.batch import Batch as Batch
 from jaxreg._src.batch import BatchError as BatchError
 from jaxreg._src.batch import per_datum as per_datum
 from jaxreg._src.compose import Objective as Objective
 from jaxreg._src.compose import compose as compose
+from jaxreg._src.custom import NonFiniteError as NonFiniteError
 from jaxreg._src.output import CompositeOutput as CompositeOutput
 from jaxreg._src.output import TermOutput as TermOutput
 from jaxreg._src.terms import MAX_TERMS as MAX_TERMS

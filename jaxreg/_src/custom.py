@@ -1,0 +1,327 @@
+"""``forward_backward_custom``: a composed objective trained on a remote service.
+
+The service only knows its built-in losses. A custom loss ``L(logprobs)`` is trained
+through the cross-entropy loss by linearisation, as Tinker's own
+``forward_backward_custom`` does:
+
+1. ``forward`` with ``cross_entropy`` returns each datum's logprobs ``lp``;
+2. the objective runs on the packed batch and gives ``g = dL/dlp``;
+3. ``forward_backward`` with ``cross_entropy`` and ``weights = -g`` makes the service
+   compute ``d/dθ [-sum(weights * lp)] = sum(g * dlp/dθ) = dL/dθ`` exactly.
+
+Nothing is sent in step 3 unless every term's value and the whole gradient are finite
+(:class:`NonFiniteError`, naming the terms, is raised instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxreg._src.batch import Batch, Bucket
+from jaxreg._src.client import APIFuture, TrainingClient
+from jaxreg._src.compose import Objective, compose
+from jaxreg._src.output import CompositeOutput
+from jaxreg._src.terms import InputError
+from jaxreg._src.wire import Datum, to_datum
+
+
+class NonFiniteError(InputError, FloatingPointError):
+    """A loss value or gradient is NaN or infinite; nothing was sent to the service.
+
+    Attributes:
+      terms: the names of the terms whose value (or gradient norm) is not finite.
+    """
+
+    def __init__(self, message: str, terms: Sequence[str] = ()):
+        super().__init__(message)
+        self.terms = tuple(terms)
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomResult:
+    """What :func:`forward_backward_custom` returns.
+
+    Attributes:
+      loss_fn_outputs: the service's per-datum outputs of the backward request.
+      metrics: the service's metrics, ``loss:sum`` (the custom loss),
+        ``surrogate_loss:sum`` (the linearised loss the service computed) and the
+        objective's :meth:`~jaxreg.CompositeOutput.flat` metrics.
+      output: the :class:`~jaxreg.CompositeOutput` (device arrays).
+      logprobs: the per-datum logprobs the loss was computed on.
+    """
+
+    loss_fn_outputs: list[dict[str, np.ndarray]]
+    metrics: dict[str, float]
+    output: CompositeOutput
+    logprobs: list[np.ndarray]
+
+
+class CustomFuture:
+    """The pending result of :func:`forward_backward_custom`: ``result()`` or ``await``."""
+
+    def __init__(self, future: concurrent.futures.Future, seq_ids: tuple[int, int]):
+        self._future = future
+        self.seq_ids = seq_ids
+
+    def result(self, timeout: float | None = None) -> CustomResult:
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def __await__(self):
+        return asyncio.wrap_future(self._future).__await__()
+
+
+def _objective(objective, base, regularizers, options) -> Objective:
+    if objective is not None:
+        if base is not None or regularizers or options:
+            raise TypeError(
+                "forward_backward_custom: give either objective= or base=/regularizers= "
+                "(with compose options), not both"
+            )
+        if not isinstance(objective, Objective):
+            raise TypeError(
+                f"objective: expected a jaxreg Objective (from jr.compose), found "
+                f"{type(objective).__name__}"
+            )
+        return objective
+    return compose(base, regularizers, **options)
+
+
+def _pack(datums: list[Datum], logprobs: list[np.ndarray], bucket: Bucket, batch_bucket):
+    names = sorted({k for d in datums for k in d.loss_fn_inputs})
+    inputs = {}
+    for name in names:
+        missing = [i for i, d in enumerate(datums) if name not in d.loss_fn_inputs]
+        if missing:
+            raise InputError(
+                f"data[{missing[0]}].loss_fn_inputs: missing {name!r}, which other datums have"
+            )
+        inputs[name] = [d.loss_fn_inputs[name] for d in datums]
+    return Batch.from_ragged(logprobs, inputs, bucket=bucket, batch_bucket=batch_bucket)
+
+
+def check_finite(out: CompositeOutput) -> dict[str, Any]:
+    """Raises :class:`NonFiniteError` unless every value and the gradient are finite.
+
+    Returns the output's ``to_dict()`` (one transfer) for reuse.
+    """
+    d = out.to_dict()
+    bad = []
+    entries = dict(d["regularizers"])
+    if "base_loss" in d and out.base_loss is not None:
+        entries[out.base_loss.name] = d["base_loss"]
+    for name, e in entries.items():
+        fields = [e["value"], e.get("grad_norm", 0.0), *e.get("custom", {}).values()]
+        if not all(np.isfinite(fields)):
+            bad.append(name)
+    grad_ok = all(np.isfinite(np.asarray(g)).all() for g in _leaves(out.grad))
+    if bad or not grad_ok or not np.isfinite(d["loss_total"]):
+        what = f"terms {bad}" if bad else "the gradient of loss_total"
+        raise NonFiniteError(
+            f"non-finite values in {what} (loss_total={d['loss_total']}); nothing was sent "
+            "to the service. Track grad norms to see which term's gradient is not finite.",
+            bad,
+        )
+    return d
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def _linearised(datums, grads) -> list[Datum]:
+    out = []
+    for d, g in zip(datums, grads, strict=True):
+        weights = -np.asarray(g, np.float32)
+        fields = {"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": weights}
+        out.append(Datum(d.tokens, fields))
+    return out
+
+
+def _merge_metrics(service_metrics, d, flat) -> dict[str, float]:
+    metrics = {k: v for k, v in service_metrics.items() if k != "loss:sum"}
+    metrics.update(flat)
+    metrics["loss:sum"] = d["loss_total"]
+    metrics["surrogate_loss:sum"] = service_metrics.get("loss:sum", float("nan"))
+    return metrics
+
+
+class _Step:
+    """The state of one ``forward_backward_custom`` call (shared by sync and async)."""
+
+    def __init__(self, training, data, objective, weights, step, bucket, batch_bucket):
+        if not isinstance(training, TrainingClient):
+            from jaxreg._src.tinker import TinkerTrainingClient
+
+            training = TinkerTrainingClient.wrap(training)
+        self.training = training
+        self.datums = [to_datum(d, f"data[{i}]") for i, d in enumerate(data)]
+        if not self.datums:
+            raise InputError("data: expected at least one datum, found none")
+        for i, d in enumerate(self.datums):
+            if "target_tokens" not in d.loss_fn_inputs:
+                raise InputError(f"data[{i}].loss_fn_inputs: missing 'target_tokens'")
+        self.objective, self.weights, self.step = objective, weights, step
+        self.bucket, self.batch_bucket = bucket, batch_bucket
+        self.seq_ids = tuple(training.reserve_seq_ids(2))
+        self.forward_data = [
+            Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]})
+            for d in self.datums
+        ]
+
+    def compute(self, forward_result):
+        logprobs = [o["logprobs"] for o in forward_result["loss_fn_outputs"]]
+        x, batch = _pack(self.datums, logprobs, self.bucket, self.batch_bucket)
+        out = self.objective(x, batch, weights=self.weights, step=self.step)
+        d = check_finite(out)
+        grads = batch.unpad(out.grad)
+        return logprobs, out, d, _linearised(self.datums, grads)
+
+    def finish(self, backward_result, logprobs, out, d) -> CustomResult:
+        metrics = _merge_metrics(backward_result.get("metrics", {}), d, out.flat())
+        return CustomResult(backward_result["loss_fn_outputs"], metrics, out, logprobs)
+
+
+def forward_backward_custom(
+    training: Any,
+    data: Sequence[Any],
+    objective: Objective | None = None,
+    *,
+    base: Any = None,
+    regularizers: Sequence[Any] = (),
+    weights: Mapping[str, Any] | None = None,
+    step: Any = None,
+    bucket: Bucket = "pow2",
+    batch_bucket: Bucket = "pow2",
+    **compose_options: Any,
+) -> CustomFuture:
+    """Trains a composed objective on a remote service through its cross-entropy loss.
+
+    Reserves two ``seq_id`` s (the forward and the backward) when called and returns a
+    future at once; the work runs on a background thread. An ``optim_step`` submitted
+    right after this call is therefore applied after the backward, in order.
+
+    Args:
+      training: a :class:`~jaxreg.remote.TrainingClient`, or an official
+        ``tinker.TrainingClient`` (adapted automatically).
+      data: the datums (jaxreg ``Datum``, ``tinker.types.Datum`` or dicts); every
+        ``loss_fn_inputs`` field reaches the objective as ``batch.inputs[name]``.
+      objective: from :func:`jaxreg.compose`. Or give ``base=`` / ``regularizers=`` and
+        any ``compose`` option (``track_grad_norms=True``, ...) instead.
+      weights, step: passed to the objective (no recompilation when they change).
+      bucket, batch_bucket: padding of lengths and batch size (see
+        :meth:`jaxreg.Batch.from_ragged`).
+
+    Returns:
+      A :class:`CustomFuture`; its ``result()`` is a :class:`CustomResult`. It raises
+      :class:`NonFiniteError` (nothing sent; the reserved backward ``seq_id`` is
+      released) or :class:`~jaxreg.remote.RemoteError`.
+
+    Example:
+      >>> result = jr.remote.forward_backward_custom(
+      ...     training, data, base=jr.losses.cross_entropy,
+      ...     regularizers=[jr.Term("kl", jr.regularizers.kl("ref_logprobs"), 0.1)],
+      ...     track_grad_norms=True).result()
+      >>> training.optim_step({"learning_rate": 1e-3}).result()
+    """
+    obj = _objective(objective, base, regularizers, compose_options)
+    state = _Step(training, data, obj, weights, step, bucket, batch_bucket)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(_run_sync(state))
+        except BaseException as e:
+            future.set_exception(e)
+
+    if getattr(state.training, "synchronous", False):  # e.g. the official tinker SDK
+        run()
+    else:
+        threading.Thread(target=run, name="jaxreg-custom", daemon=True).start()
+    return CustomFuture(future, state.seq_ids)
+
+
+def _run_sync(state: _Step) -> CustomResult:
+    training = state.training
+    seq_f, seq_b = state.seq_ids
+    sent = False
+    try:
+        fwd = training.forward(state.forward_data, "cross_entropy", seq_id=seq_f).result()
+        logprobs, out, d, linear = state.compute(fwd)
+        bwd_future: APIFuture = training.forward_backward(linear, "cross_entropy", seq_id=seq_b)
+        sent = True
+        return state.finish(bwd_future.result(), logprobs, out, d)
+    finally:
+        if not sent:
+            _release(training, seq_b)
+
+
+def _release(training, seq_id) -> None:
+    release = getattr(training, "skip_seq", None)
+    if release is not None:
+        try:
+            release(seq_id).result()
+        except Exception:  # the original error matters more; the service may be down
+            pass
+
+
+async def forward_backward_custom_async(
+    training: Any,
+    data: Sequence[Any],
+    objective: Objective | None = None,
+    *,
+    base: Any = None,
+    regularizers: Sequence[Any] = (),
+    weights: Mapping[str, Any] | None = None,
+    step: Any = None,
+    bucket: Bucket = "pow2",
+    batch_bucket: Bucket = "pow2",
+    **compose_options: Any,
+) -> CustomFuture:
+    """The ``async`` form of :func:`forward_backward_custom` (same arguments).
+
+    Awaiting it reserves the ``seq_id`` s and submits the forward; await the returned
+    :class:`CustomFuture` for the result.
+    """
+    obj = _objective(objective, base, regularizers, compose_options)
+    state = _Step(training, data, obj, weights, step, bucket, batch_bucket)
+    seq_f, seq_b = state.seq_ids
+    training = state.training
+    fwd_future = await training.forward_async(state.forward_data, "cross_entropy", seq_id=seq_f)
+
+    async def run() -> CustomResult:
+        sent = False
+        try:
+            fwd = await fwd_future.result_async()
+            logprobs, out, d, linear = await asyncio.to_thread(state.compute, fwd)
+            bwd = await training.forward_backward_async(linear, "cross_entropy", seq_id=seq_b)
+            sent = True
+            return state.finish(await bwd.result_async(), logprobs, out, d)
+        finally:
+            if not sent:
+                await asyncio.to_thread(_release, training, seq_b)
+
+    task = asyncio.ensure_future(run())
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(t: asyncio.Task) -> None:
+        if t.cancelled():
+            future.cancel()
+        elif t.exception() is not None:
+            future.set_exception(t.exception())
+        else:
+            future.set_result(t.result())
+
+    task.add_done_callback(done)
+    return CustomFuture(future, state.seq_ids)

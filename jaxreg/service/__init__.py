@@ -1,0 +1,22 @@
+"""The reference training service: a small JAX transformer behind a Tinker-like HTTP API.
+
+Install with ``pip install 'jaxreg[service]'``. Start it from Python::
+
+  with jaxreg.service.start() as server:       # 127.0.0.1, a free port
+      print(server.url)
+
+or from a shell: ``jaxreg serve --host 127.0.0.1 --port 8000``. The API is described
+in :mod:`jaxreg.service.app`, the model in :mod:`jaxreg.service.model`, the task corpus
+in :mod:`jaxreg.service.tasks` and the ordering/validation rules in
+:mod:`jaxreg.service.engine`.
+"""
+
+from jaxreg.service.checkpoint import build_base_checkpoint as build_base_checkpoint
+from jaxreg.service.checkpoint import load_base_checkpoint as load_base_checkpoint
+from jaxreg.service.engine import BASE_MODEL as BASE_MODEL
+from jaxreg.service.engine import Engine as Engine
+from jaxreg.service.engine import ServiceError as ServiceError
+from jaxreg.service.model import ModelConfig as ModelConfig
+from jaxreg.service.server import Server as Server
+from jaxreg.service.server import create_server as create_server
+from jaxreg.service.server import start as start

@@ -1,0 +1,525 @@
+"""The service's model runtime: validation, ordered execution and the compiled steps.
+
+:class:`Engine` holds the models, checks every request completely *before* it is
+queued (so a rejected request changes nothing), orders each model's requests by
+``seq_id``, deduplicates retries, and runs the work on one worker thread. Results are
+``concurrent.futures.Future`` objects keyed by request id. The HTTP layer
+(:mod:`jaxreg.service.app`) is a thin shell over it.
+
+Padded shapes are bucketed (batch and length to powers of two), and the optimizer's
+hyperparameters are traced, so a stream of requests with random lengths and learning
+rates compiles a bounded number of programs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxreg._src.wire import ENCODINGS, WireError, datum_from_json, encode_tensor
+from jaxreg.service import checkpoint
+from jaxreg.service import model as model_lib
+
+BASE_MODEL = "jaxreg-base"
+LOSS_FNS = {
+    "cross_entropy": ("target_tokens", "weights"),
+    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+}
+_STATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_KEEP_RESULTS = 4096
+
+
+class ServiceError(Exception):
+    """A request the service refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, category: str = "user"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.category = category
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class _Model:
+    model_id: str
+    params: Any
+    opt_state: Any
+    grad_acc: Any
+    n_accumulated: int = 0
+    step: int = 0
+    next_seq: int = 0
+    by_seq: dict[int, str] = dataclasses.field(default_factory=dict)
+    waiting: dict[int, Callable[[], None]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A validated forward/forward_backward request, padded and ready to run."""
+
+    loss_fn: str
+    tokens: np.ndarray  # [B, T] int32
+    targets: np.ndarray  # [B, T] or [B, T, K] int32
+    mask: np.ndarray  # [B, T] float32
+    inputs: dict[str, np.ndarray]  # padded float32, shaped like targets
+    lengths: list[int]
+    forward_only: bool
+    encoding: str
+    decode_s: float
+
+
+class Engine:
+    """Models, request validation, ordered execution and the compiled training steps.
+
+    Args:
+      state_dir: where ``save_state`` writes (``<state_dir>/<name>.npz``).
+      max_tokens: the most tokens (summed over datums) one request may carry.
+      checkpoint_path: the base checkpoint (built on first use when missing).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike = "jaxreg-states",
+        *,
+        max_tokens: int = 1 << 20,
+        checkpoint_path: str | os.PathLike = checkpoint.BASE_PATH,
+    ):
+        self.config, self._base_params = checkpoint.load_base_checkpoint(checkpoint_path)
+        self.state_dir = Path(state_dir)
+        self.max_tokens = max_tokens
+        self._models: dict[str, _Model] = {}
+        self._results: OrderedDict[str, concurrent.futures.Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._optimizer = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0
+        )
+        self._compile()
+        self._worker = threading.Thread(target=self._work, name="jaxreg-engine", daemon=True)
+        self._worker.start()
+
+    # ----------------------------------------------------------------- compiled steps
+    def _compile(self) -> None:
+        cfg = self.config
+
+        def loss_and_logprobs(params, tokens, targets, mask, inputs, loss_fn):
+            lp = model_lib.token_logprobs(cfg, params, tokens, targets)
+            m = mask if lp.ndim == 2 else mask[..., None]
+            if loss_fn == "cross_entropy":
+                loss = -jnp.sum(inputs["weights"] * lp * m)
+            else:
+                ratio = jnp.exp(jnp.where(m > 0, lp - inputs["logprobs"], 0.0))
+                loss = -jnp.sum(ratio * inputs["advantages"] * m)
+            return loss, lp
+
+        @functools.partial(jax.jit, static_argnames="loss_fn")
+        def forward(params, tokens, targets, mask, inputs, loss_fn):
+            return loss_and_logprobs(params, tokens, targets, mask, inputs, loss_fn)
+
+        @functools.partial(jax.jit, static_argnames="loss_fn", donate_argnames="grad_acc")
+        def forward_backward(params, grad_acc, tokens, targets, mask, inputs, loss_fn):
+            (loss, lp), grads = jax.value_and_grad(loss_and_logprobs, has_aux=True)(
+                params, tokens, targets, mask, inputs, loss_fn
+            )
+            return loss, lp, jax.tree.map(jnp.add, grad_acc, grads)
+
+        optimizer = self._optimizer
+
+        @functools.partial(jax.jit, donate_argnames=("params", "opt_state", "grad_acc"))
+        def optim_step(params, opt_state, grad_acc, hyper, clip):
+            norm = optax.global_norm(grad_acc)
+            scale = jnp.where((clip > 0) & (norm > clip), clip / norm, 1.0)
+            grads = jax.tree.map(lambda g: g * scale, grad_acc)
+            opt_state.hyperparams.update(hyper)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, opt_state, jax.tree.map(jnp.zeros_like, grad_acc), norm
+
+        self._forward, self._forward_backward, self._optim_step = (
+            forward,
+            forward_backward,
+            optim_step,
+        )
+
+    def trace_counts(self) -> dict[str, int]:
+        """How many programs each compiled step holds (for no-recompile checks)."""
+        return {
+            "forward": self._forward._cache_size(),
+            "forward_backward": self._forward_backward._cache_size(),
+            "optim_step": self._optim_step._cache_size(),
+        }
+
+    # ----------------------------------------------------------------- submission
+    def _model(self, model_id: Any) -> _Model:
+        m = self._models.get(model_id) if isinstance(model_id, str) else None
+        if m is None:
+            raise ServiceError(404, f"model_id: unknown model {model_id!r}")
+        return m
+
+    def _new_future(self) -> tuple[str, concurrent.futures.Future]:
+        rid = uuid.uuid4().hex
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._results[rid] = fut
+        while len(self._results) > _KEEP_RESULTS:
+            old, f = next(iter(self._results.items()))
+            if not f.done():
+                break
+            del self._results[old]
+        return rid, fut
+
+    def create_model(self, body: Mapping[str, Any]) -> str:
+        """Creates a model from the base checkpoint; returns the request id."""
+        base = body.get("base_model", BASE_MODEL)
+        if base != BASE_MODEL:
+            raise ServiceError(400, f"base_model: expected {BASE_MODEL!r}, found {base!r}")
+        with self._lock:
+            rid, fut = self._new_future()
+            params = jax.tree.map(jnp.array, self._base_params)  # a private copy
+            model_id = f"model-{uuid.uuid4().hex[:12]}"
+            self._models[model_id] = _Model(
+                model_id, params, self._optimizer.init(params), jax.tree.map(jnp.zeros_like, params)
+            )
+            fut.set_result({"type": "create_model", "model_id": model_id})
+        return rid
+
+    def info(self, model_id: Any) -> dict[str, Any]:
+        m = self._model(model_id)
+        return {
+            "type": "get_info",
+            "model_id": m.model_id,
+            "model_data": {
+                "model_name": BASE_MODEL,
+                "arch": "decoder-only transformer",
+                **self.config.to_dict(),
+                "num_params": model_lib.num_params(m.params),
+            },
+            "step": m.step,
+        }
+
+    def submit(self, kind: str, body: Mapping[str, Any]) -> str:
+        """Validates a request, queues it in its model's ``seq_id`` order; returns its id.
+
+        A ``seq_id`` seen before returns the first request's id (a retry is never run
+        twice). A request that fails validation raises :class:`ServiceError` and
+        neither runs nor uses up its ``seq_id``.
+        """
+        m = self._model(body.get("model_id"))
+        seq = body.get("seq_id")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
+            raise ServiceError(400, f"seq_id: expected a non-negative int or null, found {seq!r}")
+        with self._lock:
+            if seq is not None and seq in m.by_seq:
+                return m.by_seq[seq]
+            if seq is not None and seq < m.next_seq:
+                raise ServiceError(
+                    409, f"seq_id: {seq} was skipped; the model is at seq_id {m.next_seq}"
+                )
+        job = self._prepare(kind, m, body)  # validation (raises before anything changes)
+        with self._lock:
+            if seq is not None and seq in m.by_seq:  # a concurrent retry won the race
+                return m.by_seq[seq]
+            if seq is None:
+                seq = max([m.next_seq - 1, *m.waiting, *m.by_seq]) + 1
+            rid, fut = self._new_future()
+            m.by_seq[seq] = rid
+            m.waiting[seq] = lambda: self._queue.put((job, fut))
+            while m.next_seq in m.waiting:
+                m.waiting.pop(m.next_seq)()
+                m.next_seq += 1
+        return rid
+
+    def result(self, request_id: Any) -> concurrent.futures.Future:
+        fut = self._results.get(request_id) if isinstance(request_id, str) else None
+        if fut is None:
+            raise ServiceError(404, f"request_id: unknown request {request_id!r}")
+        return fut
+
+    # ----------------------------------------------------------------- validation
+    def _prepare(self, kind: str, m: _Model, body: Mapping[str, Any]) -> Callable[[], dict]:
+        if kind in ("forward", "forward_backward"):
+            key = "forward_input" if kind == "forward" else "forward_backward_input"
+            forward_only = kind == "forward" or bool(body.get("forward_only", False))
+            p = self._prepare_data(body.get(key), key, forward_only, body)
+            return lambda: self._run_forward_backward(m, p)
+        if kind == "optim_step":
+            return self._prepare_optim(m, body)
+        if kind in ("save_state", "load_state"):
+            name = body.get("path", body.get("name"))
+            if isinstance(name, str) and name.startswith("jaxreg://"):
+                name = name.removeprefix("jaxreg://")
+            if not isinstance(name, str) or not _STATE_NAME.match(name):
+                raise ServiceError(
+                    400,
+                    "path: expected a name of letters, digits, '_', '.', '-' "
+                    f"(at most 128 characters), found {name!r}",
+                )
+            run = self._save if kind == "save_state" else self._load
+            return lambda: run(m, name)
+        if kind == "skip_seq":  # releases a reserved seq_id whose request will never come
+            return lambda: {"type": "skip_seq"}
+        raise ServiceError(404, f"unknown request kind {kind!r}")
+
+    def _prepare_data(self, fb_input, key, forward_only, body) -> _Prepared:
+        start = time.perf_counter()
+        if not isinstance(fb_input, Mapping):
+            raise ServiceError(400, f"{key}: expected an object with 'data' and 'loss_fn'")
+        loss_fn = fb_input.get("loss_fn", "cross_entropy")
+        if loss_fn not in LOSS_FNS:
+            raise ServiceError(
+                400, f"{key}.loss_fn: unknown loss {loss_fn!r}; supported: {sorted(LOSS_FNS)}"
+            )
+        config = fb_input.get("loss_fn_config")
+        if config:
+            raise ServiceError(
+                400, f"{key}.loss_fn_config: {loss_fn} takes no options, found {dict(config)!r}"
+            )
+        encoding = body.get("tensor_encoding", "json")
+        if encoding not in ENCODINGS:
+            raise ServiceError(
+                400, f"tensor_encoding: expected one of {ENCODINGS}, found {encoding!r}"
+            )
+        data = fb_input.get("data")
+        if not isinstance(data, list) or not data:
+            raise ServiceError(400, f"{key}.data: expected a non-empty list of Datum")
+        required = ("target_tokens",) if forward_only else LOSS_FNS[loss_fn]
+        allowed = set(LOSS_FNS[loss_fn])
+        vocab, ctx = self.config.vocab_size, self.config.context_length
+        datums, total = [], 0
+        k_shape: tuple[int, ...] | None = None
+        for i, raw in enumerate(data):
+            where = f"{key}.data[{i}]"
+            try:
+                d = datum_from_json(raw, where)
+            except WireError as e:
+                raise ServiceError(400, str(e)) from None
+            t = len(d.tokens)
+            total += t
+            if t == 0:
+                raise ServiceError(400, f"{where}.model_input: expected at least one token")
+            if t > ctx:
+                raise ServiceError(
+                    400, f"{where}.model_input: {t} tokens exceeds the context length {ctx}"
+                )
+            for name in d.loss_fn_inputs:
+                if name not in allowed:
+                    raise ServiceError(
+                        400,
+                        f"{where}.loss_fn_inputs.{name}: not an input of {loss_fn} "
+                        f"(expected {sorted(allowed)})",
+                    )
+            for name in required:
+                if name not in d.loss_fn_inputs:
+                    raise ServiceError(400, f"{where}.loss_fn_inputs.{name}: missing")
+            tgt = d.loss_fn_inputs["target_tokens"]
+            if tgt.dtype.kind not in "iu" or tgt.ndim not in (1, 2) or tgt.shape[0] != t:
+                raise ServiceError(
+                    400,
+                    f"{where}.loss_fn_inputs.target_tokens: expected int64 [{t}] or [{t}, K] "
+                    f"(one row per input token), found {tgt.dtype}{list(tgt.shape)}",
+                )
+            if k_shape is None:
+                k_shape = tgt.shape[1:]
+            elif tgt.shape[1:] != k_shape:
+                raise ServiceError(
+                    400,
+                    f"{where}.loss_fn_inputs.target_tokens: every datum must have the same "
+                    f"number of targets per position; expected {list(k_shape)}, "
+                    f"found {list(tgt.shape[1:])}",
+                )
+            for name, arr in (("model_input", d.tokens), ("target_tokens", tgt)):
+                if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+                    bad = int(arr[(arr < 0) | (arr >= vocab)][0])
+                    raise ServiceError(
+                        400, f"{where}.{name}: token id {bad} is outside the vocabulary [0, {vocab})"
+                    )
+            for name, arr in d.loss_fn_inputs.items():
+                if name == "target_tokens":
+                    continue
+                if arr.shape != tgt.shape:
+                    raise ServiceError(
+                        400,
+                        f"{where}.loss_fn_inputs.{name}: expected shape {list(tgt.shape)} "
+                        f"(like target_tokens), found {list(arr.shape)}",
+                    )
+                if not np.isfinite(arr).all():
+                    raise ServiceError(
+                        400, f"{where}.loss_fn_inputs.{name}: contains non-finite values"
+                    )
+            datums.append(d)
+        if total > self.max_tokens:
+            raise ServiceError(
+                413, f"{key}.data: {total} tokens exceeds the limit of {self.max_tokens} per request"
+            )
+        lengths = [len(d.tokens) for d in datums]
+        b, t = _bucket(len(datums), 1), min(_bucket(max(lengths), 16), ctx)
+        tokens = np.zeros((b, t), np.int32)
+        targets = np.zeros((b, t, *(k_shape or ())), np.int32)
+        mask = np.zeros((b, t), np.float32)
+        # A forward pass needs only target_tokens; absent loss inputs take their
+        # neutral values (weights 1, sampling logprobs and advantages 0) for loss:sum.
+        inputs = {
+            n: np.full(targets.shape, 1.0 if n == "weights" else 0.0, np.float32)
+            for n in LOSS_FNS[loss_fn]
+            if n != "target_tokens"
+        }
+        for i, (d, n) in enumerate(zip(datums, lengths, strict=True)):
+            tokens[i, :n] = d.tokens
+            targets[i, :n] = d.loss_fn_inputs["target_tokens"]
+            mask[i, :n] = 1.0
+            for name in inputs:
+                if name in d.loss_fn_inputs:
+                    inputs[name][i, :n] = d.loss_fn_inputs[name]
+        return _Prepared(
+            loss_fn,
+            tokens,
+            targets,
+            mask,
+            inputs,
+            lengths,
+            forward_only,
+            encoding,
+            time.perf_counter() - start,
+        )
+
+    def _prepare_optim(self, m: _Model, body: Mapping[str, Any]) -> Callable[[], dict]:
+        params = body.get("adam_params", body.get("optim_params", {}))
+        if not isinstance(params, Mapping):
+            raise ServiceError(400, "adam_params: expected an object")
+        defaults = {
+            "learning_rate": 1e-4,
+            "beta1": 0.9,
+            "beta2": 0.95,
+            "eps": 1e-12,
+            "weight_decay": 0.0,
+            "grad_clip_norm": 0.0,
+        }
+        unknown = set(params) - set(defaults) - {"type"}
+        if unknown:
+            raise ServiceError(
+                400, f"adam_params: unknown fields {sorted(unknown)}; expected {sorted(defaults)}"
+            )
+        values = {**defaults, **params}
+        values.pop("type", None)
+        for k, v in values.items():
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or v < 0 or (k in ("beta1", "beta2") and v >= 1):
+                bound = "in [0, 1)" if k in ("beta1", "beta2") else "finite and >= 0"
+                raise ServiceError(400, f"adam_params.{k}: expected a number {bound}, found {v!r}")
+        hyper = {
+            "learning_rate": np.float32(values["learning_rate"]),
+            "b1": np.float32(values["beta1"]),
+            "b2": np.float32(values["beta2"]),
+            "eps": np.float32(values["eps"]),
+            "weight_decay": np.float32(values["weight_decay"]),
+        }
+        clip = np.float32(values["grad_clip_norm"])
+        return lambda: self._run_optim(m, hyper, clip)
+
+    # ----------------------------------------------------------------- execution
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job, fut = item
+            try:
+                fut.set_result(job())
+            except ServiceError as e:
+                fut.set_result({"type": "request_failed", "error": e.message, "category": e.category})
+            except Exception as e:  # a bug or resource failure: report it, keep serving
+                fut.set_result(
+                    {"type": "request_failed", "error": f"{type(e).__name__}: {e}", "category": "server"}
+                )
+
+    def close(self) -> None:
+        """Finishes the queued work and stops the worker thread."""
+        self._queue.put(None)
+        self._worker.join()
+
+    def _run_forward_backward(self, m: _Model, p: _Prepared) -> dict[str, Any]:
+        start = time.perf_counter()
+        if p.forward_only:
+            loss, lp = self._forward(m.params, p.tokens, p.targets, p.mask, p.inputs, p.loss_fn)
+        else:
+            loss, lp, m.grad_acc = self._forward_backward(
+                m.params, m.grad_acc, p.tokens, p.targets, p.mask, p.inputs, p.loss_fn
+            )
+            m.n_accumulated += 1
+        lp = np.asarray(lp)
+        compute = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs = [
+            {"logprobs": encode_tensor(lp[i, :n], p.encoding)} for i, n in enumerate(p.lengths)
+        ]
+        metrics = {"loss:sum": float(loss), "tokens:sum": float(sum(p.lengths))}
+        return {
+            "type": "forward" if p.forward_only else "forward_backward",
+            "loss_fn_output_type": "ArrayRecord",
+            "loss_fn_outputs": outputs,
+            "metrics": metrics,
+            "timing": {
+                "decode_s": p.decode_s,
+                "compute_s": compute,
+                "encode_s": time.perf_counter() - start,
+            },
+        }
+
+    def _run_optim(self, m: _Model, hyper, clip) -> dict[str, Any]:
+        m.params, m.opt_state, m.grad_acc, norm = self._optim_step(
+            m.params, m.opt_state, m.grad_acc, hyper, clip
+        )
+        n, m.n_accumulated = m.n_accumulated, 0
+        m.step += 1
+        return {
+            "type": "optim_step",
+            "metrics": {"grad_norm": float(norm), "step": m.step, "accumulated": n},
+        }
+
+    def _state_path(self, name: str) -> Path:
+        return self.state_dir / f"{name}.npz"
+
+    def _save(self, m: _Model, name: str) -> dict[str, Any]:
+        tree = {"params": m.params, "opt_state": m.opt_state, "grad_acc": m.grad_acc}
+        meta = {"step": m.step, "n_accumulated": m.n_accumulated, "config": self.config.to_dict()}
+        checkpoint.save_tree(self._state_path(name), tree, meta)
+        return {"type": "save_state", "path": f"jaxreg://{name}", "step": m.step}
+
+    def _load(self, m: _Model, name: str) -> dict[str, Any]:
+        path = self._state_path(name)
+        if not path.exists():
+            raise ServiceError(404, f"path: no saved state named {name!r}")
+        like = {"params": m.params, "opt_state": m.opt_state, "grad_acc": m.grad_acc}
+        try:
+            tree, meta = checkpoint.load_tree(path, like=like)
+        except ValueError as e:
+            raise ServiceError(400, f"path: state {name!r} does not fit this model: {e}") from None
+        tree = jax.tree.map(jnp.asarray, tree)
+        m.params, m.opt_state, m.grad_acc = tree["params"], tree["opt_state"], tree["grad_acc"]
+        m.step, m.n_accumulated = meta["step"], meta["n_accumulated"]
+        return {"type": "load_state", "path": f"jaxreg://{name}", "step": m.step}
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON (no spaces; NaN is refused rather than sent as invalid JSON)."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
