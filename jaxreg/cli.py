@@ -1,89 +1,79 @@
-"""Command line: ``jaxreg demo`` (and ``python -m jaxreg demo``)."""
+"""Command line: ``jaxreg demo``, ``jaxreg serve`` and ``jaxreg build-checkpoint``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-import numpy as np
+
+def _demo(args: argparse.Namespace) -> int:
+    from jaxreg._src.demo import main
+
+    return main(args)
 
 
-def _table(out) -> str:
-    d = out.to_dict()
-    total_norm = d.get("total_grad_norm")
-    rows = [("term", "value", "weight", "contribution", "grad_norm", "w*norm / |grad|")]
-    entries = []
-    if "base_loss" in d:
-        entries.append((out.base_loss.name, {**d["base_loss"], "weight": 1.0}))
-    entries += list(d["regularizers"].items())
-    for name, e in entries:
-        contribution = e.get("contribution", e["value"] * e["weight"])
-        norm = e.get("grad_norm")
-        weighted = None if norm is None else e["weight"] * norm
-        share = "" if not total_norm or weighted is None else f"{weighted / total_norm:.1%}"
-        rows.append(
-            (
-                name,
-                f"{e['value']:.4f}",
-                f"{e['weight']:g}",
-                f"{contribution:.4f}",
-                "" if norm is None else f"{norm:.4f}",
-                share,
-            )
-        )
-    rows.append(("total", f"{d['loss_total']:.4f}", "", "", f"{total_norm or 0:.4f}", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+def _serve(args: argparse.Namespace) -> int:
+    from jaxreg.service import create_server
+
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    server = create_server(args.host, args.port, api_key=api_key, state_dir=args.state_dir,
+                           log_level=args.log_level)
+    auth = f"API key required (from ${args.api_key_env})" if api_key else "no API key"
+    print(f"jaxreg service on {server.url} ({auth}); Ctrl-C stops it", flush=True)
+    server.serve_forever()
+    return 0
 
 
-def demo(args: argparse.Namespace) -> int:
-    """Composes NLL + KL + entropy + smoothness on a ragged logprob batch; prints metrics."""
-    import jaxreg as jr
+def _build_checkpoint(args: argparse.Namespace) -> int:
+    from jaxreg.service.checkpoint import BASE_PATH, build_base_checkpoint
 
-    rng = np.random.default_rng(args.seed)
-    lengths = rng.integers(16, 120, size=args.batch)
-    logprobs = [-rng.gamma(2.0, 0.5, n).astype(np.float32) for n in lengths]
-    inputs = {
-        "weights": [np.ones(n, np.float32) for n in lengths],
-        "ref_logprobs": [lp + rng.normal(0, 0.3, lp.shape).astype(np.float32) for lp in logprobs],
-    }
-    x, batch = jr.Batch.from_ragged(logprobs, inputs)
-    objective = jr.compose(
-        jr.Term("nll", jr.losses.cross_entropy(reduction="token_mean")),
-        [
-            jr.Term("kl", jr.regularizers.kl("ref_logprobs"), weight=0.1),
-            jr.Term("entropy", jr.regularizers.entropy, weight=0.01),
-            jr.Term("smooth", jr.regularizers.smoothness, weight=0.05),
-        ],
-        track_grad_norms=True,
-        grad_conflicts=True,
+    path = build_base_checkpoint(
+        args.out or BASE_PATH, seed=args.seed, steps=args.steps,
+        progress=lambda i, loss: print(f"step {i}: loss {loss:.4f}", flush=True),
     )
-    print(f"jaxreg demo: {args.batch} datums, {lengths.sum()} tokens, padded to {x.shape}")
-    print(f"objective: {objective}\n")
-    for step, kl_weight in enumerate([0.1, 0.5, 2.0]):
-        out = objective(x, batch, weights={"kl": kl_weight})
-        print(f"step {step}: kl weight {kl_weight} (same compiled program)")
-        print(_table(out))
-        cos = out.to_dict()["grad_cosines"]
-        print(f"gradient cosine nll/kl: {cos['nll']['kl']:+.3f}\n")
-    print(f"compiled {objective.trace_count} time(s) for {step + 1} calls")
+    print(f"wrote {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxreg", description="jaxreg command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="compose a loss with regularizers and print its metrics")
-    p.add_argument("--batch", type=int, default=8, help="number of datums (default 8)")
+
+    p = sub.add_parser("demo", help="fine-tune the reference model with regularizers, end to end")
+    p.add_argument("--steps", type=int, default=150, help="training steps per KL weight")
+    p.add_argument("--out", help="run directory (default runs/demo-<time>)")
+    p.add_argument("--kl-weights", type=float, nargs="+", default=[0.0, 1.0, 3.0],
+                   help="the KL weights of the sweep")
+    p.add_argument("--batch", type=int, default=16, help="datums of the new task per step")
+    p.add_argument("--replay", type=int, default=8,
+                   help="datums of the base skills per step (anchored by the KL term)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=demo)
+    p.add_argument("--base-url", help="use this service instead of starting one")
+    p.add_argument("--api-key", help="API key of --base-url (default $JAXREG_API_KEY)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tinker", action="store_true",
+                   help="run on Tinker with the official SDK (needs TINKER_API_KEY)")
+    p.add_argument("--base-model", help="the Tinker base model, with --tinker")
+    p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("serve", help="run the reference training service")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--state-dir", default="jaxreg-states", help="where save_state writes")
+    p.add_argument("--api-key-env", default="JAXREG_API_KEY",
+                   help="environment variable holding the API key (unset: no key)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(fn=_serve)
+
+    p = sub.add_parser("build-checkpoint", help="rebuild the base checkpoint from its seed")
+    p.add_argument("--out", help="where to write (default: the packaged checkpoint)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.set_defaults(fn=_build_checkpoint)
+
     args = parser.parse_args(argv)
     return args.fn(args)
 

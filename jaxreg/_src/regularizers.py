@@ -216,6 +216,7 @@ def kl(
     clip: float = 20.0,
     renormalize: bool = False,
     reduction: str = "token_mean",
+    where: str | None = None,
 ):
     r"""KL divergence between the policy :math:`p` and a reference :math:`q` in the batch.
 
@@ -231,6 +232,9 @@ def kl(
 
     Args:
       ref: the name of the reference logprobs input, shaped like ``x``.
+      where: optionally, the name of a ``[B, T]`` 0/1 input that restricts the KL (and
+        its reduction) to the tokens where it is 1, e.g. to anchor the model on
+        replayed data of its old skills while the base loss trains a new one.
 
     Returns:
       ``(loss, {"mean", "max", "min"})``: per-token KL statistics over real tokens.
@@ -242,7 +246,14 @@ def kl(
         raise InputError(f"kl: direction must be one of {DIRECTIONS}; found {direction!r}.")
     if estimator not in ESTIMATORS:
         raise InputError(f"kl: estimator must be one of {ESTIMATORS}; found {estimator!r}.")
-    mask = check_tokens("kl", x, batch, (ref,))
+    mask = check_tokens("kl", x, batch, (ref,) if where is None else (ref, where))
+    if where is not None:
+        if batch.inputs[where].shape != mask.shape:
+            raise InputError(
+                f"kl: batch.inputs[{where!r}] (where) must be [B, T] = {tuple(mask.shape)}; "
+                f"found {tuple(batch.inputs[where].shape)}."
+            )
+        mask = mask * (batch.inputs[where] != 0).astype(mask.dtype)
     if batch.inputs[ref].shape != x.shape:
         raise InputError(
             f"kl: batch.inputs[{ref!r}] must be shaped like x {tuple(x.shape)}; "

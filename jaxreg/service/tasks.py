@@ -5,9 +5,10 @@ Every example is one line ``<task><digits>><answer>\\n`` over a 32-token vocabul
 * ``C`` copy:    ``C3821>3821``
 * ``R`` reverse: ``R3821>1283``
 * ``S`` sort:    ``S3821>1238``
+* ``I`` increment every digit (mod 10): ``I3821>4932``
 
-The base checkpoint is trained on copy and reverse; the demo fine-tunes it on sort and
-measures how much of the base skills (held-out copy and reverse) it keeps. Everything
+The base checkpoint is trained on copy and reverse; the demo fine-tunes it on
+increment and measures how much of the base skills (held-out copy and reverse) it keeps. Everything
 is generated from a seed; nothing is downloaded.
 
 Example:
@@ -23,11 +24,11 @@ import dataclasses
 import numpy as np
 
 PAD, BOS = 0, 1
-_SYMBOLS = ["<pad>", "<bos>", "\n", ">", *"0123456789", "C", "R", "S"]
+_SYMBOLS = ["<pad>", "<bos>", "\n", ">", *"0123456789", "C", "R", "S", "I"]
 VOCAB: tuple[str, ...] = tuple(_SYMBOLS + [f"<unused{i}>" for i in range(32 - len(_SYMBOLS))])
 VOCAB_SIZE = len(VOCAB)
 _INDEX = {s: i for i, s in enumerate(VOCAB)}
-TASKS = {"C": "copy", "R": "reverse", "S": "sort"}
+TASKS = {"C": "copy", "R": "reverse", "S": "sort", "I": "increment"}
 
 
 def encode(text: str) -> list[int]:
@@ -51,6 +52,8 @@ def answer(task: str, digits: str) -> str:
         return digits[::-1]
     if task == "S":
         return "".join(sorted(digits))
+    if task == "I":
+        return "".join(str((int(d) + 1) % 10) for d in digits)
     raise ValueError(f"answer: unknown task {task!r}; expected one of {sorted(TASKS)}")
 
 
