@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="fine-tune the reference model with regularizers, end to end")
-    p.add_argument("--steps", type=int, default=150, help="training steps per KL weight")
+    p.add_argument("--steps", type=int, default=250, help="training steps per KL weight")
     p.add_argument("--out", help="run directory (default runs/demo-<time>)")
-    p.add_argument("--kl-weights", type=float, nargs="+", default=[0.0, 1.0, 3.0],
+    p.add_argument("--kl-weights", type=float, nargs="+", default=[0.0, 0.3, 1.0],
                    help="the KL weights of the sweep")
     p.add_argument("--batch", type=int, default=16, help="datums of the new task per step")
     p.add_argument("--replay", type=int, default=8,

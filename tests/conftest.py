@@ -10,3 +10,24 @@ if "xla_force_host_platform_device_count" not in _flags:
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One reference service for the whole session (compiled programs are shared)."""
+    from jaxreg.service import start
+
+    srv = start(state_dir=tmp_path_factory.mktemp("states"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import jaxreg as jr
+
+    with jr.remote.ServiceClient(server.url) as c:
+        yield c

@@ -321,7 +321,7 @@ class TrainingClient:
 
     def __init__(self, service: ServiceClient, model_id: str):
         self.service, self.model_id = service, model_id
-        self._seq = itertools.count()
+        self._next_seq = 0
         self._seq_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -330,10 +330,16 @@ class TrainingClient:
     def reserve_seq_ids(self, n: int = 1) -> list[int]:
         """Takes ``n`` sequence numbers now, for requests that will be sent later."""
         with self._seq_lock:
-            return [next(self._seq) for _ in range(n)]
+            first, self._next_seq = self._next_seq, self._next_seq + n
+        return list(range(first, first + n))
 
     def _body(self, endpoint, seq_id, **fields) -> dict[str, Any]:
-        seq = self.reserve_seq_ids()[0] if seq_id is None else seq_id
+        if seq_id is None:
+            seq = self.reserve_seq_ids()[0]
+        else:  # an explicit id: later automatic ids continue after it
+            seq = seq_id
+            with self._seq_lock:
+                self._next_seq = max(self._next_seq, seq_id + 1)
         return {"model_id": self.model_id, "seq_id": seq, **fields}
 
     def _data_body(self, endpoint, data, loss_fn, loss_fn_config, seq_id):

@@ -148,7 +148,13 @@ class Engine:
 
         @functools.partial(jax.jit, donate_argnames=("params", "opt_state", "grad_acc"))
         def optim_step(params, opt_state, grad_acc, hyper, clip):
-            norm = optax.global_norm(grad_acc)
+            # optax mixes the int step count with traced float betas: fine under the
+            # standard promotion rules, refused under "strict" (which users may set).
+            with jax.numpy_dtype_promotion("standard"):
+                return _optim_step(params, opt_state, grad_acc, hyper, clip)
+
+        def _optim_step(params, opt_state, grad_acc, hyper, clip):
+            norm = optax.tree.norm(grad_acc)
             scale = jnp.where((clip > 0) & (norm > clip), clip / norm, 1.0)
             grads = jax.tree.map(lambda g: g * scale, grad_acc)
             opt_state.hyperparams.update(hyper)

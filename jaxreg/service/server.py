@@ -95,16 +95,22 @@ def create_server(
     state_dir: str | os.PathLike | None = None,
     engine: Engine | None = None,
     log_level: str = "warning",
+    max_body_bytes: int = 256 << 20,
     **engine_kwargs,
 ) -> Server:
-    """Builds the engine and binds the socket (``port=0`` picks a free port)."""
+    """Builds the engine and binds the socket (``port=0`` picks a free port).
+
+    ``engine_kwargs`` (``max_tokens``, ``checkpoint_path``) go to
+    :class:`~jaxreg.service.engine.Engine`; ``max_body_bytes`` caps request bodies.
+    """
     if engine is None:
         state = Path(state_dir) if state_dir is not None else Path("jaxreg-states")
         engine = Engine(state, **engine_kwargs)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("jaxreg service: listening on %s, not only on loopback", host)
     sock = _bind(host, port)
-    return Server(engine, create_app(engine, api_key=api_key), sock, log_level=log_level)
+    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes)
+    return Server(engine, app, sock, log_level=log_level)
 
 
 def start(host: str = "127.0.0.1", port: int = 0, **kwargs) -> Server:
