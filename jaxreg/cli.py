@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -21,7 +22,14 @@ def _serve(args: argparse.Namespace) -> int:
                            log_level=args.log_level)
     auth = f"API key required (from ${args.api_key_env})" if api_key else "no API key"
     print(f"jaxreg service on {server.url} ({auth}); Ctrl-C stops it", flush=True)
-    server.serve_forever()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
+    # handlers that were there before: make those end the process with status 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    print("jaxreg service stopped", flush=True)
     return 0
 
 

@@ -1,10 +1,51 @@
-"""The demo command runs, prints the metrics table and compiles once."""
+"""The command line: ``jaxreg demo`` end to end (small) and ``jaxreg serve``."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
 
 from jaxreg.cli import main
 
 
-def test_demo_prints_table_and_compiles_once(capsys):
-    assert main(["demo", "--batch", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "term" in out and "grad_norm" in out and "kl" in out
-    assert "compiled 1 time(s) for 3 calls" in out
+def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["demo", "--steps", "4", "--kl-weights", "0", "1", "--batch", "4", "--replay", "2",
+            "--eval-every", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "share of |grad|" in text and "KL weight sweep" in text
+    assert "compiled 1 time(s) for 8 steps" in text or "compiled 2 time(s)" in text
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 8
+    first = records[0]
+    assert {"loss:sum", "surrogate_loss:sum", "regularizers/kl/grad_norm",
+            "total_grad_norm"} <= set(first)
+    assert set(first["grad_cosines"]) == {"nll", "kl", "entropy", "confidence"}
+    assert records[1]["eval"]["step"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["kl_weight"] for r in summary["runs"]] == [0.0, 1.0]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serve_starts_answers_and_stops_gracefully(tmp_path):
+    env = {**os.environ, "JAXREG_API_KEY": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxreg", "serve", "--port", "0", "--state-dir", str(tmp_path),
+         "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "jaxreg service on http://127.0.0.1:" in line, line
+        url = line.split()[3]
+        assert httpx.get(f"{url}/api/v1/healthz", timeout=30).json() == {"status": "ok"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "jaxreg service stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,354 @@
+"""``jaxreg.remote`` against the real reference service over loopback HTTP.
+
+Fault injection wraps the real HTTP transport (requests are really sent unless a
+fault drops them first); everything else talks to the service directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+
+import httpx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from service_helpers import assert_trees_equal, datums, examples, params_of
+
+import jaxreg as jr
+from jaxreg._src.wire import Datum, decode_tensor
+
+ADAM = {"learning_rate": 1e-3}
+
+
+class Transport(httpx.BaseTransport):
+    """The real HTTP transport, recording request bodies and injecting chosen faults."""
+
+    def __init__(self, faults=None, seed: int = 0):
+        self.inner = httpx.HTTPTransport()
+        self.faults = faults or {}
+        self.rng = random.Random(seed)
+        self.sent: list[tuple[str, dict]] = []
+        self.injected: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def _pick(self, endpoint: str) -> str | None:
+        with self.lock:
+            for fault, p in self.faults.get(endpoint, self.faults.get("*", {})).items():
+                if self.rng.random() < p:
+                    self.injected[fault] = self.injected.get(fault, 0) + 1
+                    return fault
+        return None
+
+    def handle_request(self, request):
+        endpoint = request.url.path.rsplit("/", 1)[-1]
+        fault = self._pick(endpoint)
+        if fault == "connect":
+            raise httpx.ConnectError("injected: connection refused", request=request)
+        if fault in ("429", "500", "503"):
+            return httpx.Response(int(fault), json={"error": "injected"},
+                                  headers={"retry-after": "0"} if fault == "429" else {})
+        if fault == "delay":
+            time.sleep(0.02)
+        with self.lock:
+            self.sent.append((endpoint, json.loads(request.content or b"{}")))
+        response = self.inner.handle_request(request)
+        if fault == "lose_response":  # the service did the work; the answer is lost
+            response.read()
+            response.close()
+            raise httpx.ReadError("injected: connection reset", request=request)
+        return response
+
+    def bodies(self, endpoint):
+        return [b for e, b in self.sent if e == endpoint]
+
+
+def _client(server, transport=None, **kw):
+    return jr.remote.ServiceClient(server.url, transport=transport, **kw)
+
+
+@pytest.fixture(scope="module")
+def objective():
+    """CE + KL + entropy, compiled once for the module."""
+    return jr.compose(
+        jr.Term("nll", jr.losses.cross_entropy),
+        [jr.Term("kl", jr.regularizers.kl("ref_logprobs"), weight=0.1),
+         jr.Term("entropy", jr.regularizers.entropy, weight=0.01)],
+        track_grad_norms=True,
+    )
+
+
+def _with_ref(client, data, seed=0):
+    """Adds ``ref_logprobs``: the base model's logprobs plus noise."""
+    lp = client.create_model().forward(data).result()["loss_fn_outputs"]
+    rng = np.random.default_rng(seed)
+    return [d.replace_inputs(ref_logprobs=(o["logprobs"] + rng.normal(0, 0.3, o["logprobs"].shape))
+                             .astype(np.float32)) for d, o in zip(data, lp, strict=True)]
+
+
+def _numpy_objective(lp, d):
+    """CE (sum) + 0.1 KL (k3, token mean) + 0.01 entropy bonus, in float64 NumPy."""
+    lp = [np.asarray(x, np.float64) for x in lp]
+    n = sum(x.size for x in lp)
+    ce = -sum(np.sum(x * e.loss_fn_inputs["weights"]) for x, e in zip(lp, d, strict=True))
+    kl = 0.0
+    for x, e in zip(lp, d, strict=True):
+        r = np.clip(e.loss_fn_inputs["ref_logprobs"].astype(np.float64) - x, -20, 20)
+        kl += np.sum(np.exp(r) - r - 1)
+    ent = sum(np.sum(x) for x in lp) / n  # loss = -H, with H = -mean(logprob)
+    return ce + 0.1 * kl / n + 0.01 * ent
+
+
+def test_custom_cross_entropy_equals_builtin(server, client):
+    data = datums("I", 3, seed=11)
+    builtin = client.create_model()
+    builtin.forward_backward(data)
+    builtin.optim_step(ADAM).result()
+    custom = client.create_model()
+    result = jr.remote.forward_backward_custom(custom, data, base=jr.losses.cross_entropy).result()
+    custom.optim_step(ADAM).result()
+    assert_trees_equal(params_of(custom, server, "ce_custom")[0],
+                       params_of(builtin, server, "ce_builtin")[0])
+    np.testing.assert_allclose(result.metrics["loss:sum"], result.metrics["surrogate_loss:sum"],
+                               rtol=1e-5)
+
+
+def test_sent_weights_are_minus_the_gradient_by_finite_differences(server, client, objective):
+    data = _with_ref(client, datums("I", 3, seed=12, weights="random"))
+    transport = Transport()
+    with _client(server, transport) as c:
+        result = jr.remote.forward_backward_custom(c.create_model(), data, objective).result()
+    (body,) = transport.bodies("forward_backward")
+    sent = [decode_tensor(d["loss_fn_inputs"]["weights"])
+            for d in body["forward_backward_input"]["data"]]
+    lp = result.logprobs
+    assert set(body["forward_backward_input"]["data"][0]["loss_fn_inputs"]) == {
+        "target_tokens", "weights"}
+    np.testing.assert_allclose(result.metrics["loss:sum"], _numpy_objective(lp, data), rtol=1e-5)
+    h = 1e-5
+    for i, x in enumerate(lp):
+        for t in range(len(x)):
+            up = [y.astype(np.float64).copy() for y in lp]
+            down = [y.astype(np.float64).copy() for y in lp]
+            up[i][t] += h
+            down[i][t] -= h
+            fd = (_numpy_objective(up, data) - _numpy_objective(down, data)) / (2 * h)
+            np.testing.assert_allclose(-sent[i][t], fd, rtol=1e-4, atol=1e-6)
+    assert result.metrics["regularizers/kl/grad_norm"] > 0
+    assert "surrogate_loss:sum" in result.metrics and "tokens:sum" in result.metrics
+
+
+def test_regularizer_moves_the_update_its_way(server, client):
+    data = _with_ref(client, datums("C", 4, seed=13), seed=1)
+    kl = jr.regularizers.kl("ref_logprobs")
+
+    def kl_after(weight):
+        training = client.create_model()
+        jr.remote.forward_backward_custom(
+            training, data, base=jr.losses.cross_entropy,
+            regularizers=[jr.Term("kl", kl, weight=weight)]).result()
+        training.optim_step({"learning_rate": 3e-4}).result()
+        lp = [o["logprobs"] for o in training.forward(
+            [Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]})
+             for d in data]).result()["loss_fn_outputs"]]
+        x, batch = jr.Batch.from_ragged(lp, {"ref_logprobs": [d.loss_fn_inputs["ref_logprobs"]
+                                                               for d in data]})
+        return float(kl(x, batch)[0])
+
+    without, with_kl = kl_after(0.0), kl_after(50.0)
+    assert with_kl < without, (with_kl, without)
+
+
+def test_multi_target_data(server, client):
+    rng = np.random.default_rng(14)
+    data = []
+    for e in examples("R", 3, seed=14):
+        targets = np.stack([e.targets, rng.integers(0, 32, len(e.tokens)),
+                            rng.integers(0, 32, len(e.tokens))], axis=1).astype(np.int64)
+        weights = np.zeros(targets.shape, np.float32)
+        weights[:, 0] = e.answer_mask
+        data.append(Datum(e.tokens, {"target_tokens": targets, "weights": weights}))
+    builtin = client.create_model()
+    builtin.forward_backward(data)
+    builtin.optim_step(ADAM).result()
+    custom = client.create_model()
+    result = jr.remote.forward_backward_custom(
+        custom, data, base=jr.losses.cross_entropy,
+        regularizers=[jr.Term("entropy", jr.regularizers.entropy(renormalize=True), 0.0)],
+        track_grad_norms=True).result()
+    custom.optim_step(ADAM).result()
+    assert result.logprobs[0].shape == data[0].loss_fn_inputs["target_tokens"].shape
+    assert result.loss_fn_outputs[0]["logprobs"].shape == result.logprobs[0].shape
+    assert_trees_equal(params_of(custom, server, "k_custom")[0],
+                       params_of(builtin, server, "k_builtin")[0])
+
+
+def test_non_finite_loss_sends_nothing_and_leaves_the_model_unchanged(server, client):
+    data = datums("I", 2, seed=15)
+    transport = Transport()
+    with _client(server, transport) as c:
+        training = c.create_model()
+        before = params_of(training, server, "nan_before")[0]
+        bad = jr.Term("bad", lambda x, batch: jnp.log(-jnp.sum(jnp.exp(x))))
+        future = jr.remote.forward_backward_custom(
+            training, data, base=jr.losses.cross_entropy, regularizers=[bad])
+        step = training.optim_step(ADAM)  # pipelined behind the custom backward
+        with pytest.raises(jr.NonFiniteError, match="bad") as e:
+            future.result()
+        assert e.value.terms == ("bad",)
+        step.result(timeout=30)  # the reserved backward seq_id was released
+        assert transport.bodies("forward_backward") == []
+        assert_trees_equal(params_of(training, server, "nan_after")[0], before)
+
+
+def test_tinker_datums_round_trip(server, client):
+    types = pytest.importorskip("tinker.types")
+    originals = []
+    for e in examples("C", 2, seed=16):
+        originals.append(types.Datum(
+            model_input=types.ModelInput.from_ints(e.tokens.tolist()),
+            loss_fn_inputs={"target_tokens": e.targets.astype(np.int64),
+                            "weights": e.answer_mask, "advantages": np.ones(len(e.tokens),
+                                                                            np.float32)}))
+    converted = [jr.remote.to_datum(d) for d in originals]
+    back = [jr.remote.to_tinker_datum(d) for d in converted]
+    for o, b in zip(originals, back, strict=True):
+        assert o.model_input.to_ints() == b.model_input.to_ints()
+        for k, v in o.loss_fn_inputs.items():
+            np.testing.assert_array_equal(v.to_numpy(), b.loss_fn_inputs[k].to_numpy())
+            assert v.dtype == b.loss_fn_inputs[k].dtype
+    transport = Transport()
+    with _client(server, transport) as c:
+        jr.remote.forward_backward_custom(c.create_model(), originals,
+                                          base=jr.losses.cross_entropy).result()
+    (body,) = transport.bodies("forward_backward")
+    for o, sent in zip(originals, body["forward_backward_input"]["data"], strict=True):
+        assert sent["model_input"]["chunks"][0]["tokens"] == o.model_input.to_ints()
+        got = jr.remote.to_datum(sent)
+        np.testing.assert_array_equal(got.loss_fn_inputs["target_tokens"],
+                                      o.loss_fn_inputs["target_tokens"].to_numpy())
+        np.testing.assert_array_equal(got.loss_fn_inputs["weights"],
+                                      o.loss_fn_inputs["weights"].to_numpy())
+
+
+class _SDKLike:
+    """The official ``tinker.TrainingClient`` interface (tinker types in and out), served
+    by the reference service, to drive :class:`jaxreg.remote.TinkerTrainingClient`."""
+
+    def __init__(self, training):
+        self.training = training
+        self.types = pytest.importorskip("tinker.types")
+
+    def _call(self, method, data, loss_fn):
+        assert all(isinstance(d, self.types.Datum) for d in data)
+        out = getattr(self.training, method)([jr.remote.to_datum(d) for d in data],
+                                             loss_fn).result()
+        outs = [{k: self.types.TensorData.from_numpy(v) for k, v in o.items()}
+                for o in out["loss_fn_outputs"]]
+        value = self.types.ForwardBackwardOutput(
+            loss_fn_output_type="ArrayRecord", loss_fn_outputs=outs, metrics=out["metrics"])
+        return type("Future", (), {"result": lambda self, timeout=None: value})()
+
+    def forward(self, data, loss_fn):
+        return self._call("forward", data, loss_fn)
+
+    def forward_backward(self, data, loss_fn):
+        return self._call("forward_backward", data, loss_fn)
+
+
+def test_tinker_training_client_adapter(server, client):
+    data = datums("I", 2, seed=17)
+    builtin = client.create_model()
+    builtin.forward_backward(data)
+    builtin.optim_step(ADAM).result()
+    training = client.create_model()
+    result = jr.remote.forward_backward_custom(_SDKLike(training), data,
+                                               base=jr.losses.cross_entropy)
+    assert result.done()  # the SDK orders requests itself: the adapter runs in the caller
+    training.optim_step(ADAM).result()
+    assert_trees_equal(params_of(training, server, "sdk")[0],
+                       params_of(builtin, server, "sdk_ref")[0])
+
+
+def _train(training, data, objective, steps, pipelined=True):
+    for i in range(steps):
+        batch = data[i % 2 :: 2]
+        future = jr.remote.forward_backward_custom(training, batch, objective,
+                                                   weights={"kl": 0.1 * (i + 1)})
+        if pipelined:
+            step = training.optim_step(ADAM)
+            future.result()
+        else:
+            future.result()
+            step = training.optim_step(ADAM)
+        step.result()
+
+
+def test_fault_injection_every_step_exactly_once(server, client, objective):
+    data = _with_ref(client, datums("I", 4, seed=18))
+    reference = client.create_model()
+    _train(reference, data, objective, 4, pipelined=False)
+    faults = {"*": {"connect": 0.15, "lose_response": 0.15, "429": 0.1, "500": 0.1,
+                    "503": 0.05, "delay": 0.1}}
+    transport = Transport(faults, seed=3)
+    retry = jr.remote.RetryPolicy(max_retries=30, base=0.001, cap=0.01, seed=0)
+    with _client(server, transport, retry=retry) as c:
+        training = c.training_client(c.create_model().model_id)
+        _train(training, data, objective, 4)
+        assert training.get_info()["step"] == 4
+        faulty = params_of(training, server, "faulty")[0]
+    assert transport.injected.get("lose_response", 0) > 0 and transport.injected.get("connect")
+    assert_trees_equal(faulty, params_of(reference, server, "faultless")[0])
+
+
+def test_exhausted_retries_raise_and_apply_nothing(server, client):
+    data = datums("I", 2, seed=19)
+    transport = Transport({"forward_backward": {"500": 1.0}})
+    retry = jr.remote.RetryPolicy(max_retries=2, base=0.001, cap=0.001)
+    with _client(server, transport, retry=retry) as c:
+        training = c.create_model()
+        before = params_of(training, server, "retry_before")[0]
+        future = jr.remote.forward_backward_custom(training, data, base=jr.losses.cross_entropy)
+        with pytest.raises(jr.remote.RemoteError, match=r"forward_backward .*HTTP 500") as e:
+            future.result()
+        assert e.value.status == 500 and e.value.seq_id == future.seq_ids[1]
+        training.optim_step(ADAM).result(timeout=30)
+        assert_trees_equal(params_of(training, server, "retry_after")[0], before)
+
+
+def test_async_api_matches_sync(server, client, objective):
+    data = _with_ref(client, datums("I", 4, seed=20))
+    sync = client.create_model()
+    _train(sync, data, objective, 2, pipelined=False)
+
+    async def main(training):
+        for i in range(2):
+            future = await jr.remote.forward_backward_custom_async(
+                training, data[i % 2 :: 2], objective, weights={"kl": 0.1 * (i + 1)})
+            step = await training.optim_step_async(ADAM)
+            result = await future
+            await step
+        await training.service.aclose()
+        return result
+
+    training = client.create_model()
+    result = asyncio.run(main(training))
+    assert np.isfinite(result.metrics["loss:sum"])
+    assert_trees_equal(params_of(training, server, "async")[0],
+                       params_of(sync, server, "sync")[0])
+
+
+def test_no_recompilation_across_random_lengths(server, client):
+    objective = jr.compose(jr.losses.cross_entropy, [jr.Term("ent", jr.regularizers.entropy,
+                                                             0.01)], track_grad_norms=True)
+    training = client.create_model()
+    rng = np.random.default_rng(21)
+    shapes = set()
+    for i in range(12):
+        data = datums("I", int(rng.integers(1, 5)), seed=100 + i)
+        result = jr.remote.forward_backward_custom(training, data, objective).result()
+        shapes.add(np.asarray(result.output.grad).shape)
+    assert objective.trace_count == len(shapes) <= 4
