@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -15,20 +16,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     from jaxreg.service import create_server
 
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    server = create_server(args.host, args.port, api_key=api_key, state_dir=args.state_dir,
-                           log_level=args.log_level)
+    server = create_server(
+        args.host, args.port, api_key=api_key, state_dir=args.state_dir, log_level=args.log_level
+    )
     auth = f"API key required (from ${args.api_key_env})" if api_key else "no API key"
     print(f"jaxreg service on {server.url} ({auth}); Ctrl-C stops it", flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handlers that were there before: make those end the process with status 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     print("jaxreg service stopped", flush=True)
     return 0
 
@@ -37,7 +40,9 @@ def _build_checkpoint(args: argparse.Namespace) -> int:
     from jaxreg.service.checkpoint import BASE_PATH, build_base_checkpoint
 
     path = build_base_checkpoint(
-        args.out or BASE_PATH, seed=args.seed, steps=args.steps,
+        args.out or BASE_PATH,
+        seed=args.seed,
+        steps=args.steps,
         progress=lambda i, loss: print(f"step {i}: loss {loss:.4f}", flush=True),
     )
     print(f"wrote {path}")
@@ -51,19 +56,31 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="fine-tune the reference model with regularizers, end to end")
     p.add_argument("--steps", type=int, default=250, help="training steps per KL weight")
     p.add_argument("--out", help="run directory (default runs/demo-<time>)")
-    p.add_argument("--kl-weights", type=float, nargs="+", default=[0.0, 0.3, 1.0],
-                   help="the KL weights of the sweep")
+    p.add_argument(
+        "--kl-weights",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.3, 1.0],
+        help="the KL weights of the sweep",
+    )
     p.add_argument("--batch", type=int, default=16, help="datums of the new task per step")
-    p.add_argument("--replay", type=int, default=8,
-                   help="datums of the base skills per step (anchored by the KL term)")
+    p.add_argument(
+        "--replay",
+        type=int,
+        default=8,
+        help="datums of the base skills per step (anchored by the KL term)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-url", help="use this service instead of starting one")
     p.add_argument("--api-key", help="API key of --base-url (default $JAXREG_API_KEY)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--tinker", action="store_true",
-                   help="run on Tinker with the official SDK (needs TINKER_API_KEY)")
+    p.add_argument(
+        "--tinker",
+        action="store_true",
+        help="run on Tinker with the official SDK (needs TINKER_API_KEY)",
+    )
     p.add_argument("--base-model", help="the Tinker base model, with --tinker")
     p.set_defaults(fn=_demo)
 
@@ -71,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--state-dir", default="jaxreg-states", help="where save_state writes")
-    p.add_argument("--api-key-env", default="JAXREG_API_KEY",
-                   help="environment variable holding the API key (unset: no key)")
+    p.add_argument(
+        "--api-key-env",
+        default="JAXREG_API_KEY",
+        help="environment variable holding the API key (unset: no key)",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(fn=_serve)
 

@@ -19,8 +19,12 @@ def datums(task: str = "I", n: int = 3, seed: int = 0, weights: str = "answer") 
     out = []
     for e in examples(task, n, seed):
         w = e.answer_mask if weights == "answer" else rng.normal(size=len(e.tokens))
-        out.append(Datum(e.tokens, {"target_tokens": e.targets.astype(np.int64),
-                                    "weights": np.asarray(w, np.float32)}))
+        out.append(
+            Datum(
+                e.tokens,
+                {"target_tokens": e.targets.astype(np.int64), "weights": np.asarray(w, np.float32)},
+            )
+        )
     return out
 
 

@@ -13,8 +13,23 @@ from jaxreg.cli import main
 
 def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["demo", "--steps", "4", "--kl-weights", "0", "1", "--batch", "4", "--replay", "2",
-            "--eval-every", "2", "--out", str(out), "--no-progress"]
+    argv = [
+        "demo",
+        "--steps",
+        "4",
+        "--kl-weights",
+        "0",
+        "1",
+        "--batch",
+        "4",
+        "--replay",
+        "2",
+        "--eval-every",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "share of |grad|" in text and "KL weight sweep" in text
@@ -22,8 +37,12 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8
     first = records[0]
-    assert {"loss:sum", "surrogate_loss:sum", "regularizers/kl/grad_norm",
-            "total_grad_norm"} <= set(first)
+    assert {
+        "loss:sum",
+        "surrogate_loss:sum",
+        "regularizers/kl/grad_norm",
+        "total_grad_norm",
+    } <= set(first)
     assert set(first["grad_cosines"]) == {"nll", "kl", "entropy", "confidence"}
     assert records[1]["eval"]["step"] == 2
     summary = json.loads((out / "summary.json").read_text())
@@ -34,9 +53,22 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
 def test_serve_starts_answers_and_stops_gracefully(tmp_path):
     env = {**os.environ, "JAXREG_API_KEY": ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxreg", "serve", "--port", "0", "--state-dir", str(tmp_path),
-         "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "jaxreg",
+            "serve",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         line = proc.stdout.readline()

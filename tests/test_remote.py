@@ -49,8 +49,11 @@ class Transport(httpx.BaseTransport):
         if fault == "connect":
             raise httpx.ConnectError("injected: connection refused", request=request)
         if fault in ("429", "500", "503"):
-            return httpx.Response(int(fault), json={"error": "injected"},
-                                  headers={"retry-after": "0"} if fault == "429" else {})
+            return httpx.Response(
+                int(fault),
+                json={"error": "injected"},
+                headers={"retry-after": "0"} if fault == "429" else {},
+            )
         if fault == "delay":
             time.sleep(0.02)
         with self.lock:
@@ -75,8 +78,10 @@ def objective():
     """CE + KL + entropy, compiled once for the module."""
     return jr.compose(
         jr.Term("nll", jr.losses.cross_entropy),
-        [jr.Term("kl", jr.regularizers.kl("ref_logprobs"), weight=0.1),
-         jr.Term("entropy", jr.regularizers.entropy, weight=0.01)],
+        [
+            jr.Term("kl", jr.regularizers.kl("ref_logprobs"), weight=0.1),
+            jr.Term("entropy", jr.regularizers.entropy, weight=0.01),
+        ],
         track_grad_norms=True,
     )
 
@@ -85,8 +90,14 @@ def _with_ref(client, data, seed=0):
     """Adds ``ref_logprobs``: the base model's logprobs plus noise."""
     lp = client.create_model().forward(data).result()["loss_fn_outputs"]
     rng = np.random.default_rng(seed)
-    return [d.replace_inputs(ref_logprobs=(o["logprobs"] + rng.normal(0, 0.3, o["logprobs"].shape))
-                             .astype(np.float32)) for d, o in zip(data, lp, strict=True)]
+    return [
+        d.replace_inputs(
+            ref_logprobs=(o["logprobs"] + rng.normal(0, 0.3, o["logprobs"].shape)).astype(
+                np.float32
+            )
+        )
+        for d, o in zip(data, lp, strict=True)
+    ]
 
 
 def _numpy_objective(lp, d):
@@ -110,10 +121,12 @@ def test_custom_cross_entropy_equals_builtin(server, client):
     custom = client.create_model()
     result = jr.remote.forward_backward_custom(custom, data, base=jr.losses.cross_entropy).result()
     custom.optim_step(ADAM).result()
-    assert_trees_equal(params_of(custom, server, "ce_custom")[0],
-                       params_of(builtin, server, "ce_builtin")[0])
-    np.testing.assert_allclose(result.metrics["loss:sum"], result.metrics["surrogate_loss:sum"],
-                               rtol=1e-5)
+    assert_trees_equal(
+        params_of(custom, server, "ce_custom")[0], params_of(builtin, server, "ce_builtin")[0]
+    )
+    np.testing.assert_allclose(
+        result.metrics["loss:sum"], result.metrics["surrogate_loss:sum"], rtol=1e-5
+    )
 
 
 def test_sent_weights_are_minus_the_gradient_by_finite_differences(server, client, objective):
@@ -122,11 +135,15 @@ def test_sent_weights_are_minus_the_gradient_by_finite_differences(server, clien
     with _client(server, transport) as c:
         result = jr.remote.forward_backward_custom(c.create_model(), data, objective).result()
     (body,) = transport.bodies("forward_backward")
-    sent = [decode_tensor(d["loss_fn_inputs"]["weights"])
-            for d in body["forward_backward_input"]["data"]]
+    sent = [
+        decode_tensor(d["loss_fn_inputs"]["weights"])
+        for d in body["forward_backward_input"]["data"]
+    ]
     lp = result.logprobs
     assert set(body["forward_backward_input"]["data"][0]["loss_fn_inputs"]) == {
-        "target_tokens", "weights"}
+        "target_tokens",
+        "weights",
+    }
     np.testing.assert_allclose(result.metrics["loss:sum"], _numpy_objective(lp, data), rtol=1e-5)
     h = 1e-5
     for i, x in enumerate(lp):
@@ -148,14 +165,24 @@ def test_regularizer_moves_the_update_its_way(server, client):
     def kl_after(weight):
         training = client.create_model()
         jr.remote.forward_backward_custom(
-            training, data, base=jr.losses.cross_entropy,
-            regularizers=[jr.Term("kl", kl, weight=weight)]).result()
+            training,
+            data,
+            base=jr.losses.cross_entropy,
+            regularizers=[jr.Term("kl", kl, weight=weight)],
+        ).result()
         training.optim_step({"learning_rate": 3e-4}).result()
-        lp = [o["logprobs"] for o in training.forward(
-            [Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]})
-             for d in data]).result()["loss_fn_outputs"]]
-        x, batch = jr.Batch.from_ragged(lp, {"ref_logprobs": [d.loss_fn_inputs["ref_logprobs"]
-                                                               for d in data]})
+        lp = [
+            o["logprobs"]
+            for o in training.forward(
+                [
+                    Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]})
+                    for d in data
+                ]
+            ).result()["loss_fn_outputs"]
+        ]
+        x, batch = jr.Batch.from_ragged(
+            lp, {"ref_logprobs": [d.loss_fn_inputs["ref_logprobs"] for d in data]}
+        )
         return float(kl(x, batch)[0])
 
     without, with_kl = kl_after(0.0), kl_after(50.0)
@@ -166,8 +193,10 @@ def test_multi_target_data(server, client):
     rng = np.random.default_rng(14)
     data = []
     for e in examples("R", 3, seed=14):
-        targets = np.stack([e.targets, rng.integers(0, 32, len(e.tokens)),
-                            rng.integers(0, 32, len(e.tokens))], axis=1).astype(np.int64)
+        targets = np.stack(
+            [e.targets, rng.integers(0, 32, len(e.tokens)), rng.integers(0, 32, len(e.tokens))],
+            axis=1,
+        ).astype(np.int64)
         weights = np.zeros(targets.shape, np.float32)
         weights[:, 0] = e.answer_mask
         data.append(Datum(e.tokens, {"target_tokens": targets, "weights": weights}))
@@ -176,14 +205,18 @@ def test_multi_target_data(server, client):
     builtin.optim_step(ADAM).result()
     custom = client.create_model()
     result = jr.remote.forward_backward_custom(
-        custom, data, base=jr.losses.cross_entropy,
+        custom,
+        data,
+        base=jr.losses.cross_entropy,
         regularizers=[jr.Term("entropy", jr.regularizers.entropy(renormalize=True), 0.0)],
-        track_grad_norms=True).result()
+        track_grad_norms=True,
+    ).result()
     custom.optim_step(ADAM).result()
     assert result.logprobs[0].shape == data[0].loss_fn_inputs["target_tokens"].shape
     assert result.loss_fn_outputs[0]["logprobs"].shape == result.logprobs[0].shape
-    assert_trees_equal(params_of(custom, server, "k_custom")[0],
-                       params_of(builtin, server, "k_builtin")[0])
+    assert_trees_equal(
+        params_of(custom, server, "k_custom")[0], params_of(builtin, server, "k_builtin")[0]
+    )
 
 
 def test_non_finite_loss_sends_nothing_and_leaves_the_model_unchanged(server, client):
@@ -194,7 +227,8 @@ def test_non_finite_loss_sends_nothing_and_leaves_the_model_unchanged(server, cl
         before = params_of(training, server, "nan_before")[0]
         bad = jr.Term("bad", lambda x, batch: jnp.log(-jnp.sum(jnp.exp(x))))
         future = jr.remote.forward_backward_custom(
-            training, data, base=jr.losses.cross_entropy, regularizers=[bad])
+            training, data, base=jr.losses.cross_entropy, regularizers=[bad]
+        )
         step = training.optim_step(ADAM)  # pipelined behind the custom backward
         with pytest.raises(jr.NonFiniteError, match="bad") as e:
             future.result()
@@ -208,11 +242,16 @@ def test_tinker_datums_round_trip(server, client):
     types = pytest.importorskip("tinker.types")
     originals = []
     for e in examples("C", 2, seed=16):
-        originals.append(types.Datum(
-            model_input=types.ModelInput.from_ints(e.tokens.tolist()),
-            loss_fn_inputs={"target_tokens": e.targets.astype(np.int64),
-                            "weights": e.answer_mask, "advantages": np.ones(len(e.tokens),
-                                                                            np.float32)}))
+        originals.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(e.tokens.tolist()),
+                loss_fn_inputs={
+                    "target_tokens": e.targets.astype(np.int64),
+                    "weights": e.answer_mask,
+                    "advantages": np.ones(len(e.tokens), np.float32),
+                },
+            )
+        )
     converted = [jr.remote.to_datum(d) for d in originals]
     back = [jr.remote.to_tinker_datum(d) for d in converted]
     for o, b in zip(originals, back, strict=True):
@@ -222,16 +261,19 @@ def test_tinker_datums_round_trip(server, client):
             assert v.dtype == b.loss_fn_inputs[k].dtype
     transport = Transport()
     with _client(server, transport) as c:
-        jr.remote.forward_backward_custom(c.create_model(), originals,
-                                          base=jr.losses.cross_entropy).result()
+        jr.remote.forward_backward_custom(
+            c.create_model(), originals, base=jr.losses.cross_entropy
+        ).result()
     (body,) = transport.bodies("forward_backward")
     for o, sent in zip(originals, body["forward_backward_input"]["data"], strict=True):
         assert sent["model_input"]["chunks"][0]["tokens"] == o.model_input.to_ints()
         got = jr.remote.to_datum(sent)
-        np.testing.assert_array_equal(got.loss_fn_inputs["target_tokens"],
-                                      o.loss_fn_inputs["target_tokens"].to_numpy())
-        np.testing.assert_array_equal(got.loss_fn_inputs["weights"],
-                                      o.loss_fn_inputs["weights"].to_numpy())
+        np.testing.assert_array_equal(
+            got.loss_fn_inputs["target_tokens"], o.loss_fn_inputs["target_tokens"].to_numpy()
+        )
+        np.testing.assert_array_equal(
+            got.loss_fn_inputs["weights"], o.loss_fn_inputs["weights"].to_numpy()
+        )
 
 
 class _SDKLike:
@@ -244,12 +286,16 @@ class _SDKLike:
 
     def _call(self, method, data, loss_fn):
         assert all(isinstance(d, self.types.Datum) for d in data)
-        out = getattr(self.training, method)([jr.remote.to_datum(d) for d in data],
-                                             loss_fn).result()
-        outs = [{k: self.types.TensorData.from_numpy(v) for k, v in o.items()}
-                for o in out["loss_fn_outputs"]]
+        out = getattr(self.training, method)(
+            [jr.remote.to_datum(d) for d in data], loss_fn
+        ).result()
+        outs = [
+            {k: self.types.TensorData.from_numpy(v) for k, v in o.items()}
+            for o in out["loss_fn_outputs"]
+        ]
         value = self.types.ForwardBackwardOutput(
-            loss_fn_output_type="ArrayRecord", loss_fn_outputs=outs, metrics=out["metrics"])
+            loss_fn_output_type="ArrayRecord", loss_fn_outputs=outs, metrics=out["metrics"]
+        )
         return type("Future", (), {"result": lambda self, timeout=None: value})()
 
     def forward(self, data, loss_fn):
@@ -265,19 +311,22 @@ def test_tinker_training_client_adapter(server, client):
     builtin.forward_backward(data)
     builtin.optim_step(ADAM).result()
     training = client.create_model()
-    result = jr.remote.forward_backward_custom(_SDKLike(training), data,
-                                               base=jr.losses.cross_entropy)
+    result = jr.remote.forward_backward_custom(
+        _SDKLike(training), data, base=jr.losses.cross_entropy
+    )
     assert result.done()  # the SDK orders requests itself: the adapter runs in the caller
     training.optim_step(ADAM).result()
-    assert_trees_equal(params_of(training, server, "sdk")[0],
-                       params_of(builtin, server, "sdk_ref")[0])
+    assert_trees_equal(
+        params_of(training, server, "sdk")[0], params_of(builtin, server, "sdk_ref")[0]
+    )
 
 
 def _train(training, data, objective, steps, pipelined=True):
     for i in range(steps):
         batch = data[i % 2 :: 2]
-        future = jr.remote.forward_backward_custom(training, batch, objective,
-                                                   weights={"kl": 0.1 * (i + 1)})
+        future = jr.remote.forward_backward_custom(
+            training, batch, objective, weights={"kl": 0.1 * (i + 1)}
+        )
         if pipelined:
             step = training.optim_step(ADAM)
             future.result()
@@ -291,8 +340,16 @@ def test_fault_injection_every_step_exactly_once(server, client, objective):
     data = _with_ref(client, datums("I", 4, seed=18))
     reference = client.create_model()
     _train(reference, data, objective, 4, pipelined=False)
-    faults = {"*": {"connect": 0.15, "lose_response": 0.15, "429": 0.1, "500": 0.1,
-                    "503": 0.05, "delay": 0.1}}
+    faults = {
+        "*": {
+            "connect": 0.15,
+            "lose_response": 0.15,
+            "429": 0.1,
+            "500": 0.1,
+            "503": 0.05,
+            "delay": 0.1,
+        }
+    }
     transport = Transport(faults, seed=3)
     retry = jr.remote.RetryPolicy(max_retries=30, base=0.001, cap=0.01, seed=0)
     with _client(server, transport, retry=retry) as c:
@@ -327,7 +384,8 @@ def test_async_api_matches_sync(server, client, objective):
     async def main(training):
         for i in range(2):
             future = await jr.remote.forward_backward_custom_async(
-                training, data[i % 2 :: 2], objective, weights={"kl": 0.1 * (i + 1)})
+                training, data[i % 2 :: 2], objective, weights={"kl": 0.1 * (i + 1)}
+            )
             step = await training.optim_step_async(ADAM)
             result = await future
             await step
@@ -337,13 +395,15 @@ def test_async_api_matches_sync(server, client, objective):
     training = client.create_model()
     result = asyncio.run(main(training))
     assert np.isfinite(result.metrics["loss:sum"])
-    assert_trees_equal(params_of(training, server, "async")[0],
-                       params_of(sync, server, "sync")[0])
+    assert_trees_equal(params_of(training, server, "async")[0], params_of(sync, server, "sync")[0])
 
 
 def test_no_recompilation_across_random_lengths(server, client):
-    objective = jr.compose(jr.losses.cross_entropy, [jr.Term("ent", jr.regularizers.entropy,
-                                                             0.01)], track_grad_norms=True)
+    objective = jr.compose(
+        jr.losses.cross_entropy,
+        [jr.Term("ent", jr.regularizers.entropy, 0.01)],
+        track_grad_norms=True,
+    )
     training = client.create_model()
     rng = np.random.default_rng(21)
     shapes = set()

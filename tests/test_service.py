@@ -43,8 +43,9 @@ def test_healthz_info_and_forward_matches_the_model(server, client):
     for got, want, d in zip(result["loss_fn_outputs"], expected, data, strict=True):
         assert got["logprobs"].shape == d.tokens.shape
         np.testing.assert_allclose(got["logprobs"], want, rtol=1e-5, atol=1e-5)
-    want_loss = -sum(float((w * d.loss_fn_inputs["weights"]).sum())
-                     for w, d in zip(expected, data, strict=True))
+    want_loss = -sum(
+        float((w * d.loss_fn_inputs["weights"]).sum()) for w, d in zip(expected, data, strict=True)
+    )
     np.testing.assert_allclose(result["metrics"]["loss:sum"], want_loss, rtol=1e-5)
 
 
@@ -54,12 +55,16 @@ def test_multi_target_forward(server, client):
     data = []
     for e in examples("R", 3, seed=2):
         targets = rng.integers(0, 32, size=(len(e.tokens), 4))
-        data.append(Datum(e.tokens, {"target_tokens": targets,
-                                     "weights": np.ones(targets.shape, np.float32)}))
+        data.append(
+            Datum(
+                e.tokens, {"target_tokens": targets, "weights": np.ones(targets.shape, np.float32)}
+            )
+        )
     result = training.forward(data).result()
     params, _ = params_of(training, server, "fwd_k")
-    for got, want in zip(result["loss_fn_outputs"],
-                         _lp_reference(server.engine.config, params, data), strict=True):
+    for got, want in zip(
+        result["loss_fn_outputs"], _lp_reference(server.engine.config, params, data), strict=True
+    ):
         assert got["logprobs"].shape == want.shape and want.ndim == 2
         np.testing.assert_allclose(got["logprobs"], want, rtol=1e-5, atol=1e-5)
 
@@ -85,8 +90,9 @@ def test_forward_backward_gradient_equals_jax_grad(server, client):
         return total
 
     expected = jax.grad(loss)(jax.tree.map(jnp.asarray, before))
-    for b, a, g in zip(jax.tree.leaves(before), jax.tree.leaves(after),
-                       jax.tree.leaves(expected), strict=True):
+    for b, a, g in zip(
+        jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(expected), strict=True
+    ):
         d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
         recovered = d * eps / (lr - np.abs(d))
         g = np.asarray(g, np.float64)
@@ -143,20 +149,27 @@ def test_try_again_until_the_gap_is_filled_and_skip_seq(client):
     training.skip_seq(0).result()
     training.skip_seq(1).result()
     assert late.result(timeout=30)["loss_fn_outputs"][0]["logprobs"].shape == (
-        len(datums("C", 1)[0].tokens),)
+        len(datums("C", 1)[0].tokens),
+    )
     with pytest.raises(RemoteError, match="unknown request") as e:
         client.post("retrieve_future", {"request_id": "nope"})
     assert e.value.status == 404
 
 
 def _body(training, data, **extra):
-    return {"model_id": training.model_id, "seq_id": 1,
-            "forward_backward_input": {"data": data, "loss_fn": "cross_entropy"}, **extra}
+    return {
+        "model_id": training.model_id,
+        "seq_id": 1,
+        "forward_backward_input": {"data": data, "loss_fn": "cross_entropy"},
+        **extra,
+    }
 
 
 def _datum_json(tokens, targets, weights):
-    return {"model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens}]},
-            "loss_fn_inputs": {"target_tokens": targets, "weights": weights}}
+    return {
+        "model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens}]},
+        "loss_fn_inputs": {"target_tokens": targets, "weights": weights},
+    }
 
 
 def _bad_requests(training):
@@ -167,31 +180,78 @@ def _bad_requests(training):
     w = encode_tensor(np.ones(t, np.float32))
     nan = np.ones(t, np.float32)
     nan[1] = np.nan
-    nan_b64 = {"data": base64.b64encode(nan.tobytes()).decode(), "dtype": "float32",
-               "shape": [t]}
+    nan_b64 = {"data": base64.b64encode(nan.tobytes()).decode(), "dtype": "float32", "shape": [t]}
     long = list(range(1, 2)) * 1025
     return [
-        ({**_body(training, [_datum_json(toks, tt, w)]), "model_id": "model-x"}, 404,
-         "unknown model"),
+        (
+            {**_body(training, [_datum_json(toks, tt, w)]), "model_id": "model-x"},
+            404,
+            "unknown model",
+        ),
         (_body(training, [_datum_json([*toks[:-1], 99], tt, w)]), 400, "outside the vocabulary"),
-        (_body(training, [_datum_json(toks, tt, encode_tensor(np.ones(t + 1, np.float32)))]),
-         400, "expected shape"),
+        (
+            _body(training, [_datum_json(toks, tt, encode_tensor(np.ones(t + 1, np.float32)))]),
+            400,
+            "expected shape",
+        ),
         (_body(training, [_datum_json(toks, tt, nan_b64)]), 400, "non-finite"),
-        (_body(training, [_datum_json(long, encode_tensor(np.ones(1025, np.int64)),
-                                      encode_tensor(np.ones(1025, np.float32)))]),
-         400, "exceeds the context length"),
-        ({**_body(training, [_datum_json(toks, tt, w)]),
-          "forward_backward_input": {"data": [_datum_json(toks, tt, w)], "loss_fn": "dpo"}},
-         400, "unknown loss 'dpo'"),
-        (_body(training, [{"model_input": {"chunks": [{"type": "encoded_text",
-                                                        "tokens": toks}]},
-                           "loss_fn_inputs": {"target_tokens": tt}}]), 400, "weights: missing"),
-        (_body(training, [_datum_json(toks, {"data": [1, 2], "dtype": "int64", "shape": [3]}, w)]),
-         400, "needs 3 values"),
-        (_body(training, [_datum_json(toks, tt, w),
-                          _datum_json(toks, encode_tensor(np.ones((t, 2), np.int64)),
-                                      encode_tensor(np.ones((t, 2), np.float32)))]),
-         400, "same number of targets"),
+        (
+            _body(
+                training,
+                [
+                    _datum_json(
+                        long,
+                        encode_tensor(np.ones(1025, np.int64)),
+                        encode_tensor(np.ones(1025, np.float32)),
+                    )
+                ],
+            ),
+            400,
+            "exceeds the context length",
+        ),
+        (
+            {
+                **_body(training, [_datum_json(toks, tt, w)]),
+                "forward_backward_input": {"data": [_datum_json(toks, tt, w)], "loss_fn": "dpo"},
+            },
+            400,
+            "unknown loss 'dpo'",
+        ),
+        (
+            _body(
+                training,
+                [
+                    {
+                        "model_input": {"chunks": [{"type": "encoded_text", "tokens": toks}]},
+                        "loss_fn_inputs": {"target_tokens": tt},
+                    }
+                ],
+            ),
+            400,
+            "weights: missing",
+        ),
+        (
+            _body(
+                training, [_datum_json(toks, {"data": [1, 2], "dtype": "int64", "shape": [3]}, w)]
+            ),
+            400,
+            "needs 3 values",
+        ),
+        (
+            _body(
+                training,
+                [
+                    _datum_json(toks, tt, w),
+                    _datum_json(
+                        toks,
+                        encode_tensor(np.ones((t, 2), np.int64)),
+                        encode_tensor(np.ones((t, 2), np.float32)),
+                    ),
+                ],
+            ),
+            400,
+            "same number of targets",
+        ),
         (_body(training, []), 400, "non-empty list"),
         ({**_body(training, [_datum_json(toks, tt, w)]), "seq_id": -1}, 400, "seq_id"),
     ]
@@ -215,8 +275,9 @@ def test_bad_inputs_get_4xx_and_change_nothing(server, client):
     assert e.value.status == 400
     # The rejected requests used no seq_id and left the accumulated gradient alone.
     training.optim_step({"learning_rate": 1e-3}, seq_id=1).result()
-    assert_trees_equal(params_of(training, server, "bad_after")[0],
-                       params_of(reference, server, "bad_ref")[0])
+    assert_trees_equal(
+        params_of(training, server, "bad_after")[0], params_of(reference, server, "bad_ref")[0]
+    )
 
 
 def test_api_key_and_body_limit(tmp_path):
@@ -232,11 +293,13 @@ def test_api_key_and_body_limit(tmp_path):
             assert r.status_code == 401 and secret not in r.text
             r = http.post("/api/v1/create_model", json={}, headers={"X-API-Key": "wrong"})
             assert r.status_code == 401
-            r = http.post("/api/v1/create_model", content=b"x" * 5000,
-                          headers={"X-API-Key": secret})
+            r = http.post(
+                "/api/v1/create_model", content=b"x" * 5000, headers={"X-API-Key": secret}
+            )
             assert r.status_code == 413
-            r = http.post("/api/v1/create_model", content=b"{not json",
-                          headers={"X-API-Key": secret})
+            r = http.post(
+                "/api/v1/create_model", content=b"{not json", headers={"X-API-Key": secret}
+            )
             assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
         with jr.remote.ServiceClient(srv.url, api_key=secret) as c:
             assert secret not in repr(c)
@@ -302,12 +365,20 @@ def test_importance_sampling_loss(server, client):
     lp = [o["logprobs"] for o in training.forward(base).result()["loss_fn_outputs"]]
     rng = np.random.default_rng(0)
     data, expected = [], 0.0
-    for d, l in zip(base, lp, strict=True):
-        sampling = (l + rng.normal(0, 0.1, l.shape)).astype(np.float32)
-        adv = rng.normal(size=l.shape).astype(np.float32)
-        data.append(Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"],
-                                     "logprobs": sampling, "advantages": adv}))
-        expected -= float(np.sum(np.exp(l.astype(np.float64) - sampling) * adv))
+    for d, lpd in zip(base, lp, strict=True):
+        sampling = (lpd + rng.normal(0, 0.1, lpd.shape)).astype(np.float32)
+        adv = rng.normal(size=lpd.shape).astype(np.float32)
+        data.append(
+            Datum(
+                d.tokens,
+                {
+                    "target_tokens": d.loss_fn_inputs["target_tokens"],
+                    "logprobs": sampling,
+                    "advantages": adv,
+                },
+            )
+        )
+        expected -= float(np.sum(np.exp(lpd.astype(np.float64) - sampling) * adv))
     out = training.forward_backward(data, "importance_sampling").result()
     np.testing.assert_allclose(out["metrics"]["loss:sum"], expected, rtol=1e-4, atol=1e-4)
 

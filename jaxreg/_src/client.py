@@ -48,27 +48,39 @@ class RemoteError(Exception):
       model_id, seq_id: the request's model and sequence number, when it had them.
     """
 
-    def __init__(self, message: str, *, endpoint: str, status: int | None = None,
-                 model_id: str | None = None, seq_id: int | None = None,
-                 category: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str,
+        status: int | None = None,
+        model_id: str | None = None,
+        seq_id: int | None = None,
+        category: str | None = None,
+    ):
         super().__init__(message)
         self.endpoint, self.status, self.category = endpoint, status, category
         self.model_id, self.seq_id = model_id, seq_id
 
 
 def _describe(endpoint: str, body: Mapping[str, Any]) -> str:
-    parts = [p for p in (
-        f"model {body['model_id']}" if body.get("model_id") else "",
-        f"seq_id {body['seq_id']}" if body.get("seq_id") is not None else "",
-    ) if p]
+    parts = [
+        p
+        for p in (
+            f"model {body['model_id']}" if body.get("model_id") else "",
+            f"seq_id {body['seq_id']}" if body.get("seq_id") is not None else "",
+        )
+        if p
+    ]
     return f"{endpoint}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 class RetryPolicy:
     """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**attempt))``."""
 
-    def __init__(self, max_retries: int = 6, base: float = 0.1, cap: float = 5.0,
-                 seed: int | None = None):
+    def __init__(
+        self, max_retries: int = 6, base: float = 0.1, cap: float = 5.0, seed: int | None = None
+    ):
         self.max_retries, self.base, self.cap = max_retries, base, cap
         self._rng = random.Random(seed)
 
@@ -101,10 +113,18 @@ class ServiceClient:
       >>> training.optim_step({"learning_rate": 1e-3}).result()
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 120.0,
-                 retry: RetryPolicy | None = None, tensor_encoding: str = "base64",
-                 poll_timeout: float = 10.0, transport: httpx.BaseTransport | None = None,
-                 async_transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+        tensor_encoding: str = "base64",
+        poll_timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
+    ):
         if tensor_encoding not in ENCODINGS:
             raise ValueError(
                 f"tensor_encoding: expected one of {ENCODINGS}, found {tensor_encoding!r}"
@@ -125,10 +145,12 @@ class ServiceClient:
         async_transport = async_transport or httpx.AsyncHTTPTransport(
             limits=limits, socket_options=nodelay
         )
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
-                                  transport=transport)
-        self._ahttp_args = dict(base_url=self.base_url, headers=headers, timeout=timeout,
-                                transport=async_transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+        self._ahttp_args: dict[str, Any] = dict(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=async_transport
+        )
         self._ahttp: dict[int, httpx.AsyncClient] = {}
 
     def __repr__(self) -> str:
@@ -143,7 +165,9 @@ class ServiceClient:
             reason = response.text[:500]
         raise RemoteError(
             f"{_describe(endpoint, body)} failed: HTTP {response.status_code}: {reason}",
-            endpoint=endpoint, status=response.status_code, model_id=body.get("model_id"),
+            endpoint=endpoint,
+            status=response.status_code,
+            model_id=body.get("model_id"),
             seq_id=body.get("seq_id"),
         )
 
@@ -151,7 +175,9 @@ class ServiceClient:
         return RemoteError(
             f"{_describe(endpoint, body)} failed after {attempts} attempts: "
             f"{type(error).__name__}: {error}",
-            endpoint=endpoint, model_id=body.get("model_id"), seq_id=body.get("seq_id"),
+            endpoint=endpoint,
+            model_id=body.get("model_id"),
+            seq_id=body.get("seq_id"),
         )
 
     def _should_retry(self, attempt, outcome) -> tuple[bool, float]:
@@ -178,8 +204,12 @@ class ServiceClient:
                 if isinstance(outcome, httpx.Response):
                     self._raise_for(endpoint, body, outcome)
                 raise self._give_up(endpoint, body, outcome, attempt + 1) from outcome
-            logger.info("retrying %s in %.2fs after %s", _describe(endpoint, body), delay,
-                        getattr(outcome, "status_code", type(outcome).__name__))
+            logger.info(
+                "retrying %s in %.2fs after %s",
+                _describe(endpoint, body),
+                delay,
+                getattr(outcome, "status_code", type(outcome).__name__),
+            )
             time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -214,29 +244,37 @@ class ServiceClient:
             raise RemoteError(
                 f"{_describe(endpoint, body)} failed on the service "
                 f"({result.get('category')} error): {result.get('error')}",
-                endpoint=endpoint, model_id=body.get("model_id"), seq_id=body.get("seq_id"),
+                endpoint=endpoint,
+                model_id=body.get("model_id"),
+                seq_id=body.get("seq_id"),
                 category=result.get("category"),
             )
         return result
 
-    def wait(self, endpoint: str, body: Mapping[str, Any], request_id: str,
-             timeout: float | None = None) -> dict[str, Any]:
+    def wait(
+        self, endpoint: str, body: Mapping[str, Any], request_id: str, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Polls ``retrieve_future`` until the request's result is ready."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            poll = self.poll_timeout if deadline is None else max(
-                0.0, min(self.poll_timeout, deadline - time.monotonic()))
+            poll = (
+                self.poll_timeout
+                if deadline is None
+                else max(0.0, min(self.poll_timeout, deadline - time.monotonic()))
+            )
             result = self.post("retrieve_future", {"request_id": request_id, "timeout": poll})
             if result.get("type") != "try_again":
                 return self._check_result(endpoint, body, result)
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{_describe(endpoint, body)}: no result after {timeout}s")
 
-    async def wait_async(self, endpoint: str, body: Mapping[str, Any],
-                         request_id: str) -> dict[str, Any]:
+    async def wait_async(
+        self, endpoint: str, body: Mapping[str, Any], request_id: str
+    ) -> dict[str, Any]:
         while True:
             result = await self.post_async(
-                "retrieve_future", {"request_id": request_id, "timeout": self.poll_timeout})
+                "retrieve_future", {"request_id": request_id, "timeout": self.poll_timeout}
+            )
             if result.get("type") != "try_again":
                 return self._check_result(endpoint, body, result)
 
@@ -284,14 +322,16 @@ class APIFuture:
         if self._value is None:
             client = self._training.service
             self._value = _decode_outputs(
-                client.wait(self.endpoint, self._body, self.request_id, timeout))
+                client.wait(self.endpoint, self._body, self.request_id, timeout)
+            )
         return self._value
 
     async def result_async(self) -> dict[str, Any]:
         if self._value is None:
             client = self._training.service
             self._value = _decode_outputs(
-                await client.wait_async(self.endpoint, self._body, self.request_id))
+                await client.wait_async(self.endpoint, self._body, self.request_id)
+            )
         return self._value
 
     def __await__(self):
@@ -343,12 +383,15 @@ class TrainingClient:
         return {"model_id": self.model_id, "seq_id": seq, **fields}
 
     def _data_body(self, endpoint, data, loss_fn, loss_fn_config, seq_id):
-        datums = [to_datum(d, f"data[{i}]").to_json(self.service.tensor_encoding)
-                  for i, d in enumerate(_as_list(data))]
+        datums = [
+            to_datum(d, f"data[{i}]").to_json(self.service.tensor_encoding)
+            for i, d in enumerate(_as_list(data))
+        ]
         key = "forward_input" if endpoint == "forward" else "forward_backward_input"
         payload = {"data": datums, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config}
-        return self._body(endpoint, seq_id, tensor_encoding=self.service.tensor_encoding,
-                          **{key: payload})
+        return self._body(
+            endpoint, seq_id, tensor_encoding=self.service.tensor_encoding, **{key: payload}
+        )
 
     def submit(self, endpoint: str, body: dict[str, Any]) -> APIFuture:
         rid = self.service.post(endpoint, body)["request_id"]
@@ -358,23 +401,40 @@ class TrainingClient:
         rid = (await self.service.post_async(endpoint, body))["request_id"]
         return APIFuture(self, endpoint, body, rid)
 
-    def forward(self, data, loss_fn: str = "cross_entropy", loss_fn_config=None, *,
-                seq_id: int | None = None) -> APIFuture:
+    def forward(
+        self,
+        data,
+        loss_fn: str = "cross_entropy",
+        loss_fn_config=None,
+        *,
+        seq_id: int | None = None,
+    ) -> APIFuture:
         """Per-datum logprobs (``loss_fn_outputs[i]["logprobs"]``); changes nothing."""
-        return self.submit("forward", self._data_body("forward", data, loss_fn,
-                                                      loss_fn_config, seq_id))
+        return self.submit(
+            "forward", self._data_body("forward", data, loss_fn, loss_fn_config, seq_id)
+        )
 
-    def forward_backward(self, data, loss_fn: str = "cross_entropy", loss_fn_config=None, *,
-                         seq_id: int | None = None) -> APIFuture:
+    def forward_backward(
+        self,
+        data,
+        loss_fn: str = "cross_entropy",
+        loss_fn_config=None,
+        *,
+        seq_id: int | None = None,
+    ) -> APIFuture:
         """Logprobs and ``loss:sum``; the gradient accumulates until :meth:`optim_step`."""
-        return self.submit("forward_backward", self._data_body(
-            "forward_backward", data, loss_fn, loss_fn_config, seq_id))
+        return self.submit(
+            "forward_backward",
+            self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id),
+        )
 
-    def optim_step(self, adam_params: Mapping[str, float] | Any = None, *,
-                   seq_id: int | None = None) -> APIFuture:
+    def optim_step(
+        self, adam_params: Mapping[str, float] | Any = None, *, seq_id: int | None = None
+    ) -> APIFuture:
         """Applies the accumulated gradient with Adam(W) and clears it."""
-        return self.submit("optim_step", self._body(
-            "optim_step", seq_id, adam_params=_adam_dict(adam_params)))
+        return self.submit(
+            "optim_step", self._body("optim_step", seq_id, adam_params=_adam_dict(adam_params))
+        )
 
     def save_state(self, name: str, *, seq_id: int | None = None) -> APIFuture:
         return self.submit("save_state", self._body("save_state", seq_id, path=name))
@@ -386,19 +446,25 @@ class TrainingClient:
         """Releases a reserved ``seq_id`` (see :mod:`jaxreg.service.app`)."""
         return self.submit("skip_seq", self._body("skip_seq", seq_id))
 
-    async def forward_async(self, data, loss_fn="cross_entropy", loss_fn_config=None, *,
-                            seq_id=None) -> APIFuture:
-        return await self.submit_async("forward", self._data_body(
-            "forward", data, loss_fn, loss_fn_config, seq_id))
+    async def forward_async(
+        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
+    ) -> APIFuture:
+        return await self.submit_async(
+            "forward", self._data_body("forward", data, loss_fn, loss_fn_config, seq_id)
+        )
 
-    async def forward_backward_async(self, data, loss_fn="cross_entropy",
-                                     loss_fn_config=None, *, seq_id=None) -> APIFuture:
-        return await self.submit_async("forward_backward", self._data_body(
-            "forward_backward", data, loss_fn, loss_fn_config, seq_id))
+    async def forward_backward_async(
+        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
+    ) -> APIFuture:
+        return await self.submit_async(
+            "forward_backward",
+            self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id),
+        )
 
     async def optim_step_async(self, adam_params=None, *, seq_id=None) -> APIFuture:
-        return await self.submit_async("optim_step", self._body(
-            "optim_step", seq_id, adam_params=_adam_dict(adam_params)))
+        return await self.submit_async(
+            "optim_step", self._body("optim_step", seq_id, adam_params=_adam_dict(adam_params))
+        )
 
     def get_info(self) -> dict[str, Any]:
         return self.service.post("get_info", {"model_id": self.model_id})

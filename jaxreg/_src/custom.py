@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +31,8 @@ from jaxreg._src.compose import Objective, compose
 from jaxreg._src.output import CompositeOutput
 from jaxreg._src.terms import InputError
 from jaxreg._src.wire import Datum, to_datum
+
+logger = logging.getLogger("jaxreg.remote")
 
 
 class NonFiniteError(InputError, FloatingPointError):
@@ -272,8 +275,13 @@ def _release(training, seq_id) -> None:
     if release is not None:
         try:
             release(seq_id).result()
-        except Exception:  # the original error matters more; the service may be down
-            pass
+        except Exception as e:  # the original error is raised; this one is reported
+            logger.warning(
+                "could not release reserved seq_id %s (%s); later requests of this model "
+                "may wait for it",
+                seq_id,
+                e,
+            )
 
 
 async def forward_backward_custom_async(

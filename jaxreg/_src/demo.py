@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,7 @@ def _multi_target(e, *, learn: bool) -> Datum:
 
 
 def _eval_datum(e) -> Datum:
-    return Datum(e.tokens, {"target_tokens": e.targets.astype(np.int64),
-                            "weights": e.answer_mask})
+    return Datum(e.tokens, {"target_tokens": e.targets.astype(np.int64), "weights": e.answer_mask})
 
 
 def objective() -> jr.Objective:
@@ -81,8 +80,7 @@ def objective() -> jr.Objective:
         [
             jr.Term("kl", jr.regularizers.kl("ref_logprobs", where="kl_mask"), weight=0.3),
             jr.Term("entropy", jr.regularizers.entropy, weight=0.01),
-            jr.Term("confidence", jr.regularizers.confidence_penalty(max_prob=0.999),
-                    weight=0.01),
+            jr.Term("confidence", jr.regularizers.confidence_penalty(max_prob=0.999), weight=0.01),
         ],
         track_grad_norms=True,
         grad_conflicts=True,
@@ -99,7 +97,9 @@ class Evaluator:
     def __init__(self, seed: int, n: int = 96):
         from jaxreg.service import tasks
 
-        self.examples = {t: tasks.make_examples(t, n, seed=10_000 + seed) for t in (TARGET, "C", "R")}
+        self.examples = {
+            t: tasks.make_examples(t, n, seed=10_000 + seed) for t in (TARGET, "C", "R")
+        }
         self.data = [_eval_datum(e) for ex in self.examples.values() for e in ex]
 
     def __call__(self, training) -> dict[str, float]:
@@ -112,8 +112,12 @@ class Evaluator:
                 ok.append(bool(np.all(lp[e.answer_mask > 0] > np.log(0.5))))
                 i += 1
             scores[task] = float(np.mean(ok))
-        return {"new": scores[TARGET], "base": (scores["C"] + scores["R"]) / 2,
-                "copy": scores["C"], "reverse": scores["R"]}
+        return {
+            "new": scores[TARGET],
+            "base": (scores["C"] + scores["R"]) / 2,
+            "copy": scores["C"],
+            "reverse": scores["R"],
+        }
 
 
 @contextlib.contextmanager
@@ -133,7 +137,7 @@ def term_table(out: jr.CompositeOutput) -> str:
     total_norm = d.get("total_grad_norm") or 0.0
     rows = [("term", "value", "weight", "contribution", "grad_norm", "share of |grad|")]
     entries = []
-    if "base_loss" in d:
+    if "base_loss" in d and out.base_loss is not None:
         entries.append((out.base_loss.name, {**d["base_loss"], "weight": 1.0}))
     entries += list(d["regularizers"].items())
     for name, e in entries:
@@ -141,16 +145,28 @@ def term_table(out: jr.CompositeOutput) -> str:
         norm = e.get("grad_norm")
         weighted = None if norm is None else e["weight"] * norm
         share = "" if not total_norm or weighted is None else f"{weighted / total_norm:.1%}"
-        rows.append((name, f"{e['value']:.4f}", f"{e['weight']:g}", f"{contribution:+.4f}",
-                     "" if norm is None else f"{norm:.4f}", share))
+        rows.append(
+            (
+                name,
+                f"{e['value']:.4f}",
+                f"{e['weight']:g}",
+                f"{contribution:+.4f}",
+                "" if norm is None else f"{norm:.4f}",
+                share,
+            )
+        )
     rows.append(("total", f"{d['loss_total']:.4f}", "", "", f"{total_norm:.4f}", ""))
     return _format(rows)
 
 
-def _format(rows: list[tuple[str, ...]]) -> str:
+def _format(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w)
-                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -165,38 +181,59 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     new = [_multi_target(e, learn=True) for e in tasks.make_examples(TARGET, 512, seed=cfg.seed)]
-    old = [_multi_target(e, learn=False)
-           for t in ("C", "R") for e in tasks.make_examples(t, 256, seed=cfg.seed)]
+    old = [
+        _multi_target(e, learn=False)
+        for t in ("C", "R")
+        for e in tasks.make_examples(t, 256, seed=cfg.seed)
+    ]
     evaluate = Evaluator(cfg.seed)
     obj = objective()
     adam = {"learning_rate": cfg.learning_rate, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
     started = time.perf_counter()
     print(f"jaxreg demo: run directory {out}")
     print(f"objective: {obj}")
-    summary: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v)
-                                          for k, v in dataclasses.asdict(cfg).items()
-                                          if k != "api_key"}, "runs": []}
-    with _service(cfg, out) as url, jr.remote.ServiceClient(url, cfg.api_key) as client, \
-            open(out / "metrics.jsonl", "w") as log:
+    summary: dict[str, Any] = {
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(cfg).items()
+            if k != "api_key"
+        },
+        "runs": [],
+    }
+    with (
+        _service(cfg, out) as url,
+        jr.remote.ServiceClient(url, cfg.api_key) as client,
+        open(out / "metrics.jsonl", "w") as log,
+    ):
         print(f"service: {url}")
         reference = client.create_model()  # never trained: the base model's logprobs
-        targets_only = [Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]})
-                        for d in new + old]
+        targets_only = [
+            Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]}) for d in new + old
+        ]
         ref = reference.forward(targets_only).result()["loss_fn_outputs"]
-        pool = [d.replace_inputs(ref_logprobs=r["logprobs"])
-                for d, r in zip(new + old, ref, strict=True)]
+        pool = [
+            d.replace_inputs(ref_logprobs=r["logprobs"])
+            for d, r in zip(new + old, ref, strict=True)
+        ]
         new, old = pool[: len(new)], pool[len(new) :]
         before = evaluate(reference)
-        print(f"base model, held-out greedy accuracy: increment {before['new']:.0%}, "
-              f"copy {before['copy']:.0%}, reverse {before['reverse']:.0%}\n")
+        print(
+            f"base model, held-out greedy accuracy: increment {before['new']:.0%}, "
+            f"copy {before['copy']:.0%}, reverse {before['reverse']:.0%}\n"
+        )
         summary["before"] = before
         last_outputs = {}
         for kl_weight in cfg.kl_weights:
             training = client.create_model()
             weights = {"kl": kl_weight}
             evals = [{"step": 0, **before}]
-            bar = tqdm(range(cfg.steps), desc=f"kl={kl_weight:g}", disable=not cfg.progress,
-                       dynamic_ncols=True, file=sys.stdout)
+            bar = tqdm(
+                range(cfg.steps),
+                desc=f"kl={kl_weight:g}",
+                disable=not cfg.progress,
+                dynamic_ncols=True,
+                file=sys.stdout,
+            )
             for step in bar:
                 batch = [new[i] for i in rng.choice(len(new), cfg.batch_size, replace=False)]
                 batch += [old[i] for i in rng.choice(len(old), cfg.replay, replace=False)]
@@ -205,23 +242,32 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 result = fut.result()
                 opt.result()
                 d = result.output.to_dict()
-                record = {"kl_weight": kl_weight, "step": step + 1, **result.metrics,
-                          "grad_cosines": d.get("grad_cosines")}
+                record = {
+                    "kl_weight": kl_weight,
+                    "step": step + 1,
+                    **result.metrics,
+                    "grad_cosines": d.get("grad_cosines"),
+                }
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                     evals.append({"step": step + 1, **evaluate(training)})
                     record["eval"] = evals[-1]
                 log.write(json.dumps(record) + "\n")
                 bar.set_postfix_str(
                     f"loss {d['loss_total']:.3f} | nll {d['base_loss']['value']:.3f} | "
-                    + " | ".join(f"{k} {v['contribution']:+.3f}"
-                                 for k, v in d["regularizers"].items()))
+                    + " | ".join(
+                        f"{k} {v['contribution']:+.3f}" for k, v in d["regularizers"].items()
+                    )
+                )
             bar.close()
             last_outputs[kl_weight] = result.output
             final = evals[-1]
-            print(f"  held-out greedy accuracy: increment {final['new']:.0%}, "
-                  f"copy {final['copy']:.0%}, reverse {final['reverse']:.0%}")
-            summary["runs"].append({"kl_weight": kl_weight, "evals": evals,
-                                    "final": last_outputs[kl_weight].to_dict()})
+            print(
+                f"  held-out greedy accuracy: increment {final['new']:.0%}, "
+                f"copy {final['copy']:.0%}, reverse {final['reverse']:.0%}"
+            )
+            summary["runs"].append(
+                {"kl_weight": kl_weight, "evals": evals, "final": last_outputs[kl_weight].to_dict()}
+            )
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["compiles"] = obj.trace_count
     mid = cfg.kl_weights[len(cfg.kl_weights) // 2]
@@ -229,20 +275,24 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     print(term_table(last_outputs[mid]))
     print("\nKL weight sweep (held-out greedy accuracy after training):")
     rows = [("kl weight", "increment (learned)", "copy (kept)", "reverse (kept)")]
-    rows.append(("base model", f"{before['new']:.0%}", f"{before['copy']:.0%}",
-                 f"{before['reverse']:.0%}"))
+    rows.append(
+        ("base model", f"{before['new']:.0%}", f"{before['copy']:.0%}", f"{before['reverse']:.0%}")
+    )
     for r in summary["runs"]:
         f = r["evals"][-1]
-        rows.append((f"{r['kl_weight']:g}", f"{f['new']:.0%}", f"{f['copy']:.0%}",
-                     f"{f['reverse']:.0%}"))
+        rows.append(
+            (f"{r['kl_weight']:g}", f"{f['new']:.0%}", f"{f['copy']:.0%}", f"{f['reverse']:.0%}")
+        )
     print(_format(rows))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     from jaxreg._src.report import write_report
 
     image = write_report(out / "metrics.jsonl", summary, out / "report.png")
-    print(f"\n{summary['seconds']}s, objective compiled {obj.trace_count} time(s) for "
-          f"{cfg.steps * len(cfg.kl_weights)} steps; wrote {out / 'metrics.jsonl'}, "
-          f"{out / 'summary.json'}, {image}")
+    print(
+        f"\n{summary['seconds']}s, objective compiled {obj.trace_count} time(s) for "
+        f"{cfg.steps * len(cfg.kl_weights)} steps; wrote {out / 'metrics.jsonl'}, "
+        f"{out / 'summary.json'}, {image}"
+    )
     return summary
 
 
@@ -269,12 +319,13 @@ def main(args) -> int:
 def _tinker_main(args) -> int:
     """The same loop on Tinker through the official SDK (needs ``TINKER_API_KEY``)."""
     if not os.environ.get("TINKER_API_KEY"):
-        print("jaxreg demo --tinker: set TINKER_API_KEY (and pip install 'jaxreg[tinker]')",
-              file=sys.stderr)
+        print(
+            "jaxreg demo --tinker: set TINKER_API_KEY (and pip install 'jaxreg[tinker]')",
+            file=sys.stderr,
+        )
         return 2
     if not args.base_model:
-        print("jaxreg demo --tinker: give --base-model NAME (e.g. Qwen/Qwen3-8B)",
-              file=sys.stderr)
+        print("jaxreg demo --tinker: give --base-model NAME (e.g. Qwen/Qwen3-8B)", file=sys.stderr)
         return 2
     import tinker
     import tinker.types as types
@@ -284,14 +335,22 @@ def _tinker_main(args) -> int:
     tokenizer = training.get_tokenizer()
     text = "The quick brown fox jumps over the lazy dog. " * 4
     ids = tokenizer.encode(text)
-    datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                        loss_fn_inputs={"target_tokens": np.asarray(ids[1:], np.int64),
-                                        "weights": np.ones(len(ids) - 1, np.float32)})
-    obj = jr.compose(jr.Term("nll", jr.losses.cross_entropy(reduction="token_mean")),
-                     [jr.Term("entropy", jr.regularizers.entropy, weight=0.01),
-                      jr.Term("smooth", jr.regularizers.smoothness, weight=0.01),
-                      jr.Term("confidence", jr.regularizers.confidence_penalty, weight=0.01)],
-                     track_grad_norms=True)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(np.asarray(ids[1:], np.int64)),
+            "weights": types.TensorData.from_numpy(np.ones(len(ids) - 1, np.float32)),
+        },
+    )
+    obj = jr.compose(
+        jr.Term("nll", jr.losses.cross_entropy(reduction="token_mean")),
+        [
+            jr.Term("entropy", jr.regularizers.entropy, weight=0.01),
+            jr.Term("smooth", jr.regularizers.smoothness, weight=0.01),
+            jr.Term("confidence", jr.regularizers.confidence_penalty, weight=0.01),
+        ],
+        track_grad_norms=True,
+    )
     for step in range(args.steps):
         result = jr.remote.forward_backward_custom(training, [datum], obj).result()
         training.optim_step(types.AdamParams(learning_rate=1e-5)).result()

@@ -43,8 +43,11 @@ def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Pa
     ax = axes[0, 1]
     ax.semilogy(steps, [r["base_loss/grad_norm"] for r in run], label="nll", color="k")
     for t in terms:
-        ax.semilogy(steps, [max(r[f"regularizers/{t}/grad_norm_weighted"], 1e-12) for r in run],
-                    label=f"{t} (weighted)")
+        ax.semilogy(
+            steps,
+            [max(r[f"regularizers/{t}/grad_norm_weighted"], 1e-12) for r in run],
+            label=f"{t} (weighted)",
+        )
     ax.semilogy(steps, [r["total_grad_norm"] for r in run], "--", color="0.5", label="total")
     ax.set(title="gradient norms w.r.t. the logprobs", xlabel="step")
     ax.legend()
@@ -61,10 +64,22 @@ def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Pa
     for i, entry in enumerate(summary["runs"]):
         ev = entry["evals"]
         c = colors[i % len(colors)]
-        ax.plot([e["step"] for e in ev], [e["new"] for e in ev], "-o", ms=3, color=c,
-                label=f"kl {entry['kl_weight']:g}: increment (new task)")
-        ax.plot([e["step"] for e in ev], [e["base"] for e in ev], "--s", ms=3, color=c,
-                label=f"kl {entry['kl_weight']:g}: copy+reverse (base skills)")
+        ax.plot(
+            [e["step"] for e in ev],
+            [e["new"] for e in ev],
+            "-o",
+            ms=3,
+            color=c,
+            label=f"kl {entry['kl_weight']:g}: increment (new task)",
+        )
+        ax.plot(
+            [e["step"] for e in ev],
+            [e["base"] for e in ev],
+            "--s",
+            ms=3,
+            color=c,
+            label=f"kl {entry['kl_weight']:g}: copy+reverse (base skills)",
+        )
     ax.set(title="held-out greedy accuracy", xlabel="step", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8)
     fig.suptitle("jaxreg demo: cross-entropy + KL + entropy + confidence on a remote service")

@@ -36,8 +36,9 @@ def to_tinker_datum(datum: Datum):
     types = _tinker_types()
     return types.Datum(
         model_input=types.ModelInput.from_ints([int(t) for t in datum.tokens]),
-        loss_fn_inputs={k: types.TensorData.from_numpy(np.asarray(v))
-                        for k, v in datum.loss_fn_inputs.items()},
+        loss_fn_inputs={
+            k: types.TensorData.from_numpy(np.asarray(v)) for k, v in datum.loss_fn_inputs.items()
+        },
     )
 
 
@@ -55,8 +56,10 @@ class _Done:
 
 
 def _to_dict(output: Any) -> dict[str, Any]:
-    outs = [{k: np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v) for k, v in o.items()}
-            for o in output.loss_fn_outputs]
+    outs = [
+        {k: np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v) for k, v in o.items()}
+        for o in output.loss_fn_outputs
+    ]
     return {"loss_fn_outputs": outs, "metrics": dict(getattr(output, "metrics", {}) or {})}
 
 
@@ -86,18 +89,18 @@ class TinkerTrainingClient:
         out = self.client.forward([to_tinker_datum(d) for d in data], loss_fn).result()
         return _Done(_to_dict(out))
 
-    def forward_backward(self, data, loss_fn="cross_entropy", loss_fn_config=None, *,
-                         seq_id=None):
+    def forward_backward(self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None):
         out = self.client.forward_backward([to_tinker_datum(d) for d in data], loss_fn)
         return _Done(_to_dict(out.result()))
 
-    async def forward_async(self, data, loss_fn="cross_entropy", loss_fn_config=None, *,
-                            seq_id=None):
+    async def forward_async(
+        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
+    ):
         fut = await self.client.forward_async([to_tinker_datum(d) for d in data], loss_fn)
         return _Done(_to_dict(await fut.result_async()))
 
-    async def forward_backward_async(self, data, loss_fn="cross_entropy",
-                                     loss_fn_config=None, *, seq_id=None):
-        fut = await self.client.forward_backward_async(
-            [to_tinker_datum(d) for d in data], loss_fn)
+    async def forward_backward_async(
+        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
+    ):
+        fut = await self.client.forward_backward_async([to_tinker_datum(d) for d in data], loss_fn)
         return _Done(_to_dict(await fut.result_async()))

@@ -27,7 +27,7 @@ from jaxreg._src.terms import InputError
 
 Encoding = Literal["json", "base64"]
 ENCODINGS = ("json", "base64")
-_DTYPES = {
+_DTYPES: dict[str, np.dtype] = {
     "int64": np.dtype("<i8"),
     "int32": np.dtype("<i4"),
     "float32": np.dtype("<f4"),

@@ -87,13 +87,17 @@ def create_app(
         except (ValueError, UnicodeDecodeError) as e:
             raise ServiceError(400, f"request body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
-            raise ServiceError(400, f"request body: expected a JSON object, found {type(body).__name__}")
+            raise ServiceError(
+                400, f"request body: expected a JSON object, found {type(body).__name__}"
+            )
         return body
 
     def endpoint(handler):
         async def wrapped(request: Request) -> Response:
             if not authorised(request):
-                return _error(401, f"missing or wrong API key (send it in the {API_KEY_HEADER} header)")
+                return _error(
+                    401, f"missing or wrong API key (send it in the {API_KEY_HEADER} header)"
+                )
             try:
                 return _json(await handler(await read_json(request)))
             except ServiceError as e:
@@ -125,7 +129,9 @@ def create_app(
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
             raise ServiceError(400, f"timeout: expected a non-negative number, found {timeout!r}")
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), min(timeout, 60))
+            return await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(fut)), min(timeout, 60)
+            )
         except TimeoutError:
             return {"type": "try_again", "request_id": body["request_id"], "queue_state": "active"}
 

@@ -38,14 +38,16 @@ def save_tree(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     leaves = jax.tree.leaves(tree)
-    arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
     header = {"treedef": _treedef_to_json(tree), "meta": meta or {}, "n": len(leaves)}
+    arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, __header__=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs: **kwds vs allow_pickle
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

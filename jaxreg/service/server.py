@@ -33,7 +33,11 @@ class Server:
         host, port = sock.getsockname()[:2]
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
+        # log_config=None: uvicorn must not reconfigure the process's logging (it would
+        # replace the handlers of the application, or of pytest, that embeds it).
+        config = uvicorn.Config(
+            app, log_level=log_level, access_log=False, lifespan="off", log_config=None
+        )
         self._server = uvicorn.Server(config)
         self._sock = sock
         self._thread: threading.Thread | None = None
