@@ -23,6 +23,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxreg._src.batch import Batch, Bucket
@@ -138,9 +139,20 @@ def check_finite(out: CompositeOutput) -> dict[str, Any]:
 
 
 def _leaves(tree):
-    import jax
-
     return jax.tree.leaves(tree)
+
+
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that run custom steps in the background (shared, created on first use)."""
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(8, "jaxreg-custom")
+        return _EXECUTOR
 
 
 def _linearised(datums, grads) -> list[Datum]:
@@ -150,14 +162,6 @@ def _linearised(datums, grads) -> list[Datum]:
         fields = {"target_tokens": d.loss_fn_inputs["target_tokens"], "weights": weights}
         out.append(Datum(d.tokens, fields))
     return out
-
-
-def _merge_metrics(service_metrics, d, flat) -> dict[str, float]:
-    metrics = {k: v for k, v in service_metrics.items() if k != "loss:sum"}
-    metrics.update(flat)
-    metrics["loss:sum"] = d["loss_total"]
-    metrics["surrogate_loss:sum"] = service_metrics.get("loss:sum", float("nan"))
-    return metrics
 
 
 class _Step:
@@ -187,12 +191,17 @@ class _Step:
         logprobs = [o["logprobs"] for o in forward_result["loss_fn_outputs"]]
         x, batch = _pack(self.datums, logprobs, self.bucket, self.batch_bucket)
         out = self.objective(x, batch, weights=self.weights, step=self.step)
-        d = check_finite(out)
-        grads = batch.unpad(out.grad)
-        return logprobs, out, d, _linearised(self.datums, grads)
+        grad, scalars = jax.device_get((out.grad, out.scalars))  # one transfer
+        if not (np.isfinite(scalars).all() and np.isfinite(grad).all()):
+            check_finite(out)  # names the terms and raises
+        return logprobs, out, _linearised(self.datums, batch.unpad(grad))
 
-    def finish(self, backward_result, logprobs, out, d) -> CustomResult:
-        metrics = _merge_metrics(backward_result.get("metrics", {}), d, out.flat())
+    def finish(self, backward_result, logprobs, out) -> CustomResult:
+        service = backward_result.get("metrics", {})
+        metrics = {k: v for k, v in service.items() if k != "loss:sum"}
+        metrics.update(out.flat())
+        metrics["loss:sum"] = metrics["loss_total"]
+        metrics["surrogate_loss:sum"] = service.get("loss:sum", float("nan"))
         return CustomResult(backward_result["loss_fn_outputs"], metrics, out, logprobs)
 
 
@@ -251,7 +260,7 @@ def forward_backward_custom(
     if getattr(state.training, "synchronous", False):  # e.g. the official tinker SDK
         run()
     else:
-        threading.Thread(target=run, name="jaxreg-custom", daemon=True).start()
+        _executor().submit(run)
     return CustomFuture(future, state.seq_ids)
 
 
@@ -261,10 +270,10 @@ def _run_sync(state: _Step) -> CustomResult:
     sent = False
     try:
         fwd = training.forward(state.forward_data, "cross_entropy", seq_id=seq_f).result()
-        logprobs, out, d, linear = state.compute(fwd)
+        logprobs, out, linear = state.compute(fwd)
         bwd_future: APIFuture = training.forward_backward(linear, "cross_entropy", seq_id=seq_b)
         sent = True
-        return state.finish(bwd_future.result(), logprobs, out, d)
+        return state.finish(bwd_future.result(), logprobs, out)
     finally:
         if not sent:
             _release(training, seq_b)
@@ -312,10 +321,10 @@ async def forward_backward_custom_async(
         sent = False
         try:
             fwd = await fwd_future.result_async()
-            logprobs, out, d, linear = await asyncio.to_thread(state.compute, fwd)
+            logprobs, out, linear = await asyncio.to_thread(state.compute, fwd)
             bwd = await training.forward_backward_async(linear, "cross_entropy", seq_id=seq_b)
             sent = True
-            return state.finish(await bwd.result_async(), logprobs, out, d)
+            return state.finish(await bwd.result_async(), logprobs, out)
         finally:
             if not sent:
                 await asyncio.to_thread(_release, training, seq_b)
