@@ -27,6 +27,8 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.compose_bench
 	$(PY) -m benchmarks.batch_bench
+	$(PY) -m benchmarks.service_bench
+	$(PY) -m benchmarks.remote_bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info runs jaxreg-states
