@@ -5,6 +5,7 @@ returns the total loss, every term's value, contribution and gradient norm, and 
 gradient.
 """
 
+from jaxreg import aggregators as aggregators
 from jaxreg import losses as losses
 from jaxreg import regularizers as regularizers
 from jaxreg import remote as remote
