@@ -155,13 +155,13 @@ def test_pcgrad_matches_reference_for_some_visiting_order(g):
         assert np.all(g @ got >= -1e-4 * np.abs(g).max() ** 2)
 
 
-@pytest.mark.parametrize("g", CASES + [degenerate()["aligned"], degenerate()["one"]])
+@pytest.mark.parametrize("g", [*CASES, degenerate()["aligned"], degenerate()["one"]])
 def test_cagrad_matches_reference(g):
     got = run(agg.cagrad(c=0.5), g)
     np.testing.assert_allclose(got, np_cagrad(g), rtol=1e-2, atol=1e-3 * np.abs(g).max())
 
 
-@pytest.mark.parametrize("g", CASES + [degenerate()["one"]])
+@pytest.mark.parametrize("g", [*CASES, degenerate()["one"]])
 def test_nash_mtl_solves_the_bargaining_equations(g):
     gram = g @ g.T
     alpha = np.asarray(agg.nash_mtl_weights(jnp.asarray(gram, jnp.float32)), np.float64)
