@@ -9,6 +9,8 @@ from jaxreg import aggregators as aggregators
 from jaxreg import losses as losses
 from jaxreg import regularizers as regularizers
 from jaxreg import remote as remote
+from jaxreg import transforms as transforms
+from jaxreg import weighting as weighting
 from jaxreg._src.batch import Batch as Batch
 from jaxreg._src.batch import BatchError as BatchError
 from jaxreg._src.batch import per_datum as per_datum

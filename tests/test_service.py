@@ -387,3 +387,18 @@ def test_unknown_endpoint_and_json_error_body(server):
     with httpx.Client(base_url=server.url) as http:
         r = http.post("/api/v1/forward_backward", content=json.dumps([1, 2]))
         assert r.status_code == 400 and "JSON object" in r.json()["error"]
+
+
+def test_forward_only_changes_nothing(server, client):
+    data = datums("I", 2, seed=10)
+    reference = client.create_model()
+    reference.optim_step({"learning_rate": 1e-3}).result()
+    training = client.create_model()
+    body = training._data_body("forward_backward", data, "cross_entropy", None, None)
+    body["forward_only"] = True
+    out = training.submit("forward_backward", body).result()
+    assert out["type"] == "forward" and out["metrics"]["loss:sum"] > 0
+    training.optim_step({"learning_rate": 1e-3}).result()  # nothing was accumulated
+    assert_trees_equal(
+        params_of(training, server, "fo")[0], params_of(reference, server, "fo_ref")[0]
+    )
