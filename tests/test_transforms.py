@@ -49,7 +49,7 @@ def test_l2_term_equals_add_decayed_weights():
     theirs, _ = _run(optax.chain(optax.add_decayed_weights(WD), optax.adam(1e-2)))
     _assert_close(ours, theirs)
     # The state holds the last step's measurements (taken before that step's update).
-    assert int(state[0].count) == 4
+    assert int(state[0].step) == 4
     assert state[0].weight[0] == pytest.approx(WD / 2)
     np.testing.assert_allclose(state[0].contribution, state[0].weight * state[0].value)
 

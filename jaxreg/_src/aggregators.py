@@ -228,18 +228,22 @@ def cagrad(c: float = 0.5, rescale: int = 1, iterations: int = 500) -> aggregati
     return from_weighting(lambda g, key: (cagrad_weights(g, c, rescale, iterations), key))
 
 
-def nash_mtl_weights(g: jax.Array, iterations: int = 50) -> jax.Array:
+def nash_mtl_weights(g: jax.Array, iterations: int = 50, ridge: float = 1e-4) -> jax.Array:
     r"""Nash-MTL's weights (Navon et al. 2022, "Multi-Task Learning as a Bargaining Game").
 
     The Nash bargaining solution :math:`\alpha > 0` with :math:`(G\alpha)_i = 1/\alpha_i`
     is the minimiser of the strictly convex
     :math:`f(\alpha) = \tfrac12 \alpha^\top G \alpha - \sum_i \log \alpha_i`,
     found here by damped Newton steps that keep :math:`\alpha > 0` (the paper solves
-    a sequence of convex programs with CVXPY instead).
+    a sequence of convex programs with CVXPY instead). ``ridge`` (relative to the mean
+    squared gradient norm) is added to :math:`G`'s diagonal so that a solution exists
+    when the gradients are linearly dependent.
     """
     n = g.shape[0]
     scale = jnp.maximum(jnp.trace(g) / n, jnp.finfo(g.dtype).tiny)
-    gn = g / scale
+    # A small ridge keeps the solution finite when the gradients are linearly dependent
+    # (e.g. exactly opposed at a Pareto-stationary point), where none exists.
+    gn = g / scale + ridge * jnp.eye(n, dtype=g.dtype)
 
     def body(_, a):
         grad = gn @ a - 1.0 / a
@@ -250,13 +254,14 @@ def nash_mtl_weights(g: jax.Array, iterations: int = 50) -> jax.Array:
         return a - jnp.minimum(1.0, jnp.min(ratio)) * delta
 
     a = jax.lax.fori_loop(0, iterations, body, jnp.ones((n,), g.dtype))
+    a = jnp.where(jnp.all(jnp.isfinite(a)), a, jnp.ones_like(a))
     return a / jnp.sqrt(scale)  # alpha for G itself: G a = 1/a scales as 1/sqrt(scale)
 
 
-def nash_mtl(iterations: int = 50) -> aggregating.Aggregator:
-    """Nash-MTL (Navon et al. 2022): the Nash bargaining solution among the terms.
+def nash_mtl(iterations: int = 50, ridge: float = 1e-4) -> aggregating.Aggregator:
+    r"""Nash-MTL (Navon et al. 2022): the Nash bargaining solution among the terms.
 
-    See :func:`nash_mtl_weights`. Needs linearly independent gradients (a zero
-    gradient has no bargaining solution; its weight grows without bound).
+    See :func:`nash_mtl_weights`. The update's scale grows as the gradients shrink
+    (:math:`\alpha \propto 1/\|g\|`): pair it with a scale-free optimizer such as Adam.
     """
-    return from_weighting(lambda g, key: (nash_mtl_weights(g, iterations), key))
+    return from_weighting(lambda g, key: (nash_mtl_weights(g, iterations, ridge), key))

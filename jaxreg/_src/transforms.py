@@ -16,14 +16,14 @@ class RegularizeState(NamedTuple):
     """What :func:`regularize` measured on its last update, one entry per term (in order).
 
     Attributes:
-      count: the number of updates so far (the step its schedules are evaluated at).
+      step: the number of updates so far (the step its schedules are evaluated at).
       value: each term's unweighted value.
       weight: each term's weight (after schedules).
       contribution: ``weight * value``.
       grad_norm: the norm of each term's own gradient (NaN unless tracked).
     """
 
-    count: jax.Array
+    step: jax.Array
     value: jax.Array
     weight: jax.Array
     contribution: jax.Array
@@ -72,7 +72,7 @@ def regularize(
                 "regularize: update(updates, state, params) needs the parameters; "
                 f"terms {list(objective.names)} are functions of them"
             )
-        out = objective(params, extra_args.get("batch"), step=state.count)
+        out = objective(params, extra_args.get("batch"), step=state.step)
         updates = jax.tree.map(lambda u, g: u + g.astype(u.dtype), updates, out.grad)
         terms = [out.regularizers[name] for name in objective.names]
 
@@ -81,7 +81,7 @@ def regularize(
 
         norms = stack("grad_norm") if track_grad_norms else state.grad_norm
         new_state = RegularizeState(
-            state.count + 1, stack("value"), stack("weight"), stack("contribution"), norms
+            state.step + 1, stack("value"), stack("weight"), stack("contribution"), norms
         )
         return updates, new_state
 
@@ -92,7 +92,8 @@ def metrics(state: RegularizeState, names: Sequence[str]) -> dict[str, dict[str,
     """``{name: {"value", "weight", "contribution", "grad_norm"}}`` from a state (host)."""
     host = jax.device_get(state)
     return {
-        name: {f: float(getattr(host, f)[i]) for f in ("value", "weight", "contribution",
-                                                       "grad_norm")}
+        name: {
+            f: float(getattr(host, f)[i]) for f in ("value", "weight", "contribution", "grad_norm")
+        }
         for i, name in enumerate(names)
     }

@@ -68,7 +68,7 @@ def _as_dict(names, w) -> dict[str, jax.Array]:
 
 
 class BalanceState(NamedTuple):
-    count: jax.Array
+    step: jax.Array
     norms: jax.Array  # bias-corrected EMA of the unweighted grad norms, all terms
 
 
@@ -106,7 +106,7 @@ def balance_grad_norms(shares: Mapping[str, float], *, decay: float = 0.9) -> We
         names = out.term_names
         norms = _field(out, names, "grad_norm")
         weights = _field(out, names, "weight")
-        count = state.count + 1
+        count = state.step + 1
         ema = decay * state.norms + (1 - decay) * norms
         avg = ema / (1 - decay ** count.astype(jnp.float32)) if decay > 0 else norms
         in_s = jnp.array([n in shares for n in names])
@@ -197,7 +197,7 @@ def uncertainty(names: Sequence[str] | None = None, *, learning_rate: float = 0.
 
 
 class DWAState(NamedTuple):
-    count: jax.Array
+    step: jax.Array
     previous: jax.Array  # [2, n]: L(t-1), L(t-2)
 
 
@@ -217,7 +217,7 @@ def dwa(names: Sequence[str] | None = None, *, temperature: float = 2.0) -> Weig
         ns = _names(out, names)
         values = _field(out, ns, "value")
         previous = jnp.stack([values, state.previous[0]])
-        count = state.count + 1
+        count = state.step + 1
         r = previous[0] / jnp.where(previous[1] != 0, previous[1], 1.0)
         w = len(ns) * jax.nn.softmax(r / temperature)
         w = jnp.where(count >= 2, w, jnp.ones_like(w))
@@ -233,7 +233,7 @@ class FAMOState(NamedTuple):
     logits: jax.Array
     opt_state: Any
     previous: jax.Array  # D(t-1)
-    count: jax.Array
+    step: jax.Array
 
 
 def famo(
@@ -258,8 +258,9 @@ def famo(
     def init(out):
         n = len(_names(out, names))
         logits = jnp.zeros((n,), jnp.float32)
-        return FAMOState(logits, opt.init(logits), jnp.ones((n,), jnp.float32),
-                         jnp.zeros((), jnp.int32))
+        return FAMOState(
+            logits, opt.init(logits), jnp.ones((n,), jnp.float32), jnp.zeros((), jnp.int32)
+        )
 
     def update(out, state):
         ns = _names(out, names)
@@ -270,12 +271,12 @@ def famo(
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
             updates, opt_state = opt.update(direction, state.opt_state, state.logits)
         moved = optax.apply_updates(state.logits, updates)
-        first = state.count == 0
+        first = state.step == 0
         logits = jnp.where(first, state.logits, moved)
         opt_state = jax.tree.map(lambda a, b: jnp.where(first, a, b), state.opt_state, opt_state)
         z = jax.nn.softmax(logits)
         c = jnp.sum(z / d)
         w = z / (c * d)
-        return _as_dict(ns, w), FAMOState(logits, opt_state, d, state.count + 1)
+        return _as_dict(ns, w), FAMOState(logits, opt_state, d, state.step + 1)
 
     return Weighting(init, update)
