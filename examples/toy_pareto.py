@@ -49,8 +49,7 @@ def trajectory(aggregator, start, steps: int, lr: float = 1e-3):
         return (optax.apply_updates(x, updates), state), x
 
     x0 = jnp.asarray(start, jnp.float32)
-    with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes int and float
-        (x, _), xs = jax.jit(lambda x0: jax.lax.scan(step, (x0, opt.init(x0)), None, steps))(x0)
+    (x, _), xs = jax.jit(lambda x0: jax.lax.scan(step, (x0, opt.init(x0)), None, steps))(x0)
     return x, xs
 
 

@@ -198,7 +198,8 @@ def test_chains_with_optax_and_compose_term_grads():
     opt = optax.chain(agg.upgrad(), optax.sgd(0.1))
     state = opt.init(params)
     out = objective(params, None)
-    updates, state = opt.update(out.term_grads, state, params)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, state = opt.update(out.term_grads, state, params)
     stacked = np.concatenate(
         [np.asarray(out.term_grads["b"]), np.asarray(out.term_grads["w"])], axis=1
     )
@@ -217,9 +218,10 @@ def test_toy_problem_conflict_aware_methods_reach_the_front():
     spec = importlib.util.spec_from_file_location("toy_pareto", path)
     toy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toy)
-    for start in [(-8.5, 7.5), (9.0, 9.0)]:
-        mean_end, _ = toy.trajectory(agg.weighted_sum([0.5, 0.5]), start, 20_000)
-        assert toy.stationarity(mean_end) > 0.3, start
-        for method, steps in ((agg.mgda(), 20_000), (agg.nash_mtl(), 40_000)):
-            end, _ = toy.trajectory(method, start, steps)
-            assert toy.stationarity(end) < 0.05, (start, method)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes int and float
+        for start in [(-8.5, 7.5), (9.0, 9.0)]:
+            mean_end, _ = toy.trajectory(agg.weighted_sum([0.5, 0.5]), start, 20_000)
+            assert toy.stationarity(mean_end) > 0.3, start
+            for method, steps in ((agg.mgda(), 20_000), (agg.nash_mtl(), 40_000)):
+                end, _ = toy.trajectory(method, start, steps)
+                assert toy.stationarity(end) < 0.05, (start, method)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from optax.experimental import aggregating
 
+from jaxreg._src.linalg import cross_gram
+
 WeightFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 
@@ -33,10 +35,7 @@ def gramian(stacked: Any) -> jax.Array:
     leaves = jax.tree.leaves(stacked)
     n = leaves[0].shape[0]
     flat = [leaf.reshape(n, -1) for leaf in leaves]
-    return sum(
-        (jnp.einsum("id,jd->ij", f, f, precision=jax.lax.Precision.HIGHEST) for f in flat),
-        start=jnp.zeros((n, n), leaves[0].dtype),
-    )
+    return sum((cross_gram(f, f) for f in flat), start=jnp.zeros((n, n), leaves[0].dtype))
 
 
 def combine(weights: jax.Array, stacked: Any) -> Any:

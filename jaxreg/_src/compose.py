@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.linalg import cross_gram
 from jaxreg._src.output import CompositeOutput, Layout
 from jaxreg._src.terms import Term, TermError, check_weight, normalize_terms
 
@@ -266,7 +267,7 @@ def _gram(ja: Any, jb: Any, dtype) -> jax.Array:
         if a.shape[0] == b.shape[0] == 1:  # an elementwise product XLA fuses with its producers
             block = jnp.sum(a * b).reshape(1, 1)
         else:
-            block = jnp.einsum("ik,jk->ij", a, b, precision=jax.lax.Precision.HIGHEST)
+            block = cross_gram(a, b)
         total = block if total is None else total + block
     if total is None:
         return jnp.zeros((jax.tree.leaves(ja)[0].shape[0],) * 2, dtype)

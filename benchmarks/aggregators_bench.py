@@ -1,0 +1,83 @@
+"""Cost of aggregating 8 per-term gradients over a 1M-parameter pytree.
+
+Workload: multi-task regression with a shared MLP trunk (256 -> 1024 -> 768, 1.05M
+parameters) and 8 linear heads; term ``i`` is head ``i``'s mean squared error on a
+batch of 128 or 1024 examples. ``compose(None, terms, term_grads=True)`` returns the stacked per-term
+gradients; each aggregator (jitted) turns them into one update. The figure is
+``(compose + aggregator) / compose - 1``, timed interleaved.
+
+Run: ``python -m benchmarks.aggregators_bench``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import jaxreg as jr
+from benchmarks.common import block, table, time_interleaved
+
+N_TERMS = 8
+
+
+def setup(batch_size: int):
+    k = iter(jax.random.split(jax.random.key(0), 8))
+    params = {
+        "w1": jax.random.normal(next(k), (256, 1024)) / 16,
+        "w2": jax.random.normal(next(k), (1024, 768)) / 32,
+        "heads": jax.random.normal(next(k), (N_TERMS, 768)) / 28,
+    }
+    x = jax.random.normal(next(k), (batch_size, 256))
+    y = jax.random.normal(next(k), (batch_size, N_TERMS))
+
+    def term(i):
+        def loss(p, batch):
+            h = jax.nn.relu(jax.nn.relu(batch["x"] @ p["w1"]) @ p["w2"])
+            return jnp.mean(jnp.square(h @ p["heads"][i] - batch["y"][:, i]))
+
+        return jr.Term(f"task{i}", loss)
+
+    objective = jr.compose(None, [term(i) for i in range(N_TERMS)], term_grads=True)
+    return objective, params, {"x": x, "y": y}
+
+
+def main() -> None:
+    for batch_size in (128, 1024):
+        run(batch_size)
+
+
+def run(batch_size: int) -> None:
+    objective, params, batch = setup(batch_size)
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    aggregators = {
+        "weighted_sum": jr.aggregators.weighted_sum(),
+        "pcgrad": jr.aggregators.pcgrad(),
+        "mgda": jr.aggregators.mgda(),
+        "upgrad": jr.aggregators.upgrad(),
+        "cagrad": jr.aggregators.cagrad(),
+        "nash_mtl": jr.aggregators.nash_mtl(),
+    }
+    fns = {"compose": lambda: objective(params, batch).term_grads}
+    for name, agg in aggregators.items():
+        state = agg.init(params)
+        update = jax.jit(agg.update)
+
+        def run(update=update, state=state):
+            return update(objective(params, batch).term_grads, state)[0]
+
+        fns[name] = run
+    block(fns["compose"]())
+    times = time_interleaved(fns, repeats=9, min_time=0.2)
+    base = times["compose"]
+    rows = [["compose (term_grads=True)", f"{base * 1e3:.2f}", "1.00", ""]]
+    for name in aggregators:
+        t = times[name]
+        rows.append(
+            [f"compose + {name}", f"{t * 1e3:.2f}", f"{t / base:.3f}", f"{t / base - 1:+.1%}"]
+        )
+    print(f"\n{N_TERMS} terms, {n_params:,} parameters, batch {batch_size}")
+    print(table(rows, ["program", "ms", "ratio", "aggregation cost"]))
+
+
+if __name__ == "__main__":
+    main()
