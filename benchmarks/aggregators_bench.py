@@ -2,8 +2,8 @@
 
 Workload: multi-task regression with a shared MLP trunk (256 -> 1024 -> 768, 1.05M
 parameters) and 8 linear heads; term ``i`` is head ``i``'s mean squared error on a
-batch of 128 or 1024 examples. ``compose(None, terms, term_grads=True)`` returns the stacked per-term
-gradients; each aggregator (jitted) turns them into one update. The figure is
+batch of 128 or 1024 examples. ``compose(None, terms, term_grads=True)`` returns the
+stacked per-term gradients; each aggregator (jitted) turns them into one update. The figure is
 ``(compose + aggregator) / compose - 1``, timed interleaved.
 
 Run: ``python -m benchmarks.aggregators_bench``.

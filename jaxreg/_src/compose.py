@@ -264,10 +264,9 @@ def _gram(ja: Any, jb: Any, dtype) -> jax.Array:
     for a, b in zip(jax.tree.leaves(ja), jax.tree.leaves(jb), strict=True):
         a = a.reshape(a.shape[0], -1).astype(dtype)
         b = b.reshape(b.shape[0], -1).astype(dtype)
-        if a.shape[0] == b.shape[0] == 1:  # an elementwise product XLA fuses with its producers
-            block = jnp.sum(a * b).reshape(1, 1)
-        else:
-            block = cross_gram(a, b)
+        # One-by-one blocks are an elementwise product XLA fuses with its producers.
+        one = a.shape[0] == b.shape[0] == 1
+        block = jnp.sum(a * b).reshape(1, 1) if one else cross_gram(a, b)
         total = block if total is None else total + block
     if total is None:
         return jnp.zeros((jax.tree.leaves(ja)[0].shape[0],) * 2, dtype)
