@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.batch_bench
 	$(PY) -m benchmarks.service_bench
 	$(PY) -m benchmarks.remote_bench
+	$(PY) -m benchmarks.aggregators_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info runs jaxreg-states
