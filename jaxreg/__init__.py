@@ -9,6 +9,7 @@ from jaxreg import aggregators as aggregators
 from jaxreg import losses as losses
 from jaxreg import regularizers as regularizers
 from jaxreg import remote as remote
+from jaxreg import telemetry as telemetry
 from jaxreg import transforms as transforms
 from jaxreg import weighting as weighting
 from jaxreg._src.batch import Batch as Batch
@@ -16,7 +17,10 @@ from jaxreg._src.batch import BatchError as BatchError
 from jaxreg._src.batch import per_datum as per_datum
 from jaxreg._src.compose import Objective as Objective
 from jaxreg._src.compose import compose as compose
-from jaxreg._src.custom import NonFiniteError as NonFiniteError
+from jaxreg._src.guards import NonFiniteError as NonFiniteError
+from jaxreg._src.guards import check_finite as check_finite
+from jaxreg._src.host import HostTerm as HostTerm
+from jaxreg._src.host import HostTermError as HostTermError
 from jaxreg._src.output import CompositeOutput as CompositeOutput
 from jaxreg._src.output import TermOutput as TermOutput
 from jaxreg._src.terms import MAX_TERMS as MAX_TERMS

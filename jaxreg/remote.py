@@ -11,10 +11,10 @@ from jaxreg._src.client import ServiceClient as ServiceClient
 from jaxreg._src.client import TrainingClient as TrainingClient
 from jaxreg._src.custom import CustomFuture as CustomFuture
 from jaxreg._src.custom import CustomResult as CustomResult
-from jaxreg._src.custom import NonFiniteError as NonFiniteError
-from jaxreg._src.custom import check_finite as check_finite
 from jaxreg._src.custom import forward_backward_custom as forward_backward_custom
 from jaxreg._src.custom import forward_backward_custom_async as forward_backward_custom_async
+from jaxreg._src.guards import NonFiniteError as NonFiniteError
+from jaxreg._src.guards import check_finite as check_finite
 from jaxreg._src.tinker import TinkerTrainingClient as TinkerTrainingClient
 from jaxreg._src.tinker import to_tinker_datum as to_tinker_datum
 from jaxreg._src.wire import Datum as Datum

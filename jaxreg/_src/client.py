@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from jaxreg._src import telemetry
 from jaxreg._src.wire import ENCODINGS, Datum, decode_tensor, to_datum
 
 logger = logging.getLogger("jaxreg.remote")
@@ -73,6 +74,29 @@ def _describe(endpoint: str, body: Mapping[str, Any]) -> str:
         if p
     ]
     return f"{endpoint}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+_REQUEST_STOP = ("jaxreg", "remote", "request", "stop")
+
+
+def _emit(endpoint, body, content, response, started, attempt) -> None:
+    """The ``("jaxreg", "remote", "request", "stop")`` telemetry event, when listened to."""
+    if telemetry.active(_REQUEST_STOP):
+        telemetry.execute(
+            _REQUEST_STOP,
+            {
+                "latency": time.perf_counter() - started,
+                "bytes_sent": len(content),
+                "bytes_received": len(response.content),
+                "retries": attempt,
+            },
+            {
+                "endpoint": endpoint,
+                "status": response.status_code,
+                "model_id": body.get("model_id"),
+                "seq_id": body.get("seq_id"),
+            },
+        )
 
 
 class RetryPolicy:
@@ -192,12 +216,14 @@ class ServiceClient:
     def post(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POSTs ``body`` to ``/api/v1/<endpoint>`` with retries; returns the JSON answer."""
         content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        started = time.perf_counter()
         for attempt in itertools.count():
             try:
                 outcome: Any = self._http.post(f"/api/v1/{endpoint}", content=content)
             except httpx.TransportError as e:
                 outcome = e
             if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
+                _emit(endpoint, body, content, outcome, started, attempt)
                 return outcome.json()
             retry, delay = self._should_retry(attempt, outcome)
             if not retry:
@@ -224,12 +250,14 @@ class ServiceClient:
         """The ``async`` form of :meth:`post`."""
         content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         http = self._async_http()
+        started = time.perf_counter()
         for attempt in itertools.count():
             try:
                 outcome: Any = await http.post(f"/api/v1/{endpoint}", content=content)
             except httpx.TransportError as e:
                 outcome = e
             if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
+                _emit(endpoint, body, content, outcome, started, attempt)
                 return outcome.json()
             retry, delay = self._should_retry(attempt, outcome)
             if not retry:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -10,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src import guards, telemetry
+from jaxreg._src.host import HostTerm, merge_host_results, run_all
 from jaxreg._src.linalg import cross_gram
 from jaxreg._src.output import CompositeOutput, Layout
 from jaxreg._src.terms import Term, TermError, check_weight, normalize_terms
@@ -34,7 +37,9 @@ class Objective:
         term_grads: bool,
         grad_conflicts: bool,
         grad_strategy: GradStrategy,
+        check_finite: bool = False,
     ):
+        self.check_finite = check_finite
         self.base = base
         self.regularizers = regularizers
         self.terms: tuple[Term, ...] = ((base,) if base is not None else ()) + regularizers
@@ -54,6 +59,27 @@ class Objective:
         self._cache_key: Any = None
         self._cache_value: Any = None
         self._jitted = jax.jit(self._run)
+        self.host_terms = tuple(t for t in regularizers if isinstance(t, HostTerm))
+        self._device: Objective | None = None
+        if isinstance(base, HostTerm):
+            raise TermError(f"HostTerm {base.name!r}: the base loss must be a JAX term.")
+        if self.host_terms:
+            if term_grads or grad_conflicts:
+                raise TermError(
+                    f"host terms {[t.name for t in self.host_terms]}: term_grads and "
+                    "grad_conflicts need every term's gradient inside one program; use "
+                    "track_grad_norms (supported) or make the terms JAX functions."
+                )
+            device_regs = tuple(t for t in regularizers if not isinstance(t, HostTerm))
+            if base is not None or device_regs:
+                self._device = Objective(
+                    base,
+                    device_regs,
+                    track_grad_norms=track_grad_norms,
+                    term_grads=False,
+                    grad_conflicts=False,
+                    grad_strategy=grad_strategy,
+                )
 
     def __repr__(self) -> str:
         flags = [
@@ -68,6 +94,7 @@ class Objective:
         *,
         weights: Mapping[str, Any] | None = None,
         step: Any = None,
+        data: Any = None,
     ) -> CompositeOutput:
         """Evaluates the objective and its gradient at ``x``.
 
@@ -78,10 +105,38 @@ class Objective:
           weights: per-call weights ``{name: weight}`` overriding the terms' own (or their
             schedules) for the named terms; Python floats or traced arrays.
           step: the step at which schedules are evaluated (an int or int array; default 0).
+          data: the raw data of the batch (e.g. the list of datums), passed to host terms
+            as their third argument; JAX terms never see it.
 
         Returns:
           A :class:`CompositeOutput`.
         """
+        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
+        if traced or not telemetry.active(*_COMPOSE_EVENTS):
+            out = self._call(x, batch, weights, step, data, traced)
+            if self.check_finite and not traced:
+                guards.check_finite(out)
+            return out
+        started = telemetry.now()
+        telemetry.execute(
+            ("jaxreg", "compose", "start"), {"system_time": time.time()}, {"terms": self.names}
+        )
+        try:
+            out = self._call(x, batch, weights, step, data, traced)
+            d = guards.check_finite(out) if self.check_finite else out.to_dict()  # one transfer
+        except Exception as e:
+            telemetry.execute(
+                ("jaxreg", "compose", "exception"),
+                {"duration": telemetry.now() - started},
+                {"terms": self.names, "error": f"{type(e).__name__}: {e}"},
+            )
+            raise
+        _emit_stop(self, out, d, telemetry.now() - started)
+        return out
+
+    def _call(self, x, batch, weights, step, data, traced) -> CompositeOutput:
+        if self.host_terms and not traced:
+            return self._call_with_host_terms(x, batch, weights, step, data)
         w = self._default_w if weights is None else self._weights(weights)
         if not self._scheduled:
             step = None
@@ -90,6 +145,33 @@ class Objective:
         elif isinstance(step, numbers.Integral):
             step = np.int32(step)
         return self._jitted(x, batch, w, step)
+
+    def _call_with_host_terms(self, x, batch, weights, step, data) -> CompositeOutput:
+        """Dispatches the compiled part, runs the host terms meanwhile, then merges."""
+        host_names = {t.name for t in self.host_terms}
+        if weights is not None:
+            self._weights(weights)  # validates names and values
+        device_weights = (
+            None if weights is None else {k: v for k, v in weights.items() if k not in host_names}
+        )
+        device_out = None
+        if self._device is not None:
+            device_out = self._device(x, batch, weights=device_weights or None, step=step)
+        x_host = np.asarray(x)
+        batch_host = jax.tree.map(np.asarray, batch)
+        results = run_all(list(self.host_terms), x_host, batch_host, data)
+        host_weights = {
+            t.name: float((weights or {}).get(t.name, t.weight)) for t in self.host_terms
+        }
+        if telemetry.active(("jaxreg", "term", "exception")):
+            for r in results:
+                if not r.ok:
+                    telemetry.execute(
+                        ("jaxreg", "term", "exception"),
+                        {"duration": r.seconds},
+                        {"name": r.name, "error": r.error},
+                    )
+        return merge_host_results(self, device_out, results, host_weights, x)
 
     def _weights(self, weights: Mapping[str, Any]) -> Any:
         if not isinstance(weights, Mapping):
@@ -229,7 +311,7 @@ class Objective:
             has_base=self.base is not None,
             custom=tuple(tuple(m) for m in metrics),
             norms=track,
-            differentiable=(True,) * len(self.terms),
+            differentiable=tuple(t.differentiable for t in self.terms),
         )
         start = 1 if self.base is not None else 0
         if total_norm is None:
@@ -241,6 +323,43 @@ class Objective:
         scalars = jnp.concatenate(parts)
         return CompositeOutput(
             grad=grad, scalars=scalars, grad_cosines=cosines, term_grads=jac, layout=layout
+        )
+
+
+_COMPOSE_EVENTS = (
+    ("jaxreg", "compose", "start"),
+    ("jaxreg", "compose", "stop"),
+    ("jaxreg", "compose", "exception"),
+    ("jaxreg", "term", "stop"),
+)
+
+
+def _emit_stop(objective: Objective, out: CompositeOutput, d: dict, duration: float) -> None:
+    measurements = {
+        "duration": duration,
+        "loss_total": d["loss_total"],
+        "regularizer_total": d["regularizer_total"],
+    }
+    if "total_grad_norm" in d:
+        measurements["total_grad_norm"] = d["total_grad_norm"]
+    telemetry.execute(
+        ("jaxreg", "compose", "stop"),
+        measurements,
+        {"terms": objective.names, "n_terms": len(objective.names)},
+    )
+    if not telemetry.active(("jaxreg", "term", "stop")):
+        return
+    host = {t.name for t in objective.host_terms}
+    entries = dict(d["regularizers"])
+    if "base_loss" in d and out.base_loss is not None:
+        base = d["loss_total"] - d["regularizer_total"]
+        entries = {out.base_loss.name: {**d["base_loss"], "contribution": base}, **entries}
+    for name, e in entries.items():
+        m = {k: e[k] for k in ("value", "weight", "contribution", "grad_norm") if k in e}
+        telemetry.execute(
+            ("jaxreg", "term", "stop"),
+            m,
+            {"name": name, "host": name in host, "differentiable": e.get("differentiable", True)},
         )
 
 
@@ -324,6 +443,7 @@ def compose(
     term_grads: bool = False,
     grad_conflicts: bool = False,
     grad_strategy: GradStrategy = "per_term",
+    check_finite: bool = False,
 ) -> Objective:
     r"""Composes a base loss and weighted regularizers into one compiled objective.
 
@@ -353,6 +473,9 @@ def compose(
         ``vmap``-ed over the cotangent basis (materialises the ``[n, ...]`` Jacobian).
         A list of groups of names, e.g. ``[("ce", "entropy")]``: one ``vmap``-ed VJP per
         group (terms not listed get their own), for terms sharing an expensive model.
+      check_finite: after each (untraced) call, raise :class:`jaxreg.NonFiniteError`
+        naming the terms whose value, gradient or metrics are not finite. It brings the
+        scalars to the host once per call (a sync); the remote path always checks.
 
     Returns:
       An :class:`Objective`, called as ``objective(x, batch, *, weights=None, step=None)``
@@ -376,4 +499,5 @@ def compose(
         term_grads=term_grads,
         grad_conflicts=grad_conflicts,
         grad_strategy=grad_strategy,
+        check_finite=check_finite,
     )

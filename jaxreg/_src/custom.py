@@ -29,23 +29,12 @@ import numpy as np
 from jaxreg._src.batch import Batch, Bucket
 from jaxreg._src.client import APIFuture, TrainingClient
 from jaxreg._src.compose import Objective, compose
+from jaxreg._src.guards import check_finite
 from jaxreg._src.output import CompositeOutput
 from jaxreg._src.terms import InputError
 from jaxreg._src.wire import Datum, to_datum
 
 logger = logging.getLogger("jaxreg.remote")
-
-
-class NonFiniteError(InputError, FloatingPointError):
-    """A loss value or gradient is NaN or infinite; nothing was sent to the service.
-
-    Attributes:
-      terms: the names of the terms whose value (or gradient norm) is not finite.
-    """
-
-    def __init__(self, message: str, terms: Sequence[str] = ()):
-        super().__init__(message)
-        self.terms = tuple(terms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,35 +102,6 @@ def _pack(datums: list[Datum], logprobs: list[np.ndarray], bucket: Bucket, batch
     return Batch.from_ragged(logprobs, inputs, bucket=bucket, batch_bucket=batch_bucket)
 
 
-def check_finite(out: CompositeOutput) -> dict[str, Any]:
-    """Raises :class:`NonFiniteError` unless every value and the gradient are finite.
-
-    Returns the output's ``to_dict()`` (one transfer) for reuse.
-    """
-    d = out.to_dict()
-    bad = []
-    entries = dict(d["regularizers"])
-    if "base_loss" in d and out.base_loss is not None:
-        entries[out.base_loss.name] = d["base_loss"]
-    for name, e in entries.items():
-        fields = [e["value"], e.get("grad_norm", 0.0), *e.get("custom", {}).values()]
-        if not all(np.isfinite(fields)):
-            bad.append(name)
-    grad_ok = all(np.isfinite(np.asarray(g)).all() for g in _leaves(out.grad))
-    if bad or not grad_ok or not np.isfinite(d["loss_total"]):
-        what = f"terms {bad}" if bad else "the gradient of loss_total"
-        raise NonFiniteError(
-            f"non-finite values in {what} (loss_total={d['loss_total']}); nothing was sent "
-            "to the service. Track grad norms to see which term's gradient is not finite.",
-            bad,
-        )
-    return d
-
-
-def _leaves(tree):
-    return jax.tree.leaves(tree)
-
-
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
 
@@ -173,7 +133,8 @@ class _Step:
 
             training = TinkerTrainingClient.wrap(training)
         self.training = training
-        self.datums = [to_datum(d, f"data[{i}]") for i, d in enumerate(data)]
+        self.data = list(data)  # as given: host terms receive it
+        self.datums = [to_datum(d, f"data[{i}]") for i, d in enumerate(self.data)]
         if not self.datums:
             raise InputError("data: expected at least one datum, found none")
         for i, d in enumerate(self.datums):
@@ -190,10 +151,10 @@ class _Step:
     def compute(self, forward_result):
         logprobs = [o["logprobs"] for o in forward_result["loss_fn_outputs"]]
         x, batch = _pack(self.datums, logprobs, self.bucket, self.batch_bucket)
-        out = self.objective(x, batch, weights=self.weights, step=self.step)
+        out = self.objective(x, batch, weights=self.weights, step=self.step, data=self.data)
         grad, scalars = jax.device_get((out.grad, out.scalars))  # one transfer
         if not (np.isfinite(scalars).all() and np.isfinite(grad).all()):
-            check_finite(out)  # names the terms and raises
+            check_finite(out, "; nothing was sent to the service")  # names terms, raises
         return logprobs, out, _linearised(self.datums, batch.unpad(grad))
 
     def finish(self, backward_result, logprobs, out) -> CustomResult:

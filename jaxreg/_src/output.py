@@ -92,6 +92,8 @@ class CompositeOutput:
       term_grads: each term's own unweighted gradient, stacked on a leading axis of
         size ``n`` (order: :attr:`term_names`), when ``term_grads`` was set, else ``None``.
       layout: where each scalar lives in ``scalars`` (static).
+      errors: ``(name, message)`` of the host terms that failed and were skipped
+        (``on_error="skip"``); they are left out of the loss and listed by ``to_dict``.
 
     Example:
       >>> out = objective(x, batch)              # doctest: +SKIP
@@ -105,6 +107,7 @@ class CompositeOutput:
     grad_cosines: jax.Array | None = None
     term_grads: Any = None
     layout: Layout = dataclasses.field(default=None, metadata={"static": True})  # type: ignore[assignment]
+    errors: tuple[tuple[str, str], ...] = dataclasses.field(default=(), metadata={"static": True})
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -205,6 +208,8 @@ class CompositeOutput:
                 result["regularizers"][name] = entry
         if layout.norms:
             result["total_grad_norm"] = scalars[TOTAL_GRAD_NORM]
+        if self.errors:
+            result["errors"] = dict(self.errors)
         if cosines is not None:
             result["grad_cosines"] = {
                 a: {b: _float(cosines[i, j]) for j, b in enumerate(layout.names)}

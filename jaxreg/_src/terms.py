@@ -112,6 +112,11 @@ class Term:
             object.__setattr__(self, "weight", check_weight(self.name, self.weight))
 
     @property
+    def differentiable(self) -> bool:
+        """Whether the term contributes to the gradient (host terms may not)."""
+        return True
+
+    @property
     def scheduled(self) -> bool:
         """Whether the weight is a schedule ``step -> weight``."""
         return callable(self.weight)

@@ -1,0 +1,386 @@
+"""Host terms: regularizers that run as Python on the host (I/O, solvers, libraries).
+
+A :class:`HostTerm`'s function ``fn(x, batch, data)`` gets NumPy inputs and the raw
+``data`` the objective was called with, and returns ``value``, ``(value, metrics)``
+or, with ``gradient=True``, ``(value, metrics, grad)`` with ``grad`` shaped like ``x``.
+It may be a plain function (run in a thread pool, or a process pool with
+``executor="process"``) or an ``async def`` coroutine (awaited on an event loop).
+
+Called outside ``jax.jit``, an objective with host terms dispatches its compiled part
+first, runs all host terms concurrently with it and with each other, then merges them
+into one :class:`~jaxreg.CompositeOutput`. Inside a user's ``jax.jit`` a host term runs
+through ``jax.pure_callback``; with a gradient it sits under a ``custom_vjp`` whose
+forward pass computes value and gradient in one host call and keeps the gradient as
+the residual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import inspect
+import math
+import multiprocessing
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreg._src.terms import Term, TermError
+
+MAX_TIMEOUT = 300.0
+"""The longest per-term timeout allowed, in seconds (the specification's limit)."""
+
+ON_ERROR = ("raise", "skip")
+EXECUTORS = ("thread", "process")
+
+
+class HostTermError(TermError, RuntimeError):
+    """A host term failed, timed out or returned a non-finite value; names the term."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTerm(Term):
+    """A term computed by Python on the host; see the module docstring.
+
+    Args:
+      name, fn, weight: as :class:`jaxreg.Term` (``fn(x, batch, data)`` here).
+      gradient: ``fn`` also returns its gradient with respect to ``x``; without it the
+        term adds to ``loss_total`` and the metrics but not to ``grad``, and its output
+        says ``differentiable: false``.
+      timeout: seconds (at most 300) before the term counts as failed.
+      on_error: ``"raise"`` (default: a :class:`HostTermError` naming the term) or
+        ``"skip"`` (the term is left out of the loss; its failure is recorded in the
+        output's ``errors`` and its ``failed`` metric).
+      executor: ``"thread"`` (default) or ``"process"`` for CPU-bound Python (``fn``
+        must then be picklable, i.e. defined at module level).
+      metrics: the names of the metrics ``fn`` returns. Needed only inside a user's
+        ``jax.jit`` (the traced program must know its outputs in advance); there a
+        metric not declared here is an error rather than silently dropped.
+
+    Example:
+      >>> def validator(x, batch, data):            # e.g. an HTTP call per datum
+      ...     return float(np.mean([check(d) for d in data]))
+      >>> jr.HostTerm("validator", validator, weight=0.1, timeout=5.0)
+    """
+
+    gradient: bool = False
+    timeout: float = 30.0
+    on_error: str = "raise"
+    executor: str = "thread"
+    metrics: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.scheduled:
+            raise TermError(f"HostTerm {self.name!r}: weight must be a number, not a schedule.")
+        t = self.timeout
+        if not isinstance(t, int | float) or not 0 < t <= MAX_TIMEOUT:
+            raise TermError(
+                f"HostTerm {self.name!r}: timeout must be in (0, {MAX_TIMEOUT:g}] seconds; "
+                f"found {t!r}."
+            )
+        if self.on_error not in ON_ERROR:
+            raise TermError(
+                f"HostTerm {self.name!r}: on_error must be one of {ON_ERROR}; "
+                f"found {self.on_error!r}."
+            )
+        if self.executor not in EXECUTORS:
+            raise TermError(
+                f"HostTerm {self.name!r}: executor must be one of {EXECUTORS}; "
+                f"found {self.executor!r}."
+            )
+        if self.executor == "process" and inspect.iscoroutinefunction(self.fn):
+            raise TermError(f"HostTerm {self.name!r}: an async fn cannot run in a process.")
+
+    @property
+    def differentiable(self) -> bool:
+        return self.gradient
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    # --------------------------------------------------------------- in-jit path
+    def evaluate(self, x: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The traced form: ``jax.pure_callback`` (under a ``custom_vjp`` with a gradient).
+
+        Used when the objective is traced (inside a user's ``jax.jit``); ``data`` is
+        ``None`` there. The metrics' names come from one probe call at trace time.
+        """
+        keys = tuple(self.metrics) + (("failed",) if self.on_error == "skip" else ())
+        dtype = (
+            jnp.result_type(x)
+            if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+            else (jnp.float32)
+        )
+        scalar = jax.ShapeDtypeStruct((), dtype)
+        metric_shapes = {k: scalar for k in keys}
+
+        def host(x_np, batch_np):
+            result = run_one(self, np.asarray(x_np), _to_numpy(batch_np), None)
+            undeclared = sorted(set(result.metrics) - set(keys))
+            if undeclared:
+                raise HostTermError(
+                    f"HostTerm {self.name!r}: returned metrics {undeclared} that are not "
+                    f"declared; inside jax.jit declare them: HostTerm(..., metrics={undeclared})"
+                )
+            value = np.asarray(result.value if result.ok else 0.0, dtype)
+            metrics = {k: np.asarray(result.metrics.get(k, np.nan), dtype) for k in keys}
+            grad = np.asarray(
+                result.grad if result.grad is not None else np.zeros(np.shape(x_np)), dtype
+            )
+            return value, metrics, grad
+
+        if not self.gradient:
+            value, metrics, _ = jax.pure_callback(
+                host,
+                (scalar, metric_shapes, jax.ShapeDtypeStruct(jnp.shape(x), dtype)),
+                jax.lax.stop_gradient(x),
+                batch,
+                vmap_method="sequential",
+            )
+            return value, metrics
+
+        @jax.custom_vjp
+        def call(x):
+            return fwd(x)[0]
+
+        def fwd(x):
+            value, metrics, grad = jax.pure_callback(
+                host,
+                (scalar, metric_shapes, jax.ShapeDtypeStruct(jnp.shape(x), dtype)),
+                x,
+                batch,
+                vmap_method="sequential",
+            )
+            return (value, metrics), grad
+
+        def bwd(grad, cotangent):
+            ct_value, _ = cotangent
+            return (ct_value * grad,)
+
+        call.defvjp(fwd, bwd)
+        return call(x)
+
+
+# ------------------------------------------------------------------- host execution
+
+
+@dataclasses.dataclass
+class HostResult:
+    """One host term's outcome."""
+
+    name: str
+    ok: bool
+    value: float = math.nan
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    grad: np.ndarray | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def _to_numpy(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, tree)
+
+
+def _unpack(term: HostTerm, out: Any, x: np.ndarray) -> tuple[float, dict, np.ndarray | None]:
+    grad = None
+    if isinstance(out, tuple):
+        expected = 3 if term.gradient else 2
+        if len(out) not in (2, 3) or (len(out) == 3) != term.gradient:
+            raise TermError(
+                f"HostTerm {term.name!r}: fn must return value, (value, metrics)"
+                + (" or (value, metrics, grad)" if term.gradient else "")
+                + f"; found a tuple of length {len(out)} (expected {expected})."
+            )
+        value, metrics = out[0], out[1]
+        if term.gradient:
+            grad = np.asarray(out[2])
+            if grad.shape != x.shape:
+                raise TermError(
+                    f"HostTerm {term.name!r}: grad must have x's shape {x.shape}; "
+                    f"found {grad.shape}."
+                )
+    else:
+        if term.gradient:
+            raise TermError(
+                f"HostTerm {term.name!r}: gradient=True, so fn must return "
+                "(value, metrics, grad); found a single value."
+            )
+        value, metrics = out, {}
+    metrics = dict(metrics or {})
+    if not isinstance(metrics, Mapping):
+        raise TermError(f"HostTerm {term.name!r}: metrics must be a dict of numbers.")
+    value = float(np.asarray(value))
+    return value, {k: float(np.asarray(v)) for k, v in metrics.items()}, grad
+
+
+def _finite_check(term: HostTerm, value: float, grad: np.ndarray | None) -> None:
+    if not math.isfinite(value):
+        raise HostTermError(f"HostTerm {term.name!r}: value is not finite ({value}).")
+    if grad is not None and not np.all(np.isfinite(grad)):
+        raise HostTermError(f"HostTerm {term.name!r}: gradient has non-finite entries.")
+
+
+_THREADS: concurrent.futures.ThreadPoolExecutor | None = None
+_PROCESSES: concurrent.futures.ProcessPoolExecutor | None = None
+_LOOP: asyncio.AbstractEventLoop | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _THREADS
+    with _POOL_LOCK:
+        if _THREADS is None:
+            _THREADS = concurrent.futures.ThreadPoolExecutor(32, "jaxreg-host")
+        return _THREADS
+
+
+def _processes() -> concurrent.futures.ProcessPoolExecutor:
+    global _PROCESSES
+    with _POOL_LOCK:
+        if _PROCESSES is None:  # spawn: forking a process that runs XLA threads is unsafe
+            _PROCESSES = concurrent.futures.ProcessPoolExecutor(
+                mp_context=multiprocessing.get_context("spawn")
+            )
+        return _PROCESSES
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    """A private event loop on its own thread, for async host terms."""
+    global _LOOP
+    with _POOL_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="jaxreg-host-loop", daemon=True).start()
+        return _LOOP
+
+
+def submit(term: HostTerm, x: np.ndarray, batch: Any, data: Any) -> concurrent.futures.Future:
+    """Starts a host term; returns a future of its raw return value."""
+    if term.is_async:
+        return asyncio.run_coroutine_threadsafe(term.fn(x, batch, data), _loop())
+    if term.executor == "process":
+        return _processes().submit(term.fn, x, batch, data)
+    return _threads().submit(term.fn, x, batch, data)
+
+
+def collect(
+    term: HostTerm,
+    future: concurrent.futures.Future,
+    x: np.ndarray,
+    deadline: float,
+    started: float,
+) -> HostResult:
+    """Waits for one term (until ``deadline``) and checks what it returned."""
+    try:
+        out = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        value, metrics, grad = _unpack(term, out, x)
+        _finite_check(term, value, grad)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        error = f"timed out after {term.timeout:g}s"
+        return _failed(term, error, started)
+    except TermError as e:
+        return _failed(term, str(e), started, e)
+    except Exception as e:  # the user's function raised
+        return _failed(term, f"{type(e).__name__}: {e}", started, e)
+    if term.on_error == "skip":
+        metrics = {**metrics, "failed": 0.0}
+    return HostResult(term.name, True, value, metrics, grad, seconds=time.monotonic() - started)
+
+
+def _failed(term: HostTerm, error: str, started: float, cause: BaseException | None = None):
+    if term.on_error == "raise":
+        message = error if error.startswith("HostTerm") else f"HostTerm {term.name!r}: {error}"
+        raise HostTermError(message) from cause
+    return HostResult(
+        term.name, False, math.nan, {"failed": 1.0}, None, error, time.monotonic() - started
+    )
+
+
+def run_one(term: HostTerm, x: np.ndarray, batch: Any, data: Any) -> HostResult:
+    started = time.monotonic()
+    return collect(term, submit(term, x, batch, data), x, started + term.timeout, started)
+
+
+def run_all(terms: list[HostTerm], x: np.ndarray, batch: Any, data: Any) -> list[HostResult]:
+    """Runs host terms concurrently; each has its own deadline from the common start."""
+    started = time.monotonic()
+    futures = [submit(t, x, batch, data) for t in terms]
+    return [
+        collect(t, f, x, started + t.timeout, started) for t, f in zip(terms, futures, strict=True)
+    ]
+
+
+def merge_host_results(
+    objective, device_out, results: list[HostResult], host_weights: dict[str, float], x: Any
+):
+    """One :class:`~jaxreg.CompositeOutput` from the compiled part and the host terms.
+
+    Terms keep the order they were given in. A host term's contribution is
+    ``weight * value`` (0 when it failed and was skipped); its gradient, if it has
+    one, is added to ``grad`` with its weight; the totals and the total gradient norm
+    are recomputed over everything.
+    """
+    from jaxreg._src.output import CompositeOutput, Layout
+
+    by_name = {r.name: r for r in results}
+    track = objective.track_grad_norms
+    dev_terms: dict[str, Any] = {}
+    if device_out is not None:
+        scalars = np.asarray(device_out.scalars, np.float64)
+        for i, name in enumerate(device_out.term_names):
+            dev_terms[name] = device_out._term(i, scalars.__getitem__)
+    grad = device_out.grad if device_out is not None else jnp.zeros_like(jnp.asarray(x))
+    values, weights, contributions, norms, custom, differentiable = [], [], [], [], [], []
+    for term in objective.terms:
+        if term.name in dev_terms:
+            t = dev_terms[term.name]
+            values.append(t.value)
+            weights.append(t.weight)
+            contributions.append(t.contribution)
+            norms.append(t.grad_norm if track else 0.0)
+            custom.append(t.custom)
+            differentiable.append(True)
+            continue
+        r = by_name[term.name]
+        w = host_weights[term.name]
+        values.append(r.value)
+        weights.append(w)
+        contributions.append(w * r.value if r.ok else 0.0)
+        norms.append(float(np.linalg.norm(r.grad)) if r.grad is not None else 0.0)
+        custom.append(r.metrics)
+        differentiable.append(term.gradient)
+        if r.grad is not None and w != 0:
+            grad = grad + jnp.asarray(w * r.grad, jnp.result_type(grad))
+    contributions_a = np.asarray(contributions, np.float64)
+    start = 1 if objective.base is not None else 0
+    total_norm = float(jnp.linalg.norm(jnp.ravel(grad))) if track else 0.0
+    w_a, n_a = np.asarray(weights, np.float64), np.asarray(norms, np.float64)
+    fields = [np.asarray(values, np.float64), w_a, contributions_a]
+    if track:
+        fields += [n_a, w_a * n_a]
+    flat_custom = [float(v) for m in custom for v in m.values()]
+    scalars = np.concatenate(
+        [
+            [contributions_a.sum(), contributions_a[start:].sum(), total_norm],
+            *fields,
+            flat_custom,
+        ]
+    ).astype(np.float32)
+    layout = Layout(
+        names=objective.names,
+        has_base=objective.base is not None,
+        custom=tuple(tuple(m) for m in custom),
+        norms=track,
+        differentiable=tuple(differentiable),
+    )
+    errors = tuple((r.name, r.error or "") for r in results if not r.ok)
+    return CompositeOutput(grad=grad, scalars=jnp.asarray(scalars), layout=layout, errors=errors)
