@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.service_bench
 	$(PY) -m benchmarks.remote_bench
 	$(PY) -m benchmarks.aggregators_bench
+	$(PY) -m benchmarks.host_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info runs jaxreg-states

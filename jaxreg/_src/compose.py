@@ -156,7 +156,8 @@ class Objective:
         )
         device_out = None
         if self._device is not None:
-            device_out = self._device(x, batch, weights=device_weights or None, step=step)
+            # _call, not __call__: the outer call emits the telemetry events.
+            device_out = self._device._call(x, batch, device_weights or None, step, None, False)
         x_host = np.asarray(x)
         batch_host = jax.tree.map(np.asarray, batch)
         results = run_all(list(self.host_terms), x_host, batch_host, data)

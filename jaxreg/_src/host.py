@@ -264,11 +264,12 @@ def _loop() -> asyncio.AbstractEventLoop:
 
 def submit(term: HostTerm, x: np.ndarray, batch: Any, data: Any) -> concurrent.futures.Future:
     """Starts a host term; returns a future of its raw return value."""
+    fn: Any = term.fn  # fn(x, batch, data): three arguments, unlike a Term's
     if term.is_async:
-        return asyncio.run_coroutine_threadsafe(term.fn(x, batch, data), _loop())
+        return asyncio.run_coroutine_threadsafe(fn(x, batch, data), _loop())
     if term.executor == "process":
-        return _processes().submit(term.fn, x, batch, data)
-    return _threads().submit(term.fn, x, batch, data)
+        return _processes().submit(fn, x, batch, data)
+    return _threads().submit(fn, x, batch, data)
 
 
 def collect(
