@@ -17,6 +17,7 @@ the residual.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import dataclasses
 import inspect
@@ -260,6 +261,20 @@ def _loop() -> asyncio.AbstractEventLoop:
             _LOOP = asyncio.new_event_loop()
             threading.Thread(target=_LOOP.run_forever, name="jaxreg-host-loop", daemon=True).start()
         return _LOOP
+
+
+@atexit.register
+def _shutdown() -> None:
+    """Stops the pools and the event loop before the interpreter tears modules down."""
+    global _THREADS, _PROCESSES, _LOOP
+    with _POOL_LOCK:
+        if _PROCESSES is not None:
+            _PROCESSES.shutdown(wait=True, cancel_futures=True)
+        if _THREADS is not None:
+            _THREADS.shutdown(wait=False, cancel_futures=True)
+        if _LOOP is not None:
+            _LOOP.call_soon_threadsafe(_LOOP.stop)
+        _THREADS = _PROCESSES = _LOOP = None
 
 
 def submit(term: HostTerm, x: np.ndarray, batch: Any, data: Any) -> concurrent.futures.Future:
