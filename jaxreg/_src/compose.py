@@ -111,6 +111,8 @@ class Objective:
         Returns:
           A :class:`CompositeOutput`.
         """
+        if not (self.host_terms or self.check_finite or telemetry.has_handlers()):
+            return self._call_jitted(x, batch, weights, step)  # the common, thin path
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
         if traced or not telemetry.active(*_COMPOSE_EVENTS):
             out = self._call(x, batch, weights, step, data, traced)
@@ -137,6 +139,9 @@ class Objective:
     def _call(self, x, batch, weights, step, data, traced) -> CompositeOutput:
         if self.host_terms and not traced:
             return self._call_with_host_terms(x, batch, weights, step, data)
+        return self._call_jitted(x, batch, weights, step)
+
+    def _call_jitted(self, x, batch, weights, step) -> CompositeOutput:
         w = self._default_w if weights is None else self._weights(weights)
         if not self._scheduled:
             step = None
@@ -157,7 +162,7 @@ class Objective:
         device_out = None
         if self._device is not None:
             # _call, not __call__: the outer call emits the telemetry events.
-            device_out = self._device._call(x, batch, device_weights or None, step, None, False)
+            device_out = self._device._call_jitted(x, batch, device_weights or None, step)
         x_host = np.asarray(x)
         batch_host = jax.tree.map(np.asarray, batch)
         results = run_all(list(self.host_terms), x_host, batch_host, data)

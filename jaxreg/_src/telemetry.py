@@ -80,6 +80,11 @@ def handlers() -> dict[str, tuple[Event, ...]]:
         return {k: tuple(sorted(v[0])) for k, v in _handlers.items()}
 
 
+def has_handlers() -> bool:
+    """Whether any handler is attached at all (the cheapest check)."""
+    return bool(_handlers)
+
+
 def active(*events: Event) -> bool:
     """Whether any handler listens to any of ``events`` (cheap; checked before work)."""
     if not _handlers:
