@@ -173,7 +173,11 @@ def _format(rows: Sequence[tuple[str, ...]]) -> str:
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Runs the demo; returns the summary written to ``summary.json``."""
-    from tqdm import tqdm
+    try:
+        import matplotlib  # noqa: F401  (the report)
+        from tqdm import tqdm
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("jaxreg demo needs its extra: pip install 'jaxreg[demo]'") from e
 
     from jaxreg.service import tasks
 

@@ -25,10 +25,15 @@ import json
 import logging
 from typing import Any
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+try:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "jaxreg.service needs starlette and uvicorn: pip install 'jaxreg[service]'"
+    ) from e
 
 from jaxreg.service.engine import Engine, ServiceError, dumps
 

@@ -27,7 +27,12 @@ class Server:
     """A running service: ``url``, ``engine``, and ``stop()`` (also a context manager)."""
 
     def __init__(self, engine: Engine, app, sock: socket.socket, *, log_level: str = "warning"):
-        import uvicorn
+        try:
+            import uvicorn
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "jaxreg.service needs starlette and uvicorn: pip install 'jaxreg[service]'"
+            ) from e
 
         self.engine = engine
         host, port = sock.getsockname()[:2]
