@@ -264,9 +264,9 @@ class Objective:
         metrics: list[Any] = [None] * n
         blocks = []  # (indices, stacked per-term gradients with a leading group axis)
         groups = self.groups
-        if self.grad_strategy == "auto" and isinstance(x, jax.Array | np.ndarray):
-            if x.size <= AUTO_VMAP_MAX_ELEMENTS and n > 1:
-                groups = (tuple(range(n)),)
+        small = isinstance(x, jax.Array | np.ndarray) and x.size <= AUTO_VMAP_MAX_ELEMENTS
+        if self.grad_strategy == "auto" and small and n > 1:
+            groups = (tuple(range(n)),)
         for group in groups:
             f = lambda x, group=group: self._evaluate(group, x, batch)
             vals, pullback, mets = jax.vjp(f, x, has_aux=True)
