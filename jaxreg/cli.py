@@ -22,9 +22,20 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    server = create_server(
-        args.host, args.port, api_key=api_key, state_dir=args.state_dir, log_level=args.log_level
-    )
+    try:
+        server = create_server(
+            args.host,
+            args.port,
+            api_key=api_key,
+            state_dir=args.state_dir,
+            log_level=args.log_level,
+        )
+    except OSError as e:
+        print(
+            f"jaxreg serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 1
     auth = f"API key required (from ${args.api_key_env})" if api_key else "no API key"
     print(f"jaxreg service on {server.url} ({auth}); Ctrl-C stops it", flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the

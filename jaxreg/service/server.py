@@ -112,12 +112,16 @@ def create_server(
     ``engine_kwargs`` (``max_tokens``, ``checkpoint_path``) go to
     :class:`~jaxreg.service.engine.Engine`; ``max_body_bytes`` caps request bodies.
     """
-    if engine is None:
-        state = Path(state_dir) if state_dir is not None else Path("jaxreg-states")
-        engine = Engine(state, **engine_kwargs)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("jaxreg service: listening on %s, not only on loopback", host)
-    sock = _bind(host, port)
+    sock = _bind(host, port)  # first: a busy port fails before the model is loaded
+    if engine is None:
+        state = Path(state_dir) if state_dir is not None else Path("jaxreg-states")
+        try:
+            engine = Engine(state, **engine_kwargs)
+        except BaseException:
+            sock.close()
+            raise
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes)
     return Server(engine, app, sock, log_level=log_level)
 
