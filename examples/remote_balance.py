@@ -12,17 +12,16 @@ traced arguments.
 import numpy as np
 
 import jaxreg as jr
-from jaxreg._src.wire import Datum
 from jaxreg.service import start, tasks
 
 
-def all_targets(example) -> Datum:
+def all_targets(example) -> jr.remote.Datum:
     """Every token of the vocabulary is a target: logprobs are the full distribution."""
     t, k = len(example.tokens), tasks.VOCAB_SIZE
     targets = np.broadcast_to(np.arange(k, dtype=np.int64), (t, k)).copy()
     weights = np.zeros((t, k), np.float32)
     weights[np.arange(t), example.targets] = example.answer_mask
-    return Datum(example.tokens, {"target_tokens": targets, "weights": weights})
+    return jr.remote.Datum(example.tokens, {"target_tokens": targets, "weights": weights})
 
 
 def main(steps: int = 30):
@@ -34,7 +33,8 @@ def main(steps: int = 30):
         training = client.create_model()
         data = [all_targets(e) for e in tasks.make_examples("I", 256, seed=0)]
         targets_only = [
-            Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]}) for d in data
+            jr.remote.Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]})
+            for d in data
         ]
         ref = reference.forward(targets_only).result()["loss_fn_outputs"]
         data = [

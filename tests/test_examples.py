@@ -35,3 +35,17 @@ def test_multitask_upgrad(capsys, monkeypatch):
 def test_local_training(capsys, monkeypatch):
     out = _run("local_training.py", capsys, monkeypatch)
     assert "compiled 1 time(s) for 301 steps" in out
+
+
+def test_remote_balance(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("remote_balance", EXAMPLES / "remote_balance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with jax.numpy_dtype_promotion("standard"):
+        module.main(steps=6)
+    out = capsys.readouterr().out
+    assert "objective compiled 1 time(s) for 6 steps" in out
+    last = out.splitlines()[-2]
+    assert "kl: weight" in last and "share" in last
