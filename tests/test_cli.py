@@ -1,6 +1,7 @@
 """The command line: ``jaxreg demo`` end to end (small) and ``jaxreg serve``."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -33,7 +34,8 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "share of |grad|" in text and "KL weight sweep" in text
-    assert "compiled 1 time(s) for 8 steps" in text or "compiled 2 time(s)" in text
+    compiles = int(re.search(r"objective compiled (\d+) time\(s\) for 8 steps", text).group(1))
+    assert 1 <= compiles <= 2  # once per length bucket the small batches fall into
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8
     first = records[0]
