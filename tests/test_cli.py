@@ -1,8 +1,8 @@
 """The command line: ``jaxreg demo`` end to end (small) and ``jaxreg serve``."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
