@@ -204,6 +204,21 @@ class ServiceClient:
             seq_id=body.get("seq_id"),
         )
 
+    def _retry_delay(self, endpoint, body, outcome, attempt) -> float:
+        """The wait before the next attempt; raises when ``outcome`` is final."""
+        retry, delay = self._should_retry(attempt, outcome)
+        if not retry:
+            if isinstance(outcome, httpx.Response):
+                self._raise_for(endpoint, body, outcome)
+            raise self._give_up(endpoint, body, outcome, attempt + 1) from outcome
+        logger.info(
+            "retrying %s in %.2fs after %s",
+            _describe(endpoint, body),
+            delay,
+            getattr(outcome, "status_code", type(outcome).__name__),
+        )
+        return delay
+
     def _should_retry(self, attempt, outcome) -> tuple[bool, float]:
         if attempt >= self.retry.max_retries:
             return False, 0.0
@@ -225,18 +240,7 @@ class ServiceClient:
             if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
                 _emit(endpoint, body, content, outcome, started, attempt)
                 return outcome.json()
-            retry, delay = self._should_retry(attempt, outcome)
-            if not retry:
-                if isinstance(outcome, httpx.Response):
-                    self._raise_for(endpoint, body, outcome)
-                raise self._give_up(endpoint, body, outcome, attempt + 1) from outcome
-            logger.info(
-                "retrying %s in %.2fs after %s",
-                _describe(endpoint, body),
-                delay,
-                getattr(outcome, "status_code", type(outcome).__name__),
-            )
-            time.sleep(delay)
+            time.sleep(self._retry_delay(endpoint, body, outcome, attempt))
         raise AssertionError("unreachable")
 
     def _async_http(self) -> httpx.AsyncClient:
@@ -259,12 +263,7 @@ class ServiceClient:
             if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
                 _emit(endpoint, body, content, outcome, started, attempt)
                 return outcome.json()
-            retry, delay = self._should_retry(attempt, outcome)
-            if not retry:
-                if isinstance(outcome, httpx.Response):
-                    self._raise_for(endpoint, body, outcome)
-                raise self._give_up(endpoint, body, outcome, attempt + 1) from outcome
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._retry_delay(endpoint, body, outcome, attempt))
         raise AssertionError("unreachable")
 
     def _check_result(self, endpoint, body, result) -> dict[str, Any]:
