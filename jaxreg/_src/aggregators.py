@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from optax.experimental import aggregating
 
-from jaxreg._src.linalg import cross_gram, weighted_rows
+from jaxreg._src.linalg import cross_gram
 
 WeightFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -40,7 +40,7 @@ def gramian(stacked: Any) -> jax.Array:
 
 def combine(weights: jax.Array, stacked: Any) -> Any:
     r"""The update :math:`\sum_i w_i g_i` (a pytree shaped like one gradient)."""
-    return jax.tree.map(lambda g: weighted_rows(weights, g), stacked)
+    return jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), stacked)
 
 
 class WeightingState(NamedTuple):

@@ -302,11 +302,17 @@ class Objective:
                 gram = gram.at[np.asarray(group)].set(_sq_norms(jac, acc))
         jac_full = None
         if self.term_grads:
-            order = np.argsort(np.concatenate([np.asarray(g) for g, _ in blocks]))
-            jac_full = jax.tree.map(
-                lambda *leaves: jnp.concatenate(leaves, axis=0)[order],
-                *(j for _, j in blocks),
-            )
+            # Rows in term order by slicing and concatenating: a gather (``[order]``)
+            # costs XLA:CPU another pass over the whole Jacobian.
+            where = {i: (b, k) for b, (group, _) in enumerate(blocks) for k, i in enumerate(group)}
+            rows = [where[i] for i in range(n)]
+
+            def stack(*leaves):
+                if len(leaves) == 1 and [k for _, k in rows] == list(range(n)):
+                    return leaves[0]
+                return jnp.concatenate([leaves[b][k : k + 1] for b, k in rows], axis=0)
+
+            jac_full = jax.tree.map(stack, *(j for _, j in blocks))
         return values_arr, metrics, grad, gram, jac_full
 
     def _output(self, values, metrics, grad, w, gram, jac) -> CompositeOutput:
