@@ -215,7 +215,7 @@ def mlp_hand_written(params, data):
     values, pullback = jax.vjp(outputs, params)
     grads = [pullback(jnp.eye(2)[i])[0] for i in range(2)]
     for t in MLP_TERMS[2:]:
-        value, grad = jax.value_and_grad(lambda p, t=t: t.fn(p)[0])(params)
+        value, grad = jax.value_and_grad(lambda p, t=t: t.evaluate(p, None)[0])(params)
         values = jnp.append(values, value)
         grads.append(grad)
     weights = [t.weight for t in MLP_TERMS]

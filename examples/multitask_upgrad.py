@@ -39,10 +39,15 @@ def main():
     )
     optimizer = optax.chain(jr.aggregators.upgrad(), optax.adam(1e-2))
     state = optimizer.init(params)
-    for step in range(301):
+
+    @jax.jit  # one program per step: the aggregator reads the per-term gradients in place
+    def train_step(params, state):
         out = objective(params, batch)
         updates, state = optimizer.update(out.term_grads, state, params)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state, out
+
+    for step in range(301):
+        params, state, out = train_step(params, state)
         if step % 50 == 0:
             d = out.to_dict()
             losses = "  ".join(f"{n} {r['value']:.4f}" for n, r in d["regularizers"].items())
