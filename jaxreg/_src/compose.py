@@ -296,10 +296,13 @@ class Objective:
                     gram = gram.at[np.ix_(ia, ib)].set(block)
                     gram = gram.at[np.ix_(ib, ia)].set(block.T)
         else:
-            # Only the Gramian's diagonal (the squared norms) is needed.
-            gram = jnp.zeros((n,), acc)
+            # Only the Gramian's diagonal (the squared norms) is needed, in term order.
+            sq: list[Any] = [None] * n
             for group, jac in blocks:
-                gram = gram.at[np.asarray(group)].set(_sq_norms(jac, acc))
+                norms = _sq_norms(jac, acc)
+                for k, i in enumerate(group):
+                    sq[i] = norms[k]
+            gram = jnp.stack(sq)
         jac_full = None
         if self.term_grads:
             # Rows in term order by slicing and concatenating: a gather (``[order]``)
