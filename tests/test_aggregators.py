@@ -225,3 +225,38 @@ def test_toy_problem_conflict_aware_methods_reach_the_front():
             for method, steps in ((agg.mgda(), 20_000), (agg.nash_mtl(), 40_000)):
                 end, _ = toy.trajectory(method, start, steps)
                 assert toy.stationarity(end) < 0.05, (start, method)
+
+
+@pytest.mark.parametrize("n_leaves", [2, 70], ids=["pairwise", "blockwise"])
+def test_gramian_matches_numpy_on_both_paths(n_leaves):
+    # 3 terms: 6 pairs per leaf, so 2 leaves take the pairwise reductions and 70 leaves
+    # (420 pairs x leaves, over the 384 limit) the blockwise product.
+    rng = np.random.default_rng(n_leaves)
+    stacked = {f"p{i}": rng.normal(size=(3, 4, 5)).astype(np.float32) for i in range(n_leaves)}
+    flat = np.concatenate([v.reshape(3, -1) for v in stacked.values()], axis=1).astype(np.float64)
+    got = jax.jit(agg.gramian)(jax.tree.map(jnp.asarray, stacked))
+    np.testing.assert_allclose(got, flat @ flat.T, rtol=1e-5, atol=1e-4)
+
+
+def test_aggregator_in_one_jit_with_compose_matches_separate_calls():
+    params = {"w": jnp.linspace(-1.0, 1.0, 6), "b": jnp.ones(3)}
+    objective = jr.compose(
+        None,
+        [
+            jr.Term("a", lambda p, _: jnp.sum((p["w"] - 1.0) ** 2) + jnp.sum(p["b"])),
+            jr.Term("b", lambda p, _: jnp.sum((p["w"] + 0.5) ** 2) - jnp.sum(p["b"] ** 2)),
+            jr.Term("c", lambda p, _: jnp.sum(jnp.sin(p["w"])) * jnp.sum(p["b"])),
+        ],
+        term_grads=True,
+    )
+    method = agg.upgrad()
+    state = method.init(params)
+    step = jax.jit(lambda p: method.update(objective(p, None).term_grads, state)[0])
+    separate = method.update(objective(params, None).term_grads, state)[0]
+    stacked = np.concatenate(
+        [np.asarray(objective(params, None).term_grads[k]) for k in ("b", "w")], axis=1
+    )
+    expected = np_upgrad(stacked.astype(np.float64))
+    for got in (step(params), separate):
+        flat = np.concatenate([np.asarray(got["b"]), np.asarray(got["w"])])
+        np.testing.assert_allclose(flat, expected, rtol=2e-3, atol=1e-5)
