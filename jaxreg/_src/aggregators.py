@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,7 +46,10 @@ _PAIRWISE_MAX = 384
 
 def gramian(stacked: Any) -> jax.Array:
     r"""The Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of stacked gradients."""
-    leaves = jax.tree.leaves(stacked)
+    acc = functools.reduce(
+        jnp.promote_types, [x.dtype for x in jax.tree.leaves(stacked)], jnp.float32
+    )
+    leaves = [leaf.astype(acc) for leaf in jax.tree.leaves(stacked)]  # no-op for float32
     n = leaves[0].shape[0]
     if n * (n + 1) // 2 * len(leaves) <= _PAIRWISE_MAX:
         rows = [[leaf[i] for leaf in leaves] for i in range(n)]
@@ -58,7 +62,7 @@ def gramian(stacked: Any) -> jax.Array:
             [jnp.stack([entries[min(i, j), max(i, j)] for j in range(n)]) for i in range(n)]
         )
     flat = [leaf.reshape(n, -1) for leaf in leaves]
-    return sum((cross_gram(f, f) for f in flat), start=jnp.zeros((n, n), leaves[0].dtype))
+    return sum((cross_gram(f, f) for f in flat), start=jnp.zeros((n, n), acc))
 
 
 def combine(weights: jax.Array, stacked: Any) -> Any:
