@@ -90,7 +90,10 @@ def test_schema_keys():
         "regularizers",
         "base_loss",
         "total_grad_norm",
+        "grad_space",
     }
+    assert d["grad_space"] == "x"
+    assert "grad_space" not in tracked.flat()  # flat() is numbers only
     assert set(d["regularizers"]["sq"]) == {
         "value",
         "weight",

@@ -13,11 +13,13 @@ import numpy as np
 
 from jaxreg._src import guards, telemetry
 from jaxreg._src.host import HostTerm, merge_host_results, run_all
-from jaxreg._src.linalg import cross_gram, weighted_rows
+from jaxreg._src.linalg import check_logprobs_input, cross_gram, to_logit_space, weighted_rows
 from jaxreg._src.output import CompositeOutput, Layout
 from jaxreg._src.terms import Term, TermError, check_weight, normalize_terms
 
 GradStrategy = Literal["auto", "per_term", "vmap"] | Sequence[Sequence[str]]
+GradSpace = Literal["x", "logits"]
+GRAD_SPACES = ("x", "logits")
 
 # "auto" uses one vmap-ed VJP for a single array x of at most this many elements (the
 # per-call cost of the per-term program's extra kernels dominates there: 1.02-1.10x the
@@ -44,7 +46,11 @@ class Objective:
         grad_conflicts: bool,
         grad_strategy: GradStrategy,
         check_finite: bool = False,
+        grad_space: GradSpace = "x",
     ):
+        if grad_space not in GRAD_SPACES:
+            raise TermError(f"grad_space must be one of {list(GRAD_SPACES)}; found {grad_space!r}.")
+        self.grad_space = grad_space
         self.check_finite = check_finite
         self.base = base
         self.regularizers = regularizers
@@ -86,13 +92,15 @@ class Objective:
                     term_grads=False,
                     grad_conflicts=False,
                     grad_strategy=grad_strategy,
+                    grad_space=grad_space,
                 )
 
     def __repr__(self) -> str:
         flags = [
             f for f in ("track_grad_norms", "term_grads", "grad_conflicts") if getattr(self, f)
         ]
-        return f"Objective(terms={list(self.names)}, {', '.join(flags) or 'plain'})"
+        space = "" if self.grad_space == "x" else f", grad_space={self.grad_space!r}"
+        return f"Objective(terms={list(self.names)}, {', '.join(flags) or 'plain'}{space})"
 
     def __call__(
         self,
@@ -221,6 +229,8 @@ class Objective:
 
     def _run(self, x, batch, w, step) -> CompositeOutput:
         self.trace_count += 1
+        if self.grad_space == "logits":
+            check_logprobs_input(x)
         if self._scheduled:
             weights = []
             for i, term in enumerate(self.terms):
@@ -255,6 +265,8 @@ class Objective:
             return jnp.dot(w.astype(values.dtype), values), (values, metrics)
 
         (_, (values, metrics)), grad = jax.value_and_grad(total, has_aux=True)(x)
+        if self.grad_space == "logits":
+            grad = to_logit_space(grad, x)
         return values, metrics, grad
 
     def _jacobian(self, x, batch, w):
@@ -276,6 +288,10 @@ class Objective:
                 jac = jax.vmap(pullback)(jnp.eye(len(group), dtype=vals.dtype))[0]
             for k, i in enumerate(group):
                 values[i], metrics[i] = vals[k], mets[k]
+            if self.grad_space == "logits":
+                # Every diagnostic (norms, Gramian, term_grads) and w @ J read the
+                # projected rows: one elementwise pass XLA fuses with the backward.
+                jac = to_logit_space(jac, x)
             blocks.append((group, jac))
         dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in values) else jnp.float32
         values_arr = jnp.stack([v.astype(dtype) for v in values])
@@ -328,7 +344,9 @@ class Objective:
             if self.grad_conflicts:
                 denom = jnp.outer(norms, norms).astype(gram.dtype)
                 cosines = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1), 0)
-                cosines = jnp.clip(cosines, -1, 1)
+                # A non-finite gradient gives a NaN cosine, never a plausible 0.
+                finite = jnp.isfinite(gram) & jnp.isfinite(denom)
+                cosines = jnp.where(finite, jnp.clip(cosines, -1, 1), jnp.nan)
         track = self.track_grad_norms
         if track:
             total_norm = _safe_sqrt(_tree_sq_norm(grad)).astype(dtype)
@@ -338,6 +356,7 @@ class Objective:
             custom=tuple(tuple(m) for m in metrics),
             norms=track,
             differentiable=tuple(t.differentiable for t in self.terms),
+            grad_space=self.grad_space,
         )
         start = 1 if self.base is not None else 0
         if total_norm is None:
@@ -421,9 +440,14 @@ def _tree_sq_norm(tree: Any) -> jax.Array:
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(max(x, 0))`` with a finite derivative at 0."""
+    """``sqrt(max(x, 0))`` with a finite derivative at 0; NaN stays NaN.
+
+    A squared norm that is NaN (a NaN in some gradient) must give a NaN norm, so that
+    :func:`jaxreg.check_finite` names the term instead of reporting a norm of 0.
+    """
     positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+    root = jnp.sqrt(jnp.where(positive, x, 1))
+    return jnp.where(positive, root, jnp.where(jnp.isnan(x), x, jnp.zeros_like(x)))
 
 
 def _groups(strategy: GradStrategy, names: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
@@ -465,6 +489,7 @@ def compose(
     grad_conflicts: bool = False,
     grad_strategy: GradStrategy = "auto",
     check_finite: bool = False,
+    grad_space: GradSpace = "x",
 ) -> Objective:
     r"""Composes a base loss and weighted regularizers into one compiled objective.
 
@@ -500,13 +525,29 @@ def compose(
       check_finite: after each (untraced) call, raise :class:`jaxreg.NonFiniteError`
         naming the terms whose value, gradient or metrics are not finite. It brings the
         scalars to the host once per call (a sync); the remote path always checks.
+      grad_space: the space every reported gradient is in. ``"x"`` (default): gradients
+        with respect to ``x`` itself. ``"logits"``: ``x`` is an array of log-probabilities
+        over the **whole** vocabulary along its last axis (``[B, T, K]`` from ``[T, K]``
+        targets spanning the vocabulary, or a classifier's ``log_softmax`` ``[B, K]``).
+        Each term's gradient is then mapped to the logits ``z`` with
+        ``x = z - logsumexp(z)``,
+
+        .. math:: \nabla_z = g - e^{x} \textstyle\sum_k g_k ,
+
+        before norms, cosines, ``term_grads`` and the total ``grad``. The dropped part,
+        along ``p = e^x``, is removed by the model's own backward through
+        ``log_softmax``, so the parameter update is unchanged; only what is reported
+        changes (a KL at 0 has norm 0, a constant NLL cotangent no longer shows a
+        constant norm). Not exact when the last axis is a subset of the vocabulary
+        (top-K targets): there ``sum_k p_k < 1`` and the probabilities outside the subset,
+        which the projection needs, are unknown; keep ``"x"`` then.
 
     Returns:
       An :class:`Objective`, called as ``objective(x, batch, *, weights=None, step=None)``
       and returning a :class:`CompositeOutput`.
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> import jaxreg as jr
       >>> nll = jr.Term("nll", lambda x, b: -jnp.mean(x))
       >>> l2 = jr.Term("l2", lambda x, b: jnp.sum(x ** 2), weight=0.5)
@@ -514,6 +555,14 @@ def compose(
       >>> out = objective(jnp.array([-1.0, -2.0, -3.0]))
       >>> round(out.to_dict()["loss_total"], 3)
       9.0
+
+      Full-distribution logprobs, gradients reported in logit space:
+
+      >>> x = jax.nn.log_softmax(jnp.array([[0.5, -1.0, 2.0]]))
+      >>> ent = jr.Term("ent", lambda x, b: jnp.sum(jnp.exp(x) * x))
+      >>> out = jr.compose(ent, track_grad_norms=True, grad_space="logits")(x)
+      >>> out.grad_space
+      'logits'
     """
     base_term, regs = normalize_terms(base, regularizers)
     return Objective(
@@ -524,4 +573,5 @@ def compose(
         grad_conflicts=grad_conflicts,
         grad_strategy=grad_strategy,
         check_finite=check_finite,
+        grad_space=grad_space,
     )

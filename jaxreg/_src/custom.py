@@ -115,6 +115,48 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
         return _EXECUTOR
 
 
+# How far ``logsumexp`` of one position's returned logprobs may be from 0 for its targets
+# to count as the whole vocabulary (float32 logprobs of a 32k vocabulary sum to 1 within
+# about 1e-5; a top-K subset misses at least the smallest probability, rarely < 1e-3).
+FULL_VOCABULARY_TOLERANCE = 1e-3
+
+
+def check_full_vocabulary(datums: Sequence[Datum], logprobs: Sequence[np.ndarray]) -> None:
+    """Raises unless every datum's targets are the whole vocabulary at every position.
+
+    ``grad_space="logits"`` maps gradients with ``g - exp(x) * sum(g)``, which is exact
+    only when the ``K`` targets of a position are ``K`` distinct tokens whose
+    probabilities sum to 1, i.e. the whole vocabulary. Checked on the logprobs the
+    service returned, so it needs no vocabulary size.
+    """
+    for i, (d, lp) in enumerate(zip(datums, logprobs, strict=True)):
+        targets = np.asarray(d.loss_fn_inputs["target_tokens"])
+        where = f"data[{i}].loss_fn_inputs['target_tokens']"
+        if targets.ndim != 2:
+            raise InputError(
+                f"{where}: grad_space='logits' needs [T, K] targets spanning the whole "
+                f"vocabulary at every position; found shape {targets.shape}. Use "
+                "grad_space='x' for one target per position."
+            )
+        ordered = np.sort(targets, axis=-1)
+        if targets.shape[1] > 1 and (ordered[:, 1:] == ordered[:, :-1]).any():
+            row = int(np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(-1))[0][0])
+            raise InputError(
+                f"{where}[{row}]: grad_space='logits' needs K distinct tokens per position; "
+                f"found repeated tokens in {targets[row].tolist()}"
+            )
+        lp = np.asarray(lp, np.float64)
+        mass = np.logaddexp.reduce(lp, axis=-1) if lp.ndim == 2 else lp
+        worst = int(np.argmax(np.abs(mass)))
+        if abs(float(mass.flat[worst])) > FULL_VOCABULARY_TOLERANCE:
+            raise InputError(
+                f"{where}[{worst}]: grad_space='logits' needs the targets to span the whole "
+                f"vocabulary, but their probabilities sum to {np.exp(mass.flat[worst]):.6f}, "
+                "not 1 (a top-K subset?). The projection to logit space is not exact then: "
+                "use grad_space='x'."
+            )
+
+
 def _linearised(datums, grads) -> list[Datum]:
     out = []
     for d, g in zip(datums, grads, strict=True):
@@ -150,6 +192,8 @@ class _Step:
 
     def compute(self, forward_result):
         logprobs = [o["logprobs"] for o in forward_result["loss_fn_outputs"]]
+        if self.objective.grad_space == "logits":
+            check_full_vocabulary(self.datums, logprobs)
         x, batch = _pack(self.datums, logprobs, self.bucket, self.batch_bucket)
         out = self.objective(x, batch, weights=self.weights, step=self.step, data=self.data)
         grad, scalars = jax.device_get((out.grad, out.scalars))  # one transfer

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.linalg import to_logit_space
 from jaxreg._src.terms import Term, TermError
 
 MAX_TIMEOUT = 300.0
@@ -368,6 +369,8 @@ def merge_host_results(
             continue
         r = by_name[term.name]
         w = host_weights[term.name]
+        if r.grad is not None and objective.grad_space == "logits":
+            r = dataclasses.replace(r, grad=np.asarray(to_logit_space(np.asarray(r.grad), x)))
         values.append(r.value)
         weights.append(w)
         contributions.append(w * r.value if r.ok else 0.0)
@@ -397,6 +400,7 @@ def merge_host_results(
         custom=tuple(tuple(m) for m in custom),
         norms=track,
         differentiable=tuple(differentiable),
+        grad_space=objective.grad_space,
     )
     errors = tuple((r.name, r.error or "") for r in results if not r.ok)
     return CompositeOutput(grad=grad, scalars=jnp.asarray(scalars), layout=layout, errors=errors)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # XLA:CPU runs a [n, K] x [K, m] product with tiny n, m and huge K several times slower
 # than the same work split into column blocks of this size (measured: 8 x 2^20 floats,
@@ -46,3 +49,50 @@ def weighted_rows(w: jax.Array, stacked: jax.Array) -> jax.Array:
     if stacked.shape[0] > _UNROLL:
         return jnp.tensordot(w, stacked, axes=1)
     return sum((w[i] * stacked[i] for i in range(1, stacked.shape[0])), start=w[0] * stacked[0])
+
+
+def to_logit_space(grad: Any, logprobs: jax.Array) -> Any:
+    r"""Maps gradients with respect to full-distribution logprobs to the logits.
+
+    With ``x = z - logsumexp(z)`` along the last axis, the chain rule gives
+
+    .. math:: \nabla_z L = g - e^{x} \textstyle\sum_k g_k, \qquad g = \nabla_x L,
+
+    which removes the component along ``p = e^x`` that the backward pass through
+    ``log_softmax`` removes anyway. Linear in ``g``: it applies to each row of stacked
+    per-term gradients (leading axes of ``grad`` beyond ``logprobs``'s broadcast), and
+    it is a projection (applying it twice changes nothing) when ``sum_k p_k = 1``.
+
+    Args:
+      grad: an array shaped like ``logprobs``, or with extra leading axes.
+      logprobs: log-probabilities over the whole vocabulary along the last axis.
+
+    Returns:
+      ``grad`` in logit space, same shape and dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.nn.log_softmax(jnp.array([1.0, 2.0, 3.0]))
+      >>> g = jnp.exp(x)                     # a gradient along p: no effect on the model
+      >>> bool(jnp.allclose(to_logit_space(g, x), 0.0, atol=1e-7))
+      True
+    """
+    p = jnp.exp(logprobs).astype(grad.dtype)
+    return grad - p * jnp.sum(grad, axis=-1, keepdims=True)
+
+
+def check_logprobs_input(x: Any) -> None:
+    """Raises unless ``x`` is one floating array with a vocabulary axis (trace time)."""
+    from jaxreg._src.terms import TermError
+
+    if not isinstance(x, jax.Array | np.ndarray) or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TermError(
+            "grad_space='logits': x must be one floating array of log-probabilities over the "
+            f"whole vocabulary along its last axis; found {type(x).__name__} "
+            f"{getattr(x, 'dtype', '')}. Use grad_space='x' for parameter pytrees."
+        )
+    if x.ndim < 1 or x.shape[-1] < 2:
+        raise TermError(
+            "grad_space='logits': x must have a vocabulary axis (last) of size >= 2, e.g. "
+            f"[B, T, K] logprobs; found shape {tuple(x.shape)}."
+        )

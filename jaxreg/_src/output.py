@@ -52,6 +52,7 @@ class Layout:
     custom: tuple[tuple[str, ...], ...]
     norms: bool
     differentiable: tuple[bool, ...]
+    grad_space: str = "x"
 
     @property
     def fields(self) -> int:
@@ -115,6 +116,17 @@ class CompositeOutput:
         return self.layout.names
 
     @property
+    def grad_space(self) -> str:
+        """The space of ``grad``, norms, cosines and ``term_grads``: ``"x"`` or ``"logits"``.
+
+        ``"x"``: gradients with respect to the differentiated input itself (model
+        parameters, or logprobs). ``"logits"``: ``x`` was declared full-distribution
+        logprobs (``compose(..., grad_space="logits")``) and every gradient was mapped to
+        the logits, the part that moves the model.
+        """
+        return self.layout.grad_space
+
+    @property
     def loss_total(self) -> jax.Array:
         """``base + sum_i weight_i * value_i``."""
         return self.scalars[..., LOSS_TOTAL]
@@ -175,7 +187,8 @@ class CompositeOutput:
         ``{"loss_total", "regularizer_total", "regularizers": {name: {"value", "weight",
         "contribution", "custom", ["grad_norm", "grad_norm_weighted"]}}, ["base_loss":
         {"value", "custom", ["grad_norm"]}], ["total_grad_norm"], ["grad_cosines":
-        {name: {name: cosine}}]}``; bracketed keys appear only when computed.
+        {name: {name: cosine}}], ["grad_space": "x" | "logits"]}``; bracketed keys appear
+        only when computed (``grad_space`` with the norms or cosines it qualifies).
         """
         if self.grad_cosines is None:
             scalars, cosines = _host(self.scalars), None
@@ -208,6 +221,8 @@ class CompositeOutput:
                 result["regularizers"][name] = entry
         if layout.norms:
             result["total_grad_norm"] = scalars[TOTAL_GRAD_NORM]
+        if layout.norms or cosines is not None:
+            result["grad_space"] = layout.grad_space
         if self.errors:
             result["errors"] = dict(self.errors)
         if cosines is not None:
@@ -224,7 +239,9 @@ class CompositeOutput:
           prefix: prepended to every key (e.g. ``"train/"``).
         """
         flat: dict[str, Any] = {}
-        _flatten(self.to_dict(), prefix, flat)
+        d = self.to_dict()
+        d.pop("grad_space", None)  # numbers only; the space is ``out.grad_space``
+        _flatten(d, prefix, flat)
         return flat
 
 
