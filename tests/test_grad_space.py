@@ -174,7 +174,7 @@ def test_logit_space_compiles_once_across_weights():
 
 def test_logit_space_rejects_inputs_without_a_vocabulary_axis():
     term = jr.Term("t", lambda x, b: jnp.sum(x["a"]) if isinstance(x, dict) else jnp.sum(x))
-    with pytest.raises(jr.TermError, match="grad_space='logits'.*one floating array"):
+    with pytest.raises(jr.TermError, match=r"grad_space='logits'.*one floating array"):
         jr.compose(term, grad_space="logits")({"a": jnp.zeros(3)})
     with pytest.raises(jr.TermError, match="vocabulary axis"):
         jr.compose(term, grad_space="logits")(jnp.zeros((3, 1)))
