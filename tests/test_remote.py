@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -217,6 +218,84 @@ def test_multi_target_data(server, client):
     assert_trees_equal(
         params_of(custom, server, "k_custom")[0], params_of(builtin, server, "k_builtin")[0]
     )
+
+
+def _full_vocabulary(task, n, seed):
+    """Datums whose targets are the whole vocabulary (a shuffled order) at every position."""
+    rng = np.random.default_rng(seed)
+    data = []
+    for e in examples(task, n, seed=seed):
+        targets = np.stack([rng.permutation(32) for _ in e.tokens]).astype(np.int64)
+        weights = (targets == e.targets[:, None]) * e.answer_mask[:, None]
+        data.append(
+            Datum(e.tokens, {"target_tokens": targets, "weights": weights.astype(np.float32)})
+        )
+    return data
+
+
+# beta1 = beta2 = 0 and a large eps make one step ``-lr * g / (|g| + eps) ~ -g``: the
+# parameter change is the parameter-space gradient itself.
+LINEAR_STEP = {"learning_rate": 1e3, "beta1": 0.0, "beta2": 0.0, "eps": 1e3}
+
+
+def test_logit_space_leaves_the_parameter_update_unchanged(server, client):
+    data = _full_vocabulary("I", 3, seed=15)
+    start = params_of(client.create_model(), server, "gs_start")[0]
+    deltas, sent = {}, {}
+    for space in ("x", "logits"):
+        transport = Transport()
+        with _client(server, transport) as c:
+            training = c.create_model()
+            result = jr.remote.forward_backward_custom(
+                training,
+                data,
+                base=jr.losses.cross_entropy,
+                regularizers=[jr.Term("entropy", jr.regularizers.entropy, 0.1)],
+                track_grad_norms=True,
+                grad_space=space,
+            ).result()
+            training.optim_step(LINEAR_STEP).result()
+            after = params_of(training, server, f"gs_{space}")[0]
+        assert result.output.grad_space == space
+        (body,) = transport.bodies("forward_backward")
+        sent[space] = decode_tensor(
+            body["forward_backward_input"]["data"][0]["loss_fn_inputs"]["weights"]
+        )
+        deltas[space] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, start)
+    # What is sent differs (the logit-space weights sum to 0 at every position) ...
+    assert np.abs(sent["x"].sum(-1)).max() > 1e-3
+    np.testing.assert_allclose(sent["logits"].sum(-1), 0, atol=1e-6)
+    # ... and the model moves the same way.
+    scale = max(float(np.abs(d).max()) for d in jax.tree.leaves(deltas["x"]))
+    assert scale > 1e-4
+    for a, b in zip(jax.tree.leaves(deltas["x"]), jax.tree.leaves(deltas["logits"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+
+
+def test_logit_space_refuses_targets_that_are_not_the_whole_vocabulary(server, client):
+    training = client.create_model()
+    top_k = datums("I", 2, seed=16)
+    top_k = [
+        d.replace_inputs(
+            target_tokens=np.stack(
+                [d.loss_fn_inputs["target_tokens"], (d.loss_fn_inputs["target_tokens"] + 1) % 32], 1
+            ),
+            weights=np.stack([d.loss_fn_inputs["weights"]] * 2, 1),
+        )
+        for d in top_k
+    ]
+    run = lambda data: jr.remote.forward_backward_custom(
+        training, data, base=jr.losses.cross_entropy, grad_space="logits"
+    ).result()
+    with pytest.raises(jr.InputError, match=r"probabilities sum to 0\.\d+, not 1"):
+        run(top_k)
+    repeated = _full_vocabulary("I", 1, seed=17)
+    targets = repeated[0].loss_fn_inputs["target_tokens"].copy()
+    targets[1, 0] = targets[1, 1]
+    with pytest.raises(jr.InputError, match=r"target_tokens'\]\[1\].*distinct tokens"):
+        run([repeated[0].replace_inputs(target_tokens=targets)])
+    with pytest.raises(jr.InputError, match=r"\[T, K\] targets"):
+        run(datums("I", 1, seed=18))
 
 
 def test_non_finite_loss_sends_nothing_and_leaves_the_model_unchanged(server, client):
