@@ -182,7 +182,7 @@ class CompositeOutput:
         return {n: self._term(i) for i, n in enumerate(self.layout.names)}
 
     def to_dict(self) -> dict[str, Any]:
-        """The metrics schema of DESIGN.md, with plain Python floats (one device transfer).
+        """The metrics schema (docs/architecture.md) as plain Python floats (one transfer).
 
         ``{"loss_total", "regularizer_total", "regularizers": {name: {"value", "weight",
         "contribution", "custom", ["grad_norm", "grad_norm_weighted"]}}, ["base_loss":
