@@ -44,7 +44,9 @@ class DemoConfig:
     batch_size: int = 16
     replay: int = 8
     learning_rate: float = 1e-3
+    warmup: int = 10
     eval_every: int = 25
+    eval_size: int = 96
     seed: int = 0
     out: Path | None = None
     base_url: str | None = None
@@ -131,6 +133,18 @@ def _service(cfg: DemoConfig, out: Path) -> Iterator[str]:
         yield server.url
 
 
+def learning_rate(cfg: DemoConfig, step: int) -> float:
+    """Linear warmup over ``cfg.warmup`` steps, then cosine decay to 0 at the last step.
+
+    The decay makes the end-of-run evaluation a property of the objective, not of where
+    Adam's last large step happened to land.
+    """
+    if step < cfg.warmup:
+        return cfg.learning_rate * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.learning_rate * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+
+
 def term_table(out: jr.CompositeOutput) -> str:
     """A per-term table: value, weight, contribution, grad norm and share of the gradient."""
     d = out.to_dict()
@@ -190,7 +204,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         for t in ("C", "R")
         for e in tasks.make_examples(t, 256, seed=cfg.seed)
     ]
-    evaluate = Evaluator(cfg.seed)
+    evaluate = Evaluator(cfg.seed, cfg.eval_size)
     obj = objective()
     adam = {"learning_rate": cfg.learning_rate, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
     started = time.perf_counter()
@@ -242,7 +256,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 batch = [new[i] for i in rng.choice(len(new), cfg.batch_size, replace=False)]
                 batch += [old[i] for i in rng.choice(len(old), cfg.replay, replace=False)]
                 fut = jr.remote.forward_backward_custom(training, batch, obj, weights=weights)
-                opt = training.optim_step(adam)  # submitted now, applied after the backward
+                lr = learning_rate(cfg, step)
+                opt = training.optim_step({**adam, "learning_rate": lr})  # after the backward
                 result = fut.result()
                 opt.result()
                 d = result.output.to_dict()
