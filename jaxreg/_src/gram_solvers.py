@@ -125,9 +125,7 @@ def nnls_gram(
     return u, residual
 
 
-def min_norm_simplex(
-    g: jax.Array, max_iter: int | None = None
-) -> tuple[jax.Array, jax.Array]:
+def min_norm_simplex(g: jax.Array, max_iter: int | None = None) -> tuple[jax.Array, jax.Array]:
     r"""``(w, residual)``: :math:`w = \arg\min_{w \in \Delta} w^\top G w` (MGDA).
 
     With :math:`H = \hat G + \bar d \bar d^\top` (:math:`\bar d \propto 1/\|g_i\|`) and
@@ -237,7 +235,7 @@ def cagrad_solve(
     def step(s):
         shifted = gs + s * (b[:, None] + b[None, :]) + s * s * (m @ b)
         w_qp, _ = min_norm_simplex(shifted)
-        s_cf, w_cf, valid = closed_form(w_qp > 0)
+        _, w_cf, valid = closed_form(w_qp > 0)
         take = valid & (objective(w_cf) <= objective(w_qp))
         w = jnp.where(take, w_cf, w_qp)
         return w, norm_w(w) / safe_cn
@@ -289,7 +287,7 @@ def nash_solve(
     floor = (n * _eps(dtype)) ** 2
 
     def cond(c):
-        _, lam2, _, it, done = c
+        _, _, _, it, done = c
         return ~done & (it < max_iter)
 
     def body(c):
@@ -309,7 +307,7 @@ def nash_solve(
         return a, lam2, jnp.minimum(lam2, prev), it + 1, done
 
     inf = jnp.asarray(jnp.inf, dtype)
-    a, lam2, best, _, _ = lax.while_loop(cond, body, (a0, inf, inf, 0, jnp.asarray(False)))
+    a, _, best, _, _ = lax.while_loop(cond, body, (a0, inf, inf, 0, jnp.asarray(False)))
     solved = (best < 1.0 / 16) & jnp.all(jnp.isfinite(a)) & jnp.all(jnp.diagonal(g) > 0)
     residual = jnp.max(jnp.abs(a * (gn @ a) - 1.0))
     alpha = jnp.where(solved, a / d, 0.0)
