@@ -43,10 +43,23 @@ def _unit(v):
     return v / np.linalg.norm(v)
 
 
-def hard_cases(count: int = 64, seed: int = 0) -> list[tuple[str, np.ndarray]]:
-    """``count`` deterministic ``(name, J)`` pairs, ``J`` of shape ``[n, d]`` in float64."""
+SHAPES = [(2, 10), (3, 100), (5, 1000), (8, 100), (2, 1000), (3, 10), (5, 100), (8, 1000)]
+
+
+def issue_pair(d: int = 100, seed: int = 0) -> np.ndarray:
+    """The issue's example: two gradients at cos = -0.97 with a 30x norm ratio."""
+    g = np.random.default_rng(seed).normal(size=(2, d))
+    u1 = _unit(g[0])
+    v = _unit(g[1] - (g[1] @ u1) * u1)
+    return np.stack([u1, 30 * (-0.97 * u1 + np.sqrt(1 - 0.97**2) * v)])
+
+
+def hard_cases(
+    count: int = 64, seed: int = 0, shapes=SHAPES, d_issue: int = 100
+) -> list[tuple[str, np.ndarray]]:
+    """``count + 1`` deterministic ``(name, J)`` pairs, ``J`` of shape ``[n, d]``
+    (float64), cycling through ``shapes``; the last is :func:`issue_pair`."""
     rng = np.random.default_rng(seed)
-    shapes = [(2, 10), (3, 100), (5, 1000), (8, 100), (2, 1000), (3, 10), (5, 100), (8, 1000)]
     cosines = [-0.97, -0.99, -0.999]
     gaps = [1e-2, 1e-3, 1e-4]
     cases = []
@@ -77,11 +90,7 @@ def hard_cases(count: int = 64, seed: int = 0) -> list[tuple[str, np.ndarray]]:
         scales[rng.integers(n)] = ratio
         g = g / np.linalg.norm(g, axis=1, keepdims=True) * scales[:, None]
         cases.append((f"{kind[:3]}-{k} n={n} d={d} ratio={ratio:.0e} {name}", g))
-    # The issue's example: two tasks at cos = -0.97 with a 30x scale difference.
-    g = rng.normal(size=(2, 100))
-    u1 = _unit(g[0])
-    v = _unit(g[1] - (g[1] @ u1) * u1)
-    cases.append(("issue pair cos=-0.97 ratio=30", np.stack([u1, 30 * (-0.97 * u1 + 0.2431 * v)])))
+    cases.append(("issue pair cos=-0.97 ratio=30", issue_pair(d_issue, seed)))
     return cases
 
 
@@ -108,16 +117,55 @@ def ref_mgda(j: np.ndarray) -> np.ndarray:
     return (u / u.sum()) @ j
 
 
-def ref_cagrad_weights(gram: np.ndarray, c: float = 0.5) -> np.ndarray:
-    """CAGrad's ``w* = argmin_{w in simplex} b^T w + c ||g0|| ||g_w||`` (Liu et al. 2021),
-    the best of the closed-form KKT points of every support."""
+def _cagrad_kkt(gram: np.ndarray, w: np.ndarray, c: float) -> float:
+    """Largest violation of the KKT conditions of CAGrad's dual problem at ``w``."""
+    mean = np.full(len(gram), 1 / len(gram))
+    cn = c * np.sqrt(mean @ gram @ mean)
+    r = gram @ mean + cn * (gram @ w) / np.sqrt(w @ gram @ w)
+    lam = w @ r
+    return np.max(np.abs(np.minimum(w, r - lam))) / np.max(np.abs(r))
+
+
+def ref_cagrad_weights(gram: np.ndarray, c: float = 0.5, enumerate_all: bool = False):
+    """CAGrad's ``w* = argmin_{w in simplex} b^T w + c ||g0|| ||g_w||`` (Liu et al. 2021).
+
+    The closed-form KKT point on the support that ``scipy.optimize.minimize`` (SLSQP)
+    finds, if it satisfies the KKT conditions to 1e-9; else (or with ``enumerate_all``)
+    the best closed-form KKT point over every support."""
     n = len(gram)
     mean = np.full(n, 1 / n)
     b = gram @ mean
     cn = c * np.sqrt(mean @ gram @ mean)
-    best, best_w = np.inf, mean
-    for k in range(1, n + 1):
-        for free in itertools.combinations(range(n), k):
+    supports = itertools.chain.from_iterable(
+        itertools.combinations(range(n), k) for k in range(1, n + 1)
+    )
+    if not enumerate_all:
+        scale = 1 / np.diag(gram).max()
+        sol = scipy.optimize.minimize(
+            lambda w: scale * (w @ b + cn * np.sqrt(max(w @ gram @ w, 0.0))),
+            mean,
+            bounds=[(0, 1)] * n,
+            constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
+        found = tuple(np.flatnonzero(sol.x > 1e-6))
+        w = ref_cagrad_weights_on(gram, c, [found])
+        if w is not None and _cagrad_kkt(gram, w, c) < 1e-9:
+            return w
+    return ref_cagrad_weights_on(gram, c, supports)
+
+
+def ref_cagrad_weights_on(gram: np.ndarray, c: float, supports):
+    """The best closed-form KKT point of CAGrad's dual problem over ``supports``."""
+    n = len(gram)
+    mean = np.full(n, 1 / n)
+    b = gram @ mean
+    cn = c * np.sqrt(mean @ gram @ mean)
+    best, best_w = np.inf, None
+    for free in supports:
+        k = len(free)
+        if k:
             f = list(free)
             mat = np.block([[gram[np.ix_(f, f)], -np.ones((k, 1))], [np.ones((1, k)), 0]])
             rhs = np.stack([np.append(np.zeros(k), 1.0), np.append(-b[f], 0.0)], axis=1)

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -48,9 +47,9 @@ _PAIRWISE_MAX = 384
 
 def gramian(stacked: Any) -> jax.Array:
     r"""The Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of stacked gradients."""
-    acc = functools.reduce(
-        jnp.promote_types, [x.dtype for x in jax.tree.leaves(stacked)], jnp.float32
-    )
+    # The widest float among the leaves and float32 (no promotion: strict mode allows none).
+    dtypes = [jnp.dtype(jnp.float32), *(jnp.dtype(x.dtype) for x in jax.tree.leaves(stacked))]
+    acc = max(dtypes, key=lambda t: jnp.finfo(t).bits)
     leaves = [leaf.astype(acc) for leaf in jax.tree.leaves(stacked)]  # no-op for float32
     n = leaves[0].shape[0]
     if n * (n + 1) // 2 * len(leaves) <= _PAIRWISE_MAX:
@@ -178,7 +177,7 @@ def mgda_weights(
 
     Args:
       g: the ``n x n`` Gramian.
-      iterations: the active-set iteration guard (default ``5 n + 10``; each iteration
+      iterations: the active-set iteration guard (default ``6 n + 10``; each iteration
         frees one variable, so about ``n`` are used).
       with_residual: also return the KKT residual of the scaled problem.
     """
@@ -222,7 +221,7 @@ def upgrad_weights(
 
     Args:
       g: the ``n x n`` Gramian.
-      iterations: the active-set iteration guard per projection (default ``5 n + 10``).
+      iterations: the active-set iteration guard per projection (default ``6 n + 10``).
       with_residual: also return the largest KKT residual of the ``n`` projections.
     """
     w, residual = gram_solvers.upgrad_solve(_solve_dtype(g), iterations)

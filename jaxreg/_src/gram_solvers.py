@@ -32,7 +32,7 @@ def _eps(dtype) -> float:
 
 def default_max_iter(n: int) -> int:
     """The iteration guard of the active-set solvers: each outer step adds a variable."""
-    return 5 * n + 10
+    return 6 * n + 10
 
 
 def unit_diagonal(g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -61,10 +61,12 @@ def nnls_gram(
 
     ``H`` is positive semidefinite with ``p`` in its range (a least-squares problem
     :math:`\min_{u\ge0}\|A u - b\|` given as :math:`H = A^\top A`, :math:`p = A^\top b`).
-    Lawson-Hanson: the variable with the largest negative gradient enters the free set,
-    the free system is solved, and variables that would turn negative leave it. It
-    stops when no fixed variable has a gradient below :math:`-10\,n\,\epsilon` (scaled),
-    or when the entering variable cannot move (the rounding floor).
+    Lawson-Hanson, one linear solve per iteration: the free variables' system is
+    solved; if its solution is positive it is taken, and the fixed variable with the
+    largest negative gradient (below :math:`-10\,n\,\epsilon`, scaled) is freed, else
+    the iterate moves towards it until a variable reaches zero, which is fixed again.
+    It stops when no variable can enter (the KKT conditions hold), or when the variable
+    that entered cannot move (the rounding floor).
 
     ``residual`` is the KKT residual :math:`\max_j |\min(u_j, (Hu - p)_j)|` divided by
     :math:`\max_j |p_j|`.
@@ -77,69 +79,91 @@ def nnls_gram(
     hmax = jnp.max(jnp.abs(h))
     rel = 10 * n * _eps(dtype)
 
-    def inner(u, free, s):
-        def cond(c):
-            _, free, s, k = c
-            return jnp.any(free & (s <= 0)) & (k < n)
-
-        def body(c):
-            u, free, s, k = c
-            bad = free & (s <= 0)
-            gap = u - s
-            ratio = jnp.where(bad & (gap > 0), u / jnp.where(gap > 0, gap, 1.0), 0.0)
-            ratio = jnp.where(bad, ratio, jnp.inf)
-            j = jnp.argmin(ratio)
-            u = u + ratio[j] * (s - u)
-            free = free & (u > 0) & (idx != j)
-            u = jnp.where(free, u, 0.0)
-            return u, free, _free_solve(h, p, free), k + 1
-
-        u, free, s, _ = lax.while_loop(cond, body, (u, free, s, 0))
-        return jnp.where(free, jnp.maximum(s, 0.0), 0.0), free
-
     def cond(c):
-        _, _, it, done = c
-        return ~done & (it < max_iter)
+        return ~c[4] & (c[3] < max_iter)
 
     def body(c):
-        u, free, it, _ = c
-        w = p - h @ u
-        cand = jnp.where(free, -jnp.inf, w)
-        j = jnp.argmax(cand)
-        tol = rel * (pmax + hmax * jnp.sum(u))
-        enter = cand[j] > tol
-        free2 = free | ((idx == j) & enter)
-        s = _free_solve(h, p, free2)
-        stalled = enter & ~(s[j] > 0)
-        u2, free3 = inner(u, free2, s)
-        ok = jnp.all(jnp.isfinite(u2))
-        move = enter & ~stalled & ok
-        u = jnp.where(move, u2, u)
-        free = jnp.where(move, free3, free)
-        return u, free, it + 1, ~move
+        u, free, entered, it, _ = c
+        s = _free_solve(h, p, free)
+        bad = free & ~(s > 0)
+        feasible = ~jnp.any(bad)
+        # Not feasible: move from u towards s until the first free variable hits zero.
+        gap = u - s
+        ratio = jnp.where(bad & (gap > 0), u / jnp.where(gap > 0, gap, 1.0), 0.0)
+        ratio = jnp.where(bad, ratio, jnp.inf)
+        out = jnp.argmin(ratio)
+        back = u + ratio[out] * (s - u)
+        free_back = free & (back > 0) & (idx != out)
+        stalled = (out == entered) & (ratio[out] <= 0)
+        # Feasible: take s, then free the variable with the most negative gradient.
+        w = jnp.where(free, -jnp.inf, p - h @ s)
+        j = jnp.argmax(w)
+        enter = w[j] > rel * (pmax + hmax * jnp.sum(jnp.abs(s)))
+        u = jnp.where(feasible, s, jnp.where(stalled, u, jnp.where(free_back, back, 0.0)))
+        free = jnp.where(
+            feasible,
+            free | ((idx == j) & enter),
+            jnp.where(stalled, free & (idx != out), free_back),
+        )
+        entered = jnp.where(feasible, jnp.where(enter, j, -1), -1)
+        done = jnp.where(feasible, ~enter, stalled)
+        return u, free, entered, it + 1, done
 
-    u0 = jnp.zeros((n,), dtype)
-    u, _, _, _ = lax.while_loop(cond, body, (u0, jnp.zeros((n,), bool), 0, jnp.asarray(False)))
+    init = (jnp.zeros((n,), dtype), jnp.zeros((n,), bool), jnp.asarray(-1), 0, jnp.asarray(False))
+    u, _, _, _, _ = lax.while_loop(cond, body, init)
     grad = h @ u - p
     residual = jnp.max(jnp.abs(jnp.minimum(u, grad))) / jnp.where(pmax > 0, pmax, 1.0)
     return u, residual
 
 
+def mgda_residual(g: jax.Array, w: jax.Array) -> jax.Array:
+    r"""MGDA's KKT residual at ``w``: :math:`\max_j |\min(w_j, \frac{\langle g_j, d
+    \rangle - \|d\|^2}{\|g_j\| \|d\|})|`, :math:`d = w^\top J` (0 when :math:`d = 0`)."""
+    gw = g @ w
+    dd = jnp.maximum(w @ gw, 0.0)
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0.0)) * jnp.sqrt(dd)
+    slack = jnp.where(norms > 0, (gw - dd) / jnp.where(norms > 0, norms, 1.0), 0.0)
+    return jnp.max(jnp.abs(jnp.minimum(w, slack)))
+
+
 def min_norm_simplex(g: jax.Array, max_iter: int | None = None) -> tuple[jax.Array, jax.Array]:
     r"""``(w, residual)``: :math:`w = \arg\min_{w \in \Delta} w^\top G w` (MGDA).
 
-    With :math:`H = \hat G + \bar d \bar d^\top` (:math:`\bar d \propto 1/\|g_i\|`) and
-    :math:`\hat u = \arg\min_{\hat u \ge 0} \tfrac12 \hat u^\top H \hat u - \bar d^\top
-    \hat u`, :math:`w \propto D^{-1}\hat u`: the KKT conditions of the two problems
-    coincide (:math:`G w = \lambda 1 + \mu`, :math:`\lambda = w^\top G w`), also when
-    :math:`0` is in the convex hull, where :math:`\lambda = 0`.
+    For two tasks, the closed form :math:`w_1 = \mathrm{clip}(\frac{\langle g_2, g_2 -
+    g_1\rangle}{\|g_1 - g_2\|^2}, 0, 1)`. Otherwise, with :math:`H = \hat G + \bar d
+    \bar d^\top` (:math:`\bar d \propto 1/\|g_i\|`) and :math:`\hat u = \arg\min_{\hat
+    u \ge 0} \tfrac12 \hat u^\top H \hat u - \bar d^\top \hat u`, :math:`w \propto
+    D^{-1}\hat u`: the KKT conditions of the two problems coincide (:math:`G w =
+    \lambda 1 + \mu`, :math:`\lambda = w^\top G w`), also when :math:`0` is in the
+    convex hull, where :math:`\lambda = 0`. ``residual`` is :func:`mgda_residual`.
     """
+    n = g.shape[0]
+    if n == 2:
+        den = g[0, 0] + g[1, 1] - 2 * g[0, 1]
+        w1 = jnp.clip((g[1, 1] - g[0, 1]) / jnp.where(den > 0, den, 1.0), 0.0, 1.0)
+        w = jnp.stack([w1, 1 - w1])
+        w = jnp.where(den > 0, w, jnp.full((2,), 0.5, g.dtype))
+        return w, mgda_residual(g, w)
     _, d, gn = unit_diagonal(g)
     inv = 1.0 / d
     dbar = inv / jnp.max(inv)
-    u, residual = nnls_gram(gn + dbar[:, None] * dbar[None, :], dbar, max_iter)
+    u, _ = nnls_gram(gn + dbar[:, None] * dbar[None, :], dbar, max_iter)
     u = u / d
-    return u / jnp.sum(u), residual
+    w = u / jnp.sum(u)
+    return w, mgda_residual(g, w)
+
+
+def upgrad_residual(g: jax.Array, v: jax.Array) -> jax.Array:
+    r"""The largest KKT residual of UPGrad's ``n`` projections ``v`` (rows): with
+    :math:`\tilde u = D(v_i - e_i)/\|g_i\|`, :math:`\max_j |\min(\tilde u_j, (\hat G(e_i +
+    \tilde u))_j)|` (the projection of the unit gradient, in its units)."""
+    n = g.shape[0]
+    norms, d, gn = unit_diagonal(g)
+    eye = jnp.eye(n, dtype=g.dtype)
+    scale = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
+    u = (v - eye) * d[None, :] * scale[:, None]
+    grad = (eye + u) @ gn
+    return jnp.max(jnp.abs(jnp.minimum(u, grad)))
 
 
 def upgrad_solve(g: jax.Array, max_iter: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -149,18 +173,26 @@ def upgrad_solve(g: jax.Array, max_iter: int | None = None) -> tuple[jax.Array, 
     With :math:`v = e_i + \|g_i\| D^{-1} \tilde u`, the problem is
     :math:`\min_{\tilde u \ge 0} \tfrac12 \tilde u^\top \hat G \tilde u + \tilde u^\top
     \hat G e_i`, the least-squares projection of :math:`-g_i/\|g_i\|` on the cone of
-    the unit gradients. ``residual`` is the largest of the ``n`` KKT residuals.
+    the unit gradients. For two tasks, the closed form
+    :math:`v_1 = (1, \max(0, -G_{12}/G_{22}))` (and symmetrically).
+    ``residual`` is :func:`upgrad_residual`.
     """
     n = g.shape[0]
     norms, d, gn = unit_diagonal(g)
     eye = jnp.eye(n, dtype=g.dtype)
+    if n == 2:
+        diag = jnp.diagonal(g)
+        off = jnp.maximum(-g[0, 1], 0.0) / jnp.where(diag > 0, diag, 1.0)
+        off = jnp.where(diag > 0, off, 0.0)
+        v = jnp.stack([jnp.stack([1.0, off[1]]), jnp.stack([off[0], 1.0])]).astype(g.dtype)
+    else:
 
-    def one(i):
-        u, residual = nnls_gram(gn, -gn[:, i], max_iter)
-        return eye[i] + norms[i] * u / d, residual
+        def one(i):
+            u, _ = nnls_gram(gn, -gn[:, i], max_iter)
+            return eye[i] + norms[i] * u / d
 
-    v, residuals = jax.vmap(one)(jnp.arange(n))
-    return v.mean(0), jnp.max(residuals)
+        v = jax.vmap(one)(jnp.arange(n))
+    return v.mean(0), upgrad_residual(g, v)
 
 
 def _simplex_kkt(w: jax.Array, r: jax.Array) -> jax.Array:
@@ -270,7 +302,8 @@ def nash_solve(
     D^{-1} a`), found by Newton's method from the best point on the ray :math:`t\,1`:
     damped steps :math:`1/(1+\lambda)` while the Newton decrement :math:`\lambda \ge
     1/4` (they keep :math:`a > 0`), full steps after, until :math:`\lambda^2 \le (n
-    \epsilon)^2` or a full step stops shrinking it fourfold (the rounding floor).
+    \epsilon)^2` or a full step stops shrinking it fourfold (the rounding floor). For
+    two tasks the start is the solution, :math:`a_i = 1/\sqrt{1 + \cos(g_1, g_2)}`.
 
     A solution exists iff :math:`0` is not in the convex hull of the gradients; when
     none does (or a gradient is zero), the Newton decrement never falls below 1/4 and
@@ -284,6 +317,12 @@ def nash_solve(
     gn = gn + ridge * jnp.eye(n, dtype=dtype)
     total = jnp.sum(gn)
     a0 = jnp.full((n,), 1.0, dtype) * jnp.sqrt(n / jnp.where(total > 0, total, n))
+    if n == 2:  # the solution is symmetric: a_i = 1/sqrt(1 + ridge + cos), the start a0
+        a = a0
+        solved = (total > 0) & jnp.all(jnp.diagonal(g) > 0)
+        residual = jnp.max(jnp.abs(a * (gn @ a) - 1.0))
+        inf = jnp.asarray(jnp.inf, dtype)
+        return jnp.where(solved, a / d, 0.0), jnp.where(solved, residual, inf)
     floor = (n * _eps(dtype)) ** 2
 
     def cond(c):
