@@ -53,6 +53,23 @@ def trajectory(aggregator, start, steps: int, lr: float = 1e-3):
     return x, xs
 
 
+def end_points(aggregator, starts, steps: int, lr: float = 1e-3) -> np.ndarray:
+    """Where :func:`trajectory` ends from each of ``starts`` (one compiled program)."""
+    opt = optax.chain(aggregator, optax.adam(lr))
+    jacobian = jax.jacrev(objectives)
+
+    def run(x0):
+        def step(carry, _):
+            x, state = carry
+            updates, state = opt.update(jacobian(x), state, x)
+            return (optax.apply_updates(x, updates), state), None
+
+        (x, _), _ = jax.lax.scan(step, (x0, opt.init(x0)), None, steps)
+        return x
+
+    return np.asarray(jax.jit(lambda x0: jax.lax.map(run, x0))(jnp.asarray(starts, jnp.float32)))
+
+
 def stationarity(x: jax.Array) -> float:
     """Norm of the min-norm point of the two gradients' convex hull (0 on the front)."""
     g1, g2 = np.asarray(jax.jacrev(objectives)(x), np.float64)

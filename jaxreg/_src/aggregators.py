@@ -20,14 +20,15 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from optax.experimental import aggregating
 
+from jaxreg._src import gram_solvers
 from jaxreg._src.linalg import cross_gram, weighted_rows
 
 WeightFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -46,9 +47,9 @@ _PAIRWISE_MAX = 384
 
 def gramian(stacked: Any) -> jax.Array:
     r"""The Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of stacked gradients."""
-    acc = functools.reduce(
-        jnp.promote_types, [x.dtype for x in jax.tree.leaves(stacked)], jnp.float32
-    )
+    # The widest float among the leaves and float32 (no promotion: strict mode allows none).
+    dtypes = [jnp.dtype(jnp.float32), *(jnp.dtype(x.dtype) for x in jax.tree.leaves(stacked))]
+    acc = max(dtypes, key=lambda t: jnp.finfo(t).bits)
     leaves = [leaf.astype(acc) for leaf in jax.tree.leaves(stacked)]  # no-op for float32
     n = leaves[0].shape[0]
     if n * (n + 1) // 2 * len(leaves) <= _PAIRWISE_MAX:
@@ -71,22 +72,41 @@ def combine(weights: jax.Array, stacked: Any) -> Any:
 
 
 class WeightingState(NamedTuple):
-    """State of a Gramian weighting: a PRNG key (used by PCGrad's random order)."""
+    """State of a Gramian weighting.
+
+    Attributes:
+      key: a PRNG key (used by PCGrad's random order).
+      residual: float32 residual of the last weight problem's optimality conditions
+        (0 for the methods without one; see each method for its definition). A solved
+        problem reads about ``1e-7`` in float32 and ``1e-15`` in float64.
+    """
 
     key: jax.Array
+    residual: Any = np.zeros((), np.float32)
+
+
+def _solve_dtype(g: jax.Array) -> jax.Array:
+    """The Gramian in float64 when x64 is enabled (the ``n x n`` solves cost nothing)."""
+    return g.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def from_weighting(weighting: WeightFn, seed: int = 0) -> aggregating.Aggregator:
-    """An ``Aggregator`` from a function ``(G, key) -> (weights, key)`` on the Gramian."""
+    """An ``Aggregator`` from a function ``(G, key) -> (weights, key)`` on the Gramian.
+
+    The function may also return ``(weights, key, residual)``; the residual is kept in
+    the state (:class:`WeightingState`).
+    """
 
     def init(params):
         del params
-        return WeightingState(jax.random.key(seed))
+        return WeightingState(jax.random.key(seed), jnp.zeros((), jnp.float32))
 
     def update(stacked, state, params=None, **extra):
         del params, extra
-        w, key = weighting(gramian(stacked), state.key)
-        return combine(w, stacked), WeightingState(key)
+        result = weighting(gramian(stacked), state.key)
+        w, key = result[0], result[1]
+        residual = result[2] if len(result) > 2 else jnp.zeros((), jnp.float32)
+        return combine(w, stacked), WeightingState(key, jnp.asarray(residual, jnp.float32))
 
     return aggregating.Aggregator(init, update)
 
@@ -140,80 +160,96 @@ def pcgrad(seed: int = 0) -> aggregating.Aggregator:
     return from_weighting(pcgrad_weights, seed=seed)
 
 
-def _min_norm_simplex(g: jax.Array, iterations: int) -> jax.Array:
-    """Frank-Wolfe for :math:`\\min_{w \\in \\Delta} w^\\top G w` (Sener & Koltun 2018)."""
-    n = g.shape[0]
-
-    def body(_, w):
-        gw = g @ w
-        t = jnp.argmin(gw)
-        a, b, c = w @ gw, gw[t], g[t, t]
-        denom = a - 2 * b + c
-        gamma = jnp.where(
-            denom > 0, jnp.clip((a - b) / jnp.where(denom > 0, denom, 1.0), 0, 1), 0.0
-        )
-        return (1 - gamma) * w + gamma * jax.nn.one_hot(t, n, dtype=g.dtype)
-
-    return jax.lax.fori_loop(0, iterations, body, jnp.full((n,), 1.0 / n, g.dtype))
+def _iterations(iterations: int | None, name: str) -> int | None:
+    if iterations is not None and iterations < 1:
+        raise ValueError(f"{name}: iterations must be a positive int or None, found {iterations!r}")
+    return iterations
 
 
-def mgda(iterations: int = 250) -> aggregating.Aggregator:
+def mgda_weights(
+    g: jax.Array, iterations: int | None = None, *, with_residual: bool = False
+) -> Any:
+    r"""MGDA's weights: :math:`w^* = \arg\min_{w \in \Delta_n} w^\top G w`.
+
+    Solved exactly by an active-set (Lawson-Hanson) method on the scaled Gramian,
+    stopping on the KKT conditions :math:`(Gw)_j \ge w^\top G w` with equality where
+    :math:`w_j > 0` (:func:`~jaxreg._src.gram_solvers.min_norm_simplex`).
+
+    Args:
+      g: the ``n x n`` Gramian.
+      iterations: the active-set iteration guard (default ``6 n + 10``; each iteration
+        frees one variable, so about ``n`` are used).
+      with_residual: also return the KKT residual of the scaled problem.
+    """
+    w, residual = gram_solvers.min_norm_simplex(_solve_dtype(g), iterations)
+    return (w, residual) if with_residual else w
+
+
+def mgda(iterations: int | None = None) -> aggregating.Aggregator:
     r"""MGDA (Désidéri 2012; Sener & Koltun 2018): the min-norm point of the convex hull.
 
-    :math:`w^* = \arg\min_{w \in \Delta_n} \|w^\top J\|^2`, solved on the Gramian with
-    Frank-Wolfe and exact line search; the update is :math:`{w^*}^\top J`, a common
-    descent direction of every term (zero at a Pareto-stationary point).
+    :math:`w^* = \arg\min_{w \in \Delta_n} \|w^\top J\|^2`, solved exactly on the
+    Gramian (:func:`mgda_weights`); the update is :math:`{w^*}^\top J`, a common descent
+    direction of every term (zero at a Pareto-stationary point). ``iterations`` is the
+    solver's iteration guard (it stops on the KKT conditions). The state's ``residual``
+    is the KKT residual.
     """
-    return from_weighting(lambda g, key: (_min_norm_simplex(g, iterations), key))
+    iterations = _iterations(iterations, "mgda")
+    return from_weighting(
+        lambda g, key: _with_key(mgda_weights(g, iterations, with_residual=True), key)
+    )
 
 
-def _nonneg_qp(g: jax.Array, start: jax.Array, iterations: int) -> jax.Array:
-    r""":math:`\arg\min_{v \ge \text{start}} v^\top G v` by projected gradient descent."""
-    step = 1.0 / jnp.maximum(jnp.linalg.eigvalsh(g)[-1], 1e-12)
-
-    def body(_, v):
-        return jnp.maximum(v - step * (g @ v), start)
-
-    # Nesterov-free projected gradient; G is tiny (n x n), so many steps are cheap.
-    return jax.lax.fori_loop(0, iterations, body, start)
+def _with_key(solved: tuple[jax.Array, jax.Array], key: jax.Array):
+    w, residual = solved
+    return w, key, residual
 
 
-def upgrad_weights(g: jax.Array, iterations: int = 500) -> jax.Array:
+def upgrad_weights(
+    g: jax.Array, iterations: int | None = None, *, with_residual: bool = False
+) -> Any:
     r"""UPGrad's weights (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective
     Optimization"): project each :math:`g_i` onto the dual cone
     :math:`\{x : \langle x, g_j\rangle \ge 0\ \forall j\}` and average the projections.
 
     The projection of :math:`g_i` is :math:`v_i^\top J` with
-    :math:`v_i = \arg\min_{v \ge e_i} v^\top G v` (the dual of the projection problem).
+    :math:`v_i = \arg\min_{v \ge e_i} v^\top G v` (the dual of the projection problem);
+    the weights are :math:`\frac1n \sum_i v_i` (TorchJD's ``UPGrad()``, without its
+    ``reg_eps`` ridge). Each :math:`v_i` is solved exactly by an active-set
+    non-negative least-squares method on the unit-diagonal Gramian, stopping on the KKT
+    conditions (:func:`~jaxreg._src.gram_solvers.upgrad_solve`).
+
+    Args:
+      g: the ``n x n`` Gramian.
+      iterations: the active-set iteration guard per projection (default ``6 n + 10``).
+      with_residual: also return the largest KKT residual of the ``n`` projections.
     """
-    n = g.shape[0]
-    scale = jnp.maximum(jnp.trace(g) / n, jnp.finfo(g.dtype).tiny)
-    gn = g / scale  # conditioning; the minimiser does not change
-    v = jax.vmap(lambda e: _nonneg_qp(gn, e, iterations))(jnp.eye(n, dtype=g.dtype))
-    return v.mean(0)
+    w, residual = gram_solvers.upgrad_solve(_solve_dtype(g), iterations)
+    return (w, residual) if with_residual else w
 
 
-def upgrad(iterations: int = 500) -> aggregating.Aggregator:
+def upgrad(iterations: int | None = None) -> aggregating.Aggregator:
     """UPGrad (Quinton & Rey 2024): average of the gradients projected onto the dual cone.
 
     The result has a non-negative inner product with every term's gradient (no term
-    gets worse to first order), and equals the mean when nothing conflicts.
+    gets worse to first order), and equals the mean when nothing conflicts. Solved
+    exactly (:func:`upgrad_weights`); ``iterations`` is the iteration guard. The state's
+    ``residual`` is the largest KKT residual of the projections.
     """
-    return from_weighting(lambda g, key: (upgrad_weights(g, iterations), key))
+    iterations = _iterations(iterations, "upgrad")
+    return from_weighting(
+        lambda g, key: _with_key(upgrad_weights(g, iterations, with_residual=True), key)
+    )
 
 
-def _project_simplex(v: jax.Array) -> jax.Array:
-    """Euclidean projection onto the probability simplex (Duchi et al. 2008)."""
-    n = v.shape[0]
-    u = jnp.sort(v)[::-1]
-    css = jnp.cumsum(u)
-    k = jnp.arange(1, n + 1, dtype=v.dtype)
-    rho = jnp.max(jnp.where(u - (css - 1) / k > 0, jnp.arange(n), 0))
-    theta = (css[rho] - 1) / (rho + 1).astype(v.dtype)
-    return jnp.maximum(v - theta, 0)
-
-
-def cagrad_weights(g: jax.Array, c: float = 0.5, rescale: int = 1, iterations: int = 500):
+def cagrad_weights(
+    g: jax.Array,
+    c: float = 0.5,
+    rescale: int = 1,
+    iterations: int | None = None,
+    *,
+    with_residual: bool = False,
+) -> Any:
     r"""CAGrad's weights (Liu et al. 2021, "Conflict-Averse Gradient Descent").
 
     With :math:`g_0` the mean gradient, solve
@@ -221,73 +257,100 @@ def cagrad_weights(g: jax.Array, c: float = 0.5, rescale: int = 1, iterations: i
     (:math:`g_w = w^\top J`), then :math:`d = g_0 + \frac{c\|g_0\|}{\|g_w\|} g_w`,
     divided by :math:`1 + c^2` (``rescale=1``, the paper's default), :math:`1 + c`
     (``rescale=2``) or not (``0``).
+
+    The dual problem is solved exactly: at the optimum, :math:`w^*` is the min-norm
+    point of the shifted gradients :math:`g_i + s g_0` with :math:`s = \|g_w\|/(c
+    \|g_0\|)`, and on its support :math:`s` has a closed form
+    (:func:`~jaxreg._src.gram_solvers.cagrad_solve`); the solver alternates the two and
+    stops on the KKT conditions. Unlike the official code, no ``1e-8`` is added to the
+    norms (they made the result depend on the gradients' scale). When
+    :math:`g_0 = 0` the update is :math:`0`.
+
+    Args:
+      g: the ``n x n`` Gramian.
+      c: the radius ``c`` in [0, 1) around the mean gradient.
+      rescale: 0, 1 or 2 (see above).
+      iterations: the outer iteration guard (default 20; about 2 are used).
+      with_residual: also return the KKT residual of the dual problem.
     """
     n = g.shape[0]
-    mean = jnp.full((n,), 1.0 / n, g.dtype)
-    g0_norm = jnp.sqrt(jnp.maximum(mean @ g @ mean, 0) + 1e-8)
-    cn = c * g0_norm + 1e-8
-    gb = g @ mean
-
-    def objective(w):
-        return w @ gb + cn * jnp.sqrt(jnp.maximum(w @ g @ w, 0) + 1e-8)
-
-    step = 1.0 / jnp.maximum(jnp.linalg.eigvalsh(g)[-1], 1e-12)
-
-    def body(_, w):
-        return _project_simplex(w - step * jax.grad(objective)(w))
-
-    w = jax.lax.fori_loop(0, iterations, body, mean)
-    gw_norm = jnp.sqrt(jnp.maximum(w @ g @ w, 0))
-    weights = mean + cn / (gw_norm + 1e-8) * w
+    gd = _solve_dtype(g)
+    w, s, residual = gram_solvers.cagrad_solve(gd, c, iterations)
+    mean = jnp.full((n,), 1.0 / n, gd.dtype)
+    # d = g0 + (c |g0| / |g_w|) g_w and s = |g_w| / (c |g0|).
+    weights = mean + jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0) * w
     divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
-    return weights / divisor
+    weights = weights / divisor
+    return (weights, residual) if with_residual else weights
 
 
-def cagrad(c: float = 0.5, rescale: int = 1, iterations: int = 500) -> aggregating.Aggregator:
+def cagrad(
+    c: float = 0.5, rescale: int = 1, iterations: int | None = None
+) -> aggregating.Aggregator:
     """CAGrad (Liu et al. 2021): the best worst-case improvement near the mean gradient.
 
     See :func:`cagrad_weights`. ``c`` in [0, 1) trades the mean's progress for the
-    worst term's (``c = 0`` is the mean).
+    worst term's (``c = 0`` is the mean). The state's ``residual`` is the KKT residual
+    of the dual problem.
     """
     if rescale not in (0, 1, 2):
         raise ValueError(f"cagrad: rescale must be 0, 1 or 2, found {rescale!r}")
-    return from_weighting(lambda g, key: (cagrad_weights(g, c, rescale, iterations), key))
+    if not 0 <= c < 1:
+        raise ValueError(f"cagrad: c must be in [0, 1), found {c!r}")
+    iterations = _iterations(iterations, "cagrad")
+    return from_weighting(
+        lambda g, key: _with_key(cagrad_weights(g, c, rescale, iterations, with_residual=True), key)
+    )
 
 
-def nash_mtl_weights(g: jax.Array, iterations: int = 50, ridge: float = 1e-4) -> jax.Array:
+def nash_mtl_weights(
+    g: jax.Array,
+    iterations: int | None = None,
+    ridge: float = 0.0,
+    *,
+    with_residual: bool = False,
+) -> Any:
     r"""Nash-MTL's weights (Navon et al. 2022, "Multi-Task Learning as a Bargaining Game").
 
     The Nash bargaining solution :math:`\alpha > 0` with :math:`(G\alpha)_i = 1/\alpha_i`
-    is the minimiser of the strictly convex
-    :math:`f(\alpha) = \tfrac12 \alpha^\top G \alpha - \sum_i \log \alpha_i`,
-    found here by damped Newton steps that keep :math:`\alpha > 0` (the paper solves
-    a sequence of convex programs with CVXPY instead). ``ridge`` (relative to the mean
-    squared gradient norm) is added to :math:`G`'s diagonal so that a solution exists
-    when the gradients are linearly dependent.
+    is the minimiser of the strictly convex, self-concordant
+    :math:`f(\alpha) = \tfrac12 \alpha^\top G \alpha - \sum_i \log \alpha_i`, found
+    here by Newton's method on the unit-diagonal Gramian (damped while the Newton
+    decrement is at least 1/4, which keeps :math:`\alpha > 0`), stopping on the Newton
+    decrement (:func:`~jaxreg._src.gram_solvers.nash_solve`). The paper solves a
+    sequence of convex programs with CVXPY instead, on :math:`G / \|G\|_F`, so its
+    :math:`\alpha` is :math:`\|G\|_F^{1/2}` times this one.
+
+    A solution exists iff :math:`0` is not in the convex hull of the gradients (no
+    Pareto-stationary point); there, and when a gradient is zero, the weights are zero
+    and the residual is ``inf``. Then :math:`\|\sum_i \alpha_i g_i\|^2 = n` exactly.
+
+    Args:
+      g: the ``n x n`` Gramian.
+      iterations: the Newton iteration guard (default 100; 5-10 are typical).
+      ridge: adds ``ridge * G_ii`` to each diagonal entry. Off by default: it biases
+        the result (``1e-4``, the previous default, shortens the update of a pair at
+        cos = -0.999 by 3.5x; see ``docs/optax.md``), and is only useful to keep the
+        weights finite near Pareto-stationary points.
+      with_residual: also return :math:`\max_i |\alpha_i (G\alpha)_i - 1|`.
     """
-    n = g.shape[0]
-    scale = jnp.maximum(jnp.trace(g) / n, jnp.finfo(g.dtype).tiny)
-    # A small ridge keeps the solution finite when the gradients are linearly dependent
-    # (e.g. exactly opposed at a Pareto-stationary point), where none exists.
-    gn = g / scale + ridge * jnp.eye(n, dtype=g.dtype)
-
-    def body(_, a):
-        grad = gn @ a - 1.0 / a
-        hess = gn + jnp.diag(1.0 / a**2)
-        delta = jnp.linalg.solve(hess, grad)
-        # Largest step in (0, 1] that keeps every alpha positive.
-        ratio = jnp.where(delta > 0, 0.99 * a / jnp.where(delta > 0, delta, 1.0), jnp.inf)
-        return a - jnp.minimum(1.0, jnp.min(ratio)) * delta
-
-    a = jax.lax.fori_loop(0, iterations, body, jnp.ones((n,), g.dtype))
-    a = jnp.where(jnp.all(jnp.isfinite(a)), a, jnp.ones_like(a))
-    return a / jnp.sqrt(scale)  # alpha for G itself: G a = 1/a scales as 1/sqrt(scale)
+    if ridge < 0:
+        raise ValueError(f"nash_mtl: ridge must be >= 0, found {ridge!r}")
+    alpha, residual = gram_solvers.nash_solve(_solve_dtype(g), iterations, ridge)
+    return (alpha, residual) if with_residual else alpha
 
 
-def nash_mtl(iterations: int = 50, ridge: float = 1e-4) -> aggregating.Aggregator:
+def nash_mtl(iterations: int | None = None, ridge: float = 0.0) -> aggregating.Aggregator:
     r"""Nash-MTL (Navon et al. 2022): the Nash bargaining solution among the terms.
 
-    See :func:`nash_mtl_weights`. The update's scale grows as the gradients shrink
-    (:math:`\alpha \propto 1/\|g\|`): pair it with a scale-free optimizer such as Adam.
+    See :func:`nash_mtl_weights`. The update has norm :math:`\sqrt n` whatever the
+    gradients' scale (:math:`\alpha \propto 1/\|g\|`): pair it with a scale-free
+    optimizer such as Adam. The state's ``residual`` is
+    :math:`\max_i |\alpha_i (G\alpha)_i - 1|`.
     """
-    return from_weighting(lambda g, key: (nash_mtl_weights(g, iterations, ridge), key))
+    iterations = _iterations(iterations, "nash_mtl")
+    if ridge < 0:
+        raise ValueError(f"nash_mtl: ridge must be >= 0, found {ridge!r}")
+    return from_weighting(
+        lambda g, key: _with_key(nash_mtl_weights(g, iterations, ridge, with_residual=True), key)
+    )
