@@ -84,7 +84,7 @@ def prepare(
       field: the request's ``param_diagnostics`` value.
       lengths: each datum's token count.
       targets: the packed ``target_tokens`` ``[B, T]`` or ``[B, T, K]``.
-      weights: the packed cross-entropy ``weights`` (same shape, zero padded).
+      weights: the packed cross-entropy ``weights`` (same shape; padding is ignored).
 
     Raises:
       DiagnosticsError: naming the field, the expected and the found value.
@@ -147,10 +147,15 @@ def prepare(
             raise DiagnosticsError(f"{where}: non-finite values for term {names[bad]!r}")
         packed[:n, i, :t] = a
     w = np.asarray(lw, np.float64)
+    valid = np.zeros(targets.shape[:2], bool)  # padded positions hold neutral weights
+    for i, t in enumerate(lengths):
+        valid[i, :t] = True
+    valid = valid.reshape(valid.shape + (1,) * len(k_shape))
+    given = np.where(valid, weights, 0.0).astype(np.float64)
     scaled = np.tensordot(w, packed[:n].astype(np.float64), axes=1)
     bound = np.tensordot(np.abs(w), np.abs(packed[:n].astype(np.float64)), axes=1)
-    err = np.abs(scaled - weights.astype(np.float64))
-    tol = CONSISTENCY_RTOL * bound + 1e-6 * max(float(np.abs(weights).max(initial=0.0)), 1e-30)
+    err = np.abs(scaled - given)
+    tol = CONSISTENCY_RTOL * bound + 1e-6 * max(float(np.abs(given).max(initial=0.0)), 1e-30)
     if (err > tol).any():
         b = int(np.argwhere(err > tol)[0, 0])
         raise DiagnosticsError(
