@@ -15,6 +15,8 @@ from jaxreg._src.custom import forward_backward_custom as forward_backward_custo
 from jaxreg._src.custom import forward_backward_custom_async as forward_backward_custom_async
 from jaxreg._src.guards import NonFiniteError as NonFiniteError
 from jaxreg._src.guards import check_finite as check_finite
+from jaxreg._src.param_diagnostics import ParamDiagnostics as ParamDiagnostics
+from jaxreg._src.param_diagnostics import UnsupportedExtensionError as UnsupportedExtensionError
 from jaxreg._src.tinker import TinkerTrainingClient as TinkerTrainingClient
 from jaxreg._src.tinker import to_tinker_datum as to_tinker_datum
 from jaxreg._src.wire import Datum as Datum

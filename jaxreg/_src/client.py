@@ -311,6 +311,27 @@ class ServiceClient:
         response.raise_for_status()
         return response.json()
 
+    def capabilities(self) -> dict[str, Any]:
+        """The service's API extensions, ``{"extensions": [...]}`` (asked once, then cached).
+
+        A service without ``GET /api/v1/capabilities`` (404) has none.
+        """
+        cached = getattr(self, "_capabilities", None)
+        if cached is not None:
+            return cached
+        try:
+            response = self._http.get("/api/v1/capabilities")
+        except httpx.TransportError as e:
+            raise self._give_up("capabilities", {}, e, 1) from e
+        if response.status_code in (404, 405):
+            caps: dict[str, Any] = {"extensions": []}
+        elif response.status_code >= 400:
+            self._raise_for("capabilities", {}, response)
+        else:
+            caps = response.json()
+        self._capabilities = caps
+        return caps
+
     def create_model(self, base_model: str = "jaxreg-base") -> TrainingClient:
         """Creates a model on the service and returns a client bound to it."""
         body = {"base_model": base_model}
@@ -448,12 +469,24 @@ class TrainingClient:
         loss_fn_config=None,
         *,
         seq_id: int | None = None,
+        param_diagnostics: Mapping[str, Any] | None = None,
     ) -> APIFuture:
-        """Logprobs and ``loss:sum``; the gradient accumulates until :meth:`optim_step`."""
-        return self.submit(
-            "forward_backward",
-            self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id),
-        )
+        """Logprobs and ``loss:sum``; the gradient accumulates until :meth:`optim_step`.
+
+        ``param_diagnostics``: the jaxreg-service extension field (see
+        :mod:`jaxreg._src.param_diagnostics`), sent only when given.
+        """
+        body = self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id)
+        self._add_param_diagnostics(body, param_diagnostics)
+        return self.submit("forward_backward", body)
+
+    def _add_param_diagnostics(self, body, field) -> None:
+        if field is not None:
+            from jaxreg._src import param_diagnostics
+
+            body[param_diagnostics.FIELD] = param_diagnostics.encode_field(
+                field, self.service.tensor_encoding
+            )
 
     def optim_step(
         self, adam_params: Mapping[str, float] | Any = None, *, seq_id: int | None = None
@@ -481,12 +514,17 @@ class TrainingClient:
         )
 
     async def forward_backward_async(
-        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
+        self,
+        data,
+        loss_fn="cross_entropy",
+        loss_fn_config=None,
+        *,
+        seq_id=None,
+        param_diagnostics=None,
     ) -> APIFuture:
-        return await self.submit_async(
-            "forward_backward",
-            self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id),
-        )
+        body = self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id)
+        self._add_param_diagnostics(body, param_diagnostics)
+        return await self.submit_async("forward_backward", body)
 
     async def optim_step_async(self, adam_params=None, *, seq_id=None) -> APIFuture:
         return await self.submit_async(

@@ -31,6 +31,13 @@ from jaxreg._src.client import APIFuture, TrainingClient
 from jaxreg._src.compose import Objective, compose
 from jaxreg._src.guards import check_finite
 from jaxreg._src.output import CompositeOutput
+from jaxreg._src.param_diagnostics import (
+    ParamDiagnostics,
+    check_objective,
+    parse_result,
+    request_field,
+    require_extension,
+)
 from jaxreg._src.terms import InputError
 from jaxreg._src.wire import Datum, to_datum
 
@@ -48,12 +55,18 @@ class CustomResult:
         objective's :meth:`~jaxreg.CompositeOutput.flat` metrics.
       output: the :class:`~jaxreg.CompositeOutput` (device arrays).
       logprobs: the per-datum logprobs the loss was computed on.
+      param_diagnostics: with ``param_diagnostics=True``, each term's gradient norm and
+        the cosines **in parameter space**, measured by the service
+        (:class:`~jaxreg.remote.ParamDiagnostics`; also in ``metrics`` as
+        ``param/<term>/grad_norm``, ``param/total_grad_norm``, ``param/cos/<a>/<b>``);
+        else ``None``.
     """
 
     loss_fn_outputs: list[dict[str, np.ndarray]]
     metrics: dict[str, float]
     output: CompositeOutput
     logprobs: list[np.ndarray]
+    param_diagnostics: ParamDiagnostics | None = None
 
 
 class CustomFuture:
@@ -169,7 +182,8 @@ def _linearised(datums, grads) -> list[Datum]:
 class _Step:
     """The state of one ``forward_backward_custom`` call (shared by sync and async)."""
 
-    def __init__(self, training, data, objective, weights, step, bucket, batch_bucket):
+    def __init__(self, training, data, objective, weights, step, bucket, batch_bucket, param=False):
+        self.param_diagnostics, self.param_field = param, None
         if not isinstance(training, TrainingClient):
             from jaxreg._src.tinker import TinkerTrainingClient
 
@@ -199,6 +213,8 @@ class _Step:
         grad, scalars = jax.device_get((out.grad, out.scalars))  # one transfer
         if not (np.isfinite(scalars).all() and np.isfinite(grad).all()):
             check_finite(out, "; nothing was sent to the service")  # names terms, raises
+        if self.param_diagnostics:
+            self.param_field = request_field(out, batch)
         return logprobs, out, _linearised(self.datums, batch.unpad(grad))
 
     def finish(self, backward_result, logprobs, out) -> CustomResult:
@@ -207,7 +223,15 @@ class _Step:
         metrics.update(out.flat())
         metrics["loss:sum"] = metrics["loss_total"]
         metrics["surrogate_loss:sum"] = service.get("loss:sum", float("nan"))
-        return CustomResult(backward_result["loss_fn_outputs"], metrics, out, logprobs)
+        diagnostics = None
+        if self.param_field is not None:
+            diagnostics = parse_result(backward_result, self.param_field)
+            metrics.update(diagnostics.metrics())
+        return CustomResult(backward_result["loss_fn_outputs"], metrics, out, logprobs, diagnostics)
+
+    def backward_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of the backward request (the extension's field)."""
+        return {} if self.param_field is None else {"param_diagnostics": self.param_field}
 
 
 def forward_backward_custom(
@@ -221,6 +245,7 @@ def forward_backward_custom(
     step: Any = None,
     bucket: Bucket = "pow2",
     batch_bucket: Bucket = "pow2",
+    param_diagnostics: bool = False,
     **compose_options: Any,
 ) -> CustomFuture:
     """Trains a composed objective on a remote service through its cross-entropy loss.
@@ -239,6 +264,12 @@ def forward_backward_custom(
       weights, step: passed to the objective (no recompilation when they change).
       bucket, batch_bucket: padding of lengths and batch size (see
         :meth:`jaxreg.Batch.from_ragged`).
+      param_diagnostics: also measure each term's gradient **w.r.t. the model's
+        parameters** on the service (norms, cosines; ``result.param_diagnostics``). A
+        jaxreg-service extension: needs the objective's ``term_grads=True`` (set
+        automatically with ``base=``/``regularizers=``) and a service listing
+        ``param_grad_diagnostics``; otherwise raises (``TermError``,
+        :class:`~jaxreg.remote.UnsupportedExtensionError`) before anything is sent.
 
     Returns:
       A :class:`CustomFuture`; its ``result()`` is a :class:`CustomResult`. It raises
@@ -252,8 +283,13 @@ def forward_backward_custom(
       ...     track_grad_norms=True).result()
       >>> training.optim_step({"learning_rate": 1e-3}).result()
     """
+    if param_diagnostics and objective is None:
+        compose_options.setdefault("term_grads", True)
     obj = _objective(objective, base, regularizers, compose_options)
-    state = _Step(training, data, obj, weights, step, bucket, batch_bucket)
+    if param_diagnostics:
+        check_objective(obj)
+        require_extension(training)
+    state = _Step(training, data, obj, weights, step, bucket, batch_bucket, param_diagnostics)
     future: concurrent.futures.Future = concurrent.futures.Future()
 
     def run():
@@ -276,7 +312,9 @@ def _run_sync(state: _Step) -> CustomResult:
     try:
         fwd = training.forward(state.forward_data, "cross_entropy", seq_id=seq_f).result()
         logprobs, out, linear = state.compute(fwd)
-        bwd_future: APIFuture = training.forward_backward(linear, "cross_entropy", seq_id=seq_b)
+        bwd_future: APIFuture = training.forward_backward(
+            linear, "cross_entropy", seq_id=seq_b, **state.backward_options()
+        )
         sent = True
         return state.finish(bwd_future.result(), logprobs, out)
     finally:
@@ -309,6 +347,7 @@ async def forward_backward_custom_async(
     step: Any = None,
     bucket: Bucket = "pow2",
     batch_bucket: Bucket = "pow2",
+    param_diagnostics: bool = False,
     **compose_options: Any,
 ) -> CustomFuture:
     """The ``async`` form of :func:`forward_backward_custom` (same arguments).
@@ -316,8 +355,13 @@ async def forward_backward_custom_async(
     Awaiting it reserves the ``seq_id`` s and submits the forward; await the returned
     :class:`CustomFuture` for the result.
     """
+    if param_diagnostics and objective is None:
+        compose_options.setdefault("term_grads", True)
     obj = _objective(objective, base, regularizers, compose_options)
-    state = _Step(training, data, obj, weights, step, bucket, batch_bucket)
+    if param_diagnostics:
+        check_objective(obj)
+        await asyncio.to_thread(require_extension, training)
+    state = _Step(training, data, obj, weights, step, bucket, batch_bucket, param_diagnostics)
     seq_f, seq_b = state.seq_ids
     training = state.training
     fwd_future = await training.forward_async(state.forward_data, "cross_entropy", seq_id=seq_f)
@@ -327,7 +371,9 @@ async def forward_backward_custom_async(
         try:
             fwd = await fwd_future.result_async()
             logprobs, out, linear = await asyncio.to_thread(state.compute, fwd)
-            bwd = await training.forward_backward_async(linear, "cross_entropy", seq_id=seq_b)
+            bwd = await training.forward_backward_async(
+                linear, "cross_entropy", seq_id=seq_b, **state.backward_options()
+            )
             sent = True
             return state.finish(await bwd.result_async(), logprobs, out)
         finally:

@@ -15,6 +15,10 @@ One extension to Tinker's API: ``skip_seq {model_id, seq_id}`` marks a reserved
 ``seq_id`` as used without doing anything, so that a client that reserved ids for a
 pipeline and then decided not to send one (for example because its loss was
 non-finite) does not leave the model's later requests waiting forever.
+
+``GET /api/v1/capabilities`` lists the extensions (``{"extensions": [...]}``, no key
+needed), e.g. ``param_grad_diagnostics`` (:mod:`jaxreg.service.diagnostics`): an
+optional ``param_diagnostics`` field of ``forward_backward``.
 """
 
 from __future__ import annotations
@@ -113,6 +117,9 @@ def create_app(
     async def healthz(request: Request) -> Response:
         return _json({"status": "ok"})
 
+    async def capabilities(request: Request) -> Response:
+        return _json(engine.capabilities())
+
     async def create_model(body):
         return {"request_id": engine.create_model(body)}
 
@@ -142,6 +149,7 @@ def create_app(
 
     routes = [
         Route("/api/v1/healthz", healthz, methods=["GET", "POST"]),
+        Route("/api/v1/capabilities", capabilities, methods=["GET", "POST"]),
         Route("/api/v1/create_model", endpoint(create_model), methods=["POST"]),
         Route("/api/v1/get_info", endpoint(get_info), methods=["POST"]),
         Route("/api/v1/retrieve_future", endpoint(retrieve_future), methods=["POST"]),

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from jaxreg._src.wire import ENCODINGS, Encoding, WireError, datum_from_json, encode_tensor
-from jaxreg.service import checkpoint
+from jaxreg.service import checkpoint, diagnostics
 from jaxreg.service import model as model_lib
 
 BASE_MODEL = "jaxreg-base"
@@ -46,6 +46,8 @@ LOSS_FNS = {
 }
 _STATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _KEEP_RESULTS = 4096
+# Extensions to Tinker's API that this service implements (GET /api/v1/capabilities).
+EXTENSIONS = (diagnostics.EXTENSION,)
 
 
 class ServiceError(Exception):
@@ -173,6 +175,7 @@ class Engine:
             forward_backward,
             optim_step,
         )
+        self._forward_backward_diag = diagnostics.make_step(cfg, traces)
 
     def trace_counts(self) -> dict[str, int]:
         """How many times each compiled step was traced (for no-recompile checks)."""
@@ -269,6 +272,9 @@ class Engine:
             key = "forward_input" if kind == "forward" else "forward_backward_input"
             forward_only = kind == "forward" or bool(body.get("forward_only", False))
             p = self._prepare_data(body.get(key), key, forward_only, body)
+            if body.get(diagnostics.FIELD) is not None:
+                diag = self._prepare_param_diagnostics(kind, key, p, body)
+                return lambda: self._run_param_diagnostics(m, p, diag)
             return lambda: self._run_forward_backward(m, p)
         if kind == "optim_step":
             return self._prepare_optim(m, body)
@@ -494,6 +500,61 @@ class Engine:
             "loss_fn_output_type": "ArrayRecord",
             "loss_fn_outputs": outputs,
             "metrics": metrics,
+            "timing": {
+                "decode_s": p.decode_s,
+                "compute_s": compute,
+                "encode_s": time.perf_counter() - start,
+            },
+        }
+
+    def capabilities(self) -> dict[str, Any]:
+        """The extensions to Tinker's API this service implements."""
+        return {"extensions": list(EXTENSIONS)}
+
+    def _prepare_param_diagnostics(self, kind, key, p: _Prepared, body) -> Any:
+        """Validates the ``param_diagnostics`` extension field (see :mod:`.diagnostics`)."""
+        field = diagnostics.FIELD
+        if kind != "forward_backward" or p.forward_only:
+            raise ServiceError(
+                400, f"{field}: only forward_backward (not forward_only) takes it, found {kind}"
+            )
+        if p.loss_fn != "cross_entropy":
+            raise ServiceError(
+                400, f"{field}: needs {key}.loss_fn 'cross_entropy', found {p.loss_fn!r}"
+            )
+        try:
+            return diagnostics.prepare(
+                body[field], lengths=p.lengths, targets=p.targets, weights=p.inputs["weights"]
+            )
+        except diagnostics.DiagnosticsError as e:
+            raise ServiceError(400, str(e)) from None
+
+    def _run_param_diagnostics(self, m: _Model, p: _Prepared, diag) -> dict[str, Any]:
+        """``forward_backward`` that also measures each term's parameter gradient."""
+        start = time.perf_counter()
+        loss, lp, m.grad_acc, gram, total = self._forward_backward_diag(
+            m.params,
+            m.grad_acc,
+            p.tokens,
+            p.targets,
+            p.mask,
+            p.inputs["weights"],
+            diag.term_weights,
+            diag.loss_weights,
+        )
+        m.n_accumulated += 1
+        lp, gram, total = jax.device_get((lp, gram, total))
+        compute = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs = [
+            {"logprobs": encode_tensor(lp[i, :n], p.encoding)} for i, n in enumerate(p.lengths)
+        ]
+        return {
+            "type": "forward_backward",
+            "loss_fn_output_type": "ArrayRecord",
+            "loss_fn_outputs": outputs,
+            "metrics": {"loss:sum": float(loss), "tokens:sum": float(sum(p.lengths))},
+            diagnostics.FIELD: diagnostics.result_field(diag, gram, total),
             "timing": {
                 "decode_s": p.decode_s,
                 "compute_s": compute,
