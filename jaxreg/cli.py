@@ -64,26 +64,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxreg", description="jaxreg command line")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from jaxreg._src.demo import DemoConfig
+
+    d = DemoConfig()
     p = sub.add_parser("demo", help="fine-tune the reference model with regularizers, end to end")
-    p.add_argument("--steps", type=int, default=250, help="training steps per KL weight")
+    p.add_argument(
+        "--steps", type=int, default=d.steps, help=f"training steps per KL weight ({d.steps})"
+    )
     p.add_argument("--out", help="run directory (default runs/demo-<time>)")
     p.add_argument(
         "--kl-weights",
         type=float,
         nargs="+",
-        default=[0.0, 0.3, 1.0],
-        help="the KL weights of the sweep",
+        default=list(d.kl_weights),
+        help=f"the KL weights of the sweep ({' '.join(f'{w:g}' for w in d.kl_weights)})",
     )
-    p.add_argument("--batch", type=int, default=16, help="datums of the new task per step")
+    p.add_argument(
+        "--batch", type=int, default=d.batch_size, help="datums of the new task per step"
+    )
     p.add_argument(
         "--replay",
         type=int,
-        default=8,
+        default=d.replay,
         help="datums of the base skills per step (anchored by the KL term)",
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=d.learning_rate,
+        help=f"peak Adam learning rate ({d.learning_rate:g}), cosine-decayed to 0",
+    )
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear learning-rate warmup steps")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out examples per task")
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--base-url", help="use this service instead of starting one")
     p.add_argument("--api-key", help="API key of --base-url (default $JAXREG_API_KEY)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

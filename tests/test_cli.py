@@ -33,7 +33,7 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "share of |grad|" in text and "KL weight sweep" in text
+    assert "|grad| (logits)" in text and "|grad| (params)" in text and "KL weight sweep" in text
     compiles = int(re.search(r"objective compiled (\d+) time\(s\) for 8 steps", text).group(1))
     assert 1 <= compiles <= 2  # once per length bucket the small batches fall into
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -44,11 +44,16 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
         "surrogate_loss:sum",
         "regularizers/kl/grad_norm",
         "total_grad_norm",
+        "param/kl/grad_norm",
+        "param/total_grad_norm",
+        "param/cos/nll/kl",
     } <= set(first)
     assert set(first["grad_cosines"]) == {"nll", "kl", "entropy", "confidence"}
     assert records[1]["eval"]["step"] == 2
     summary = json.loads((out / "summary.json").read_text())
     assert [r["kl_weight"] for r in summary["runs"]] == [0.0, 1.0]
+    assert summary["runs"][0]["final"]["grad_space"] == "logits"
+    assert summary["runs"][0]["final_params"]["space"] == "parameters"
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

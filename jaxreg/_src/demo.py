@@ -86,6 +86,8 @@ def objective() -> jr.Objective:
         ],
         track_grad_norms=True,
         grad_conflicts=True,
+        term_grads=True,  # each term's cotangent, for the service's parameter-space norms
+        grad_space="logits",  # [T, K] targets span the vocabulary: report what moves the model
     )
 
 
@@ -145,31 +147,46 @@ def learning_rate(cfg: DemoConfig, step: int) -> float:
     return cfg.learning_rate * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
 
 
-def term_table(out: jr.CompositeOutput) -> str:
-    """A per-term table: value, weight, contribution, grad norm and share of the gradient."""
+def term_table(out: jr.CompositeOutput, param: Any = None) -> str:
+    """A per-term table: value, weight, contribution, and each term's gradient.
+
+    Gradient columns: the norm in the objective's own space (``out.grad_space``: logit
+    space in the demo) and, when ``param`` (a :class:`~jaxreg.remote.ParamDiagnostics`)
+    is given, the norm in parameter space, the term's weighted share of the update's norm
+    and its cosine with the base loss there.
+    """
     d = out.to_dict()
     total_norm = d.get("total_grad_norm") or 0.0
-    rows = [("term", "value", "weight", "contribution", "grad_norm", "share of |grad|")]
+    space = d.get("grad_space", "x")
+    header = ["term", "value", "weight", "contribution", f"|grad| ({space})"]
+    if param is not None:
+        header += ["|grad| (params)", "share of |update|", "cos(base, term) (params)"]
+    rows = [tuple(header)]
     entries = []
     if "base_loss" in d and out.base_loss is not None:
         entries.append((out.base_loss.name, {**d["base_loss"], "weight": 1.0}))
     entries += list(d["regularizers"].items())
+    base_name = entries[0][0]
     for name, e in entries:
         contribution = e.get("contribution", e["value"] * e["weight"])
         norm = e.get("grad_norm")
-        weighted = None if norm is None else e["weight"] * norm
-        share = "" if not total_norm or weighted is None else f"{weighted / total_norm:.1%}"
-        rows.append(
-            (
-                name,
-                f"{e['value']:.4f}",
-                f"{e['weight']:g}",
-                f"{contribution:+.4f}",
-                "" if norm is None else f"{norm:.4f}",
-                share,
-            )
-        )
-    rows.append(("total", f"{d['loss_total']:.4f}", "", "", f"{total_norm:.4f}", ""))
+        row = [
+            name,
+            f"{e['value']:.4f}",
+            f"{e['weight']:g}",
+            f"{contribution:+.4f}",
+            "" if norm is None else f"{norm:.4f}",
+        ]
+        if param is not None:
+            pnorm = param.grad_norms[name]
+            share = e["weight"] * pnorm / param.total_grad_norm if param.total_grad_norm else 0
+            cos = "" if name == base_name else f"{param.cosine(base_name, name):+.3f}"
+            row += [f"{pnorm:.4f}", f"{share:.1%}", cos]
+        rows.append(tuple(row))
+    total = ["total", f"{d['loss_total']:.4f}", "", "", f"{total_norm:.4f}"]
+    if param is not None:
+        total += [f"{param.total_grad_norm:.4f}", "", ""]
+    rows.append(tuple(total))
     return _format(rows)
 
 
@@ -245,6 +262,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             training = client.create_model()
             weights = {"kl": kl_weight}
             evals = [{"step": 0, **before}]
+            param_log = []
             bar = tqdm(
                 range(cfg.steps),
                 desc=f"kl={kl_weight:g}",
@@ -255,7 +273,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             for step in bar:
                 batch = [new[i] for i in rng.choice(len(new), cfg.batch_size, replace=False)]
                 batch += [old[i] for i in rng.choice(len(old), cfg.replay, replace=False)]
-                fut = jr.remote.forward_backward_custom(training, batch, obj, weights=weights)
+                fut = jr.remote.forward_backward_custom(
+                    training, batch, obj, weights=weights, param_diagnostics=True
+                )
                 lr = learning_rate(cfg, step)
                 opt = training.optim_step({**adam, "learning_rate": lr})  # after the backward
                 result = fut.result()
@@ -267,6 +287,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                     **result.metrics,
                     "grad_cosines": d.get("grad_cosines"),
                 }
+                param_log.append(result.param_diagnostics.metrics())
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                     evals.append({"step": step + 1, **evaluate(training)})
                     record["eval"] = evals[-1]
@@ -278,29 +299,61 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                     )
                 )
             bar.close()
-            last_outputs[kl_weight] = result.output
+            last_outputs[kl_weight] = result
             final = evals[-1]
             print(
                 f"  held-out greedy accuracy: increment {final['new']:.0%}, "
                 f"copy {final['copy']:.0%}, reverse {final['reverse']:.0%}"
             )
+            cos = [r["param/cos/nll/kl"] for r in param_log]
             summary["runs"].append(
-                {"kl_weight": kl_weight, "evals": evals, "final": last_outputs[kl_weight].to_dict()}
+                {
+                    "kl_weight": kl_weight,
+                    "evals": evals,
+                    "final": result.output.to_dict(),
+                    "final_params": result.param_diagnostics.to_dict(),
+                    "param_cos_nll_kl": [
+                        float(np.mean(cos)),
+                        float(np.min(cos)),
+                        float(np.max(cos)),
+                    ],
+                }
             )
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["compiles"] = obj.trace_count
     mid = cfg.kl_weights[len(cfg.kl_weights) // 2]
     print(f"\nlast step of the kl={mid:g} run:")
-    print(term_table(last_outputs[mid]))
+    print(term_table(last_outputs[mid].output, last_outputs[mid].param_diagnostics))
     print("\nKL weight sweep (held-out greedy accuracy after training):")
-    rows = [("kl weight", "increment (learned)", "copy (kept)", "reverse (kept)")]
+    rows = [
+        (
+            "kl weight",
+            "increment (learned)",
+            "copy (kept)",
+            "reverse (kept)",
+            "cos(nll, kl) in params: mean [min, max]",
+        )
+    ]
     rows.append(
-        ("base model", f"{before['new']:.0%}", f"{before['copy']:.0%}", f"{before['reverse']:.0%}")
+        (
+            "base model",
+            f"{before['new']:.0%}",
+            f"{before['copy']:.0%}",
+            f"{before['reverse']:.0%}",
+            "",
+        )
     )
     for r in summary["runs"]:
         f = r["evals"][-1]
+        mean, low, high = r["param_cos_nll_kl"]
         rows.append(
-            (f"{r['kl_weight']:g}", f"{f['new']:.0%}", f"{f['copy']:.0%}", f"{f['reverse']:.0%}")
+            (
+                f"{r['kl_weight']:g}",
+                f"{f['new']:.0%}",
+                f"{f['copy']:.0%}",
+                f"{f['reverse']:.0%}",
+                f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]",
+            )
         )
     print(_format(rows))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -324,7 +377,9 @@ def main(args) -> int:
         batch_size=args.batch,
         replay=args.replay,
         learning_rate=args.lr,
+        warmup=min(args.warmup, args.steps),
         eval_every=max(1, min(args.eval_every, args.steps)),
+        eval_size=args.eval_size,
         seed=args.seed,
         out=Path(args.out) if args.out else None,
         base_url=args.base_url,

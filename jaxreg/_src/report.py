@@ -15,7 +15,8 @@ def _load(path: Path) -> list[dict[str, Any]]:
 def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Path:
     """Plots per-term contributions, grad norms, gradient cosines and the KL sweep.
 
-    The first three panels show the middle run of the sweep, step by step; the last
+    The first three panels show the middle run of the sweep, step by step (norms and
+    cosines in parameter space, from the reference service's extension); the last
     shows held-out accuracy on the new task (increment) and on the base skills (copy and
     reverse) for every KL weight over the run.
     """
@@ -41,26 +42,40 @@ def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Pa
     ax.legend()
 
     ax = axes[0, 1]
-    ax.semilogy(steps, [r["base_loss/grad_norm"] for r in run], label="nll", color="k")
+    ax.semilogy(steps, [r["param/nll/grad_norm"] for r in run], label="nll", color="k")
     for t in terms:
+        w = [r[f"regularizers/{t}/weight"] for r in run]
         ax.semilogy(
             steps,
-            [max(r[f"regularizers/{t}/grad_norm_weighted"], 1e-12) for r in run],
+            [max(wi * r[f"param/{t}/grad_norm"], 1e-12) for wi, r in zip(w, run, strict=True)],
             label=f"{t} (weighted)",
         )
-    ax.semilogy(steps, [r["total_grad_norm"] for r in run], "--", color="0.5", label="total")
-    ax.set(title="gradient norms w.r.t. the logprobs", xlabel="step")
+    ax.semilogy(steps, [r["param/total_grad_norm"] for r in run], "--", color="0.5", label="total")
+    ax.set(title="gradient norms w.r.t. the model's parameters", xlabel="step")
     ax.legend()
 
     ax = axes[1, 0]
-    for t in terms:
-        ax.plot(steps, [r["grad_cosines"]["nll"][t] for r in run], label=f"cos(nll, {t})")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, t in enumerate(terms):
+        c = colors[(i + 1) % len(colors)]
+        ax.plot(steps, [r[f"param/cos/nll/{t}"] for r in run], color=c, label=f"cos(nll, {t})")
+        ax.plot(
+            steps,
+            [r["grad_cosines"]["nll"][t] for r in run],
+            ":",
+            color=c,
+            lw=0.8,
+            label=f"cos(nll, {t}), logit space",
+        )
     ax.axhline(0, color="0.8", lw=0.8)
-    ax.set(title="gradient cosines with the base loss", xlabel="step", ylim=(-1.05, 1.05))
-    ax.legend()
+    ax.set(
+        title="gradient cosines with the base loss: parameters (solid), logits (dotted)",
+        xlabel="step",
+        ylim=(-1.05, 1.05),
+    )
+    ax.legend(fontsize=7)
 
     ax = axes[1, 1]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, entry in enumerate(summary["runs"]):
         ev = entry["evals"]
         c = colors[i % len(colors)]
