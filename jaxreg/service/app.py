@@ -147,4 +147,17 @@ def create_app(
         Route("/api/v1/retrieve_future", endpoint(retrieve_future), methods=["POST"]),
         *(Route(f"/api/v1/{k}", endpoint(work(k)), methods=["POST"]) for k in WORK_ENDPOINTS),
     ]
+    if _tinker_front_door():  # the official tinker SDK's protocol (jaxreg.service.tinker_api)
+        from jaxreg.service import tinker_api
+
+        routes = tinker_api.mount(engine, routes, api_key=api_key, max_body_bytes=max_body_bytes)
     return Starlette(routes=routes)
+
+
+def _tinker_front_door() -> bool:
+    """Whether the SDK's schema (``pip install 'jaxreg[tinker]'``) is importable."""
+    try:
+        import tinker.proto.tinker_public_pb2  # noqa: F401
+    except ImportError:
+        return False
+    return True
