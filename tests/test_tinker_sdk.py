@@ -58,7 +58,7 @@ def _np(td) -> np.ndarray:
 
 
 def test_auth_and_bootstrap(sdk):
-    srv, service = sdk
+    srv, _service = sdk
     url = f"{srv.url}/api/v1/client/config"
     assert httpx.post(url, json={"sdk_version": "0.38.0"}).status_code == 401
     bad = httpx.post(url, json={"sdk_version": "0.38.0"}, headers={"X-API-Key": "tml-wrong"})
@@ -70,7 +70,7 @@ def test_auth_and_bootstrap(sdk):
 
 
 def test_supervised_loop(sdk):
-    srv, service = sdk
+    _srv, service = sdk
     training = service.create_lora_training_client(base_model="jaxreg-base", rank=4).result()
     assert training.get_info().model_id == training.model_id
     data = _data()
@@ -101,7 +101,7 @@ def _raw(srv, path, **kw):
 def test_idempotency_retry_statuses_and_unknown_loss(sdk):
     from tinker.proto.request_conv import forward_backward_request_to_proto
 
-    srv, service = sdk
+    srv, _service = sdk
     a = _raw(srv, "create_session", json={"tags": [], "sdk_version": "0.38.0"},
              headers={"X-Idempotency-Key": "k1"})  # fmt: skip
     b = _raw(srv, "create_session", json={"tags": [], "sdk_version": "0.38.0"},
@@ -140,7 +140,7 @@ def test_idempotency_retry_statuses_and_unknown_loss(sdk):
 
 
 def test_forward_backward_custom_through_the_sdk(sdk):
-    srv, service = sdk
+    _srv, service = sdk
     data = _data(n=4, seed=3)
     builtin = service.create_lora_training_client(base_model="jaxreg-base", rank=4).result()
     custom = service.create_lora_training_client(base_model="jaxreg-base", rank=4).result()
@@ -160,7 +160,7 @@ def test_forward_backward_custom_through_the_sdk(sdk):
         return forward_backward_request_to_proto(request).SerializeToString()
 
     assert wire(ours) == wire(theirs)
-    for step in range(2):
+    for _step in range(2):
         ref = builtin.forward_backward(data, "cross_entropy")
         builtin.optim_step(ADAM).result(timeout=120)
         start = time.perf_counter()
@@ -196,7 +196,7 @@ def test_forward_backward_custom_through_the_sdk(sdk):
 
 
 def test_sampling_and_rl_loop(sdk):
-    srv, service = sdk
+    _srv, service = sdk
     training = service.create_lora_training_client(base_model="jaxreg-base", rank=4).result()
     sampler = training.save_weights_and_get_sampling_client().result(timeout=120)
     prompt_text = "I25>"
@@ -236,7 +236,7 @@ def test_sampling_and_rl_loop(sdk):
     out = training.forward_backward(datums, "ppo", config).result(timeout=120)
     training.optim_step(ADAM).result(timeout=120)
     expected = 0.0
-    for d, o, (full, mask, q) in zip(datums, out.loss_fn_outputs, data, strict=True):
+    for d, o, (_, mask, q) in zip(datums, out.loss_fn_outputs, data, strict=True):
         lp = _np(o["logprobs"])
         np.testing.assert_allclose(lp[mask > 0], np.asarray(q, np.float64)[mask > 0], atol=2e-4)
         r = np.exp(np.where(mask > 0, lp - q, 0.0))
@@ -271,7 +271,7 @@ def test_save_restart_load_bit_identical(sdk, tmp_path):
             fb = client.forward_backward(data, "cross_entropy")
             client.optim_step(ADAM).result(timeout=120)
             losses.append(fb.result().metrics["loss:sum"])
-        return losses + [client.forward(data, "cross_entropy").result().metrics["loss:sum"]]
+        return [*losses, client.forward(data, "cross_entropy").result().metrics["loss:sum"]]
 
     expected = continue_training(training)
     # A new service process state: a new engine on the same state directory.
