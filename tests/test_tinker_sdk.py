@@ -16,8 +16,10 @@ import pytest
 tinker = pytest.importorskip("tinker")
 pytest.importorskip("tinker.proto.tinker_public_pb2")
 
+from service_helpers import assert_trees_equal  # noqa: E402
+
 import jaxreg as jr  # noqa: E402
-from jaxreg.service import start, tasks  # noqa: E402
+from jaxreg.service import checkpoint, start, tasks  # noqa: E402
 
 types = tinker.types
 KEY = "tml-jaxreg-test"
@@ -264,6 +266,17 @@ def test_save_restart_load_bit_identical(sdk, tmp_path):
     assert path == f"tinker://{training.model_id}/weights/ckpt"
     info = tinker.RestClient().get_weights_info_by_tinker_path(path).result()
     assert info.base_model == "jaxreg-base" and info.lora_rank == 4
+    # LoRA rank honoured: the base is untouched and every update has rank <= 4
+    # (float64 SVD of A @ B); attention, MLP and the tied unembedding are adapted.
+    file = next(srv.engine.state_dir.glob("tinker/*/weights/ckpt.npz"))
+    tree, _ = checkpoint.load_tree(file)
+    assert_trees_equal(tree["params"]["base"], srv.engine._base_params)
+    adapters = tree["params"]["lora"]
+    assert len(adapters) == 1 + 4 * len(tree["params"]["base"]["layers"])
+    for name, ab in adapters.items():
+        delta = np.asarray(ab["a"], np.float64) @ np.asarray(ab["b"], np.float64)
+        s = np.linalg.svd(delta, compute_uv=False)
+        assert s[0] > 0 and (s[4:] <= 1e-9 * s[0]).all(), name
 
     def continue_training(client):
         losses = []

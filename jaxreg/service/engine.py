@@ -44,6 +44,7 @@ from jaxreg._src.wire import (
     encode_tensor,
 )
 from jaxreg.service import checkpoint
+from jaxreg.service import lora as lora_lib
 from jaxreg.service import losses as service_losses
 from jaxreg.service import model as model_lib
 
@@ -126,7 +127,8 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._traces: collections.Counter[str] = collections.Counter()
         self._optimizer = optax.inject_hyperparams(optax.adamw)(
-            learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0
+            learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0,
+            mask=lora_lib.decay_mask,  # a LoRA model's frozen base is not decayed
         )
         self._compile()
         self._worker = threading.Thread(target=self._work, name="jaxreg-engine", daemon=True)
@@ -138,7 +140,7 @@ class Engine:
         traces = self._traces
 
         def loss_and_logprobs(params, tokens, targets, mask, inputs, loss_fn):
-            lp = model_lib.token_logprobs(cfg, params, tokens, targets)
+            lp = model_lib.token_logprobs(cfg, lora_lib.merged(params), tokens, targets)
             m = mask if lp.ndim == 2 else mask[..., None]
             if loss_fn == "cross_entropy":
                 loss = -jnp.sum(inputs["weights"] * lp * m)

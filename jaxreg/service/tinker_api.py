@@ -56,6 +56,7 @@ from starlette.routing import Route
 
 from jaxreg._src.wire import WireError, decode_tensor
 from jaxreg.service import checkpoint, tasks, tinker_proto
+from jaxreg.service import lora as lora_lib
 from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps
 from jaxreg.service.sampling import Sampler
 
@@ -351,7 +352,8 @@ class TinkerAPI:
         model_id = f"{sid}:train:{seq}"
         with self._lock:
             self.models.setdefault(model_id, {"lora": lora, "base_model": BASE_MODEL})
-        self.engine.add_model(model_id, first_seq=1)  # the SDK numbers requests from 1
+        params = lora_lib.init(self.engine._base_params, lora) if lora["rank"] else None
+        self.engine.add_model(model_id, first_seq=1, params=params)  # numbered from 1
         rid = self._done({"type": "create_model", "model_id": model_id})
         return {"request_id": rid, "model_id": model_id}
 
@@ -491,7 +493,9 @@ class TinkerAPI:
                 self.models.setdefault(
                     model_id, {"lora": meta.get("lora", {"rank": 0}), "base_model": BASE_MODEL}
                 )
-            m = self.engine.add_model(model_id, first_seq=0)
+            lora = self.models[model_id]["lora"]
+            params = lora_lib.init(self.engine._base_params, lora) if lora.get("rank") else None
+            m = self.engine.add_model(model_id, first_seq=0, params=params)
             job = self._load_job(m, file, path, optimizer)
             rid = await asyncio.to_thread(self.engine.submit_job, model_id, 0, job)
             return {"request_id": rid, "model_id": model_id}
@@ -529,7 +533,8 @@ class TinkerAPI:
             sampler_id = f"{session}:sample:{seq}"
 
         def job():
-            params = jax.tree.map(jnp.copy, m.params)  # the optimizer donates m.params
+            # merged: the sampler runs the plain model; a copy: optim_step donates m.params
+            params = jax.tree.map(jnp.copy, lora_lib.merged(m.params))
             if named:
                 checkpoint.save_tree(file, {"params": params}, {"base_model": BASE_MODEL})
                 with self._lock:
@@ -552,7 +557,7 @@ class TinkerAPI:
         if not file.exists():
             raise ServiceError(404, f"model_path: no weights at {path!r}")
         tree, _ = checkpoint.load_tree(file)  # params: the same nested dicts and lists
-        params = jax.tree.map(jnp.asarray, tree["params"])
+        params = jax.tree.map(jnp.asarray, lora_lib.merged(tree["params"]))
         with self._lock:
             self._sampler_params[path] = params
         return params
