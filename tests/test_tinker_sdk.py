@@ -92,7 +92,8 @@ def test_supervised_loop(sdk):
             [d.model_input.length] for d in data
         ]
         losses.append(out.metrics["loss:sum"])
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses == sorted(losses, reverse=True), losses  # LoRA rank 4, lr 1e-3
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def _raw(srv, path, **kw):

@@ -55,6 +55,7 @@ LOSS_FNS = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
 }
+_DECAY_MASK = lora_lib.decay_mask  # a LoRA model's frozen base gets no weight decay
 LOSS_CONFIG = service_losses.DEFAULTS  # loss_fn_config options (ppo, cispo) and defaults
 _STATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _KEEP_RESULTS = 4096
@@ -127,8 +128,7 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._traces: collections.Counter[str] = collections.Counter()
         self._optimizer = optax.inject_hyperparams(optax.adamw)(
-            learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0,
-            mask=lora_lib.decay_mask,  # a LoRA model's frozen base is not decayed
+            learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0, mask=_DECAY_MASK
         )
         self._compile()
         self._worker = threading.Thread(target=self._work, name="jaxreg-engine", daemon=True)
