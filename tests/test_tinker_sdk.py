@@ -297,3 +297,37 @@ def test_save_restart_load_bit_identical(sdk, tmp_path):
         other.close("success").result(timeout=30)
     finally:
         again.stop()
+
+
+@pytest.mark.parametrize("loss_fn", ["ppo", "cispo"])
+def test_policy_losses_against_float64_closed_forms(loss_fn):
+    """Value and gradient (w.r.t. the logprobs) of the service's ppo and cispo losses."""
+    import jax
+
+    from jaxreg.service import losses
+
+    rng = np.random.default_rng(1)
+    shape = (3, 7)
+    q = rng.normal(-2.0, 1.0, shape)
+    lp = q + rng.normal(0.0, 0.4, shape)  # ratios on both sides of the clip range
+    adv = rng.normal(0.0, 2.0, shape)
+    mask = (rng.random(shape) < 0.8).astype(np.float64)
+    lo, hi = 0.85, 1.1
+    r = np.exp(lp - q)
+    c = np.clip(r, lo, hi)
+    if loss_fn == "ppo":
+        value = -np.sum(np.minimum(r * adv, c * adv) * mask)
+        grad = -np.where(r * adv <= c * adv, r * adv, 0.0) * mask  # d/dlp of min(...)
+    else:
+        value = -np.sum(c * lp * adv * mask)
+        grad = -c * adv * mask  # the clipped ratio is a constant (stop_gradient)
+    config = losses.check_config(
+        loss_fn, {"clip_low_threshold": lo, "clip_high_threshold": hi}, "cfg", ValueError
+    )
+    inputs = {"logprobs": np.float32(q), "advantages": np.float32(adv), **config}
+    f = jax.value_and_grad(lambda x: losses.policy_loss(loss_fn, x, inputs, np.float32(mask)))
+    got_value, got_grad = f(np.float32(lp))
+    np.testing.assert_allclose(float(got_value), value, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_grad), grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="clip_epsilon"):
+        losses.check_config(loss_fn, {"clip_epsilon": 0.2}, "cfg", lambda s, m: ValueError(m))
