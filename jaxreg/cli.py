@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run on Tinker with the official SDK (needs TINKER_API_KEY)",
     )
     p.add_argument("--base-model", help="the Tinker base model, with --tinker")
+    p.add_argument(
+        "--sdk",
+        choices=["jaxreg", "tinker"],
+        default="jaxreg",
+        help="the client: jaxreg's (default) or the official tinker SDK, same service",
+    )
     p.set_defaults(fn=_demo)
 
     p = sub.add_parser("serve", help="run the reference training service")

@@ -50,6 +50,7 @@ class DemoConfig:
     base_url: str | None = None
     api_key: str | None = None
     progress: bool = True
+    sdk: str = "jaxreg"  # or "tinker": the official SDK against the same service
 
 
 def _multi_target(e, *, learn: bool) -> Datum:
@@ -127,8 +128,54 @@ def _service(cfg: DemoConfig, out: Path) -> Iterator[str]:
         return
     from jaxreg.service import start
 
-    with start(state_dir=out / "states") as server:
+    key = cfg.api_key if cfg.sdk == "tinker" else None  # the SDK always sends a key
+    with start(state_dir=out / "states", api_key=key) as server:
         yield server.url
+
+
+class _TinkerModel:
+    """A ``tinker.TrainingClient`` with the jaxreg client calls the demo makes."""
+
+    def __init__(self, client):
+        from jaxreg._src.tinker import TinkerTrainingClient
+
+        self.adapter = TinkerTrainingClient(client)
+
+    def forward(self, data):
+        return self.adapter.forward(data)
+
+    def optim_step(self, adam):
+        from tinker import types
+
+        return self.adapter.client.optim_step(types.AdamParams(**adam))
+
+
+class _TinkerService:
+    """``create_model`` on the official SDK: a full-parameter (``rank=0``) training client."""
+
+    def __init__(self, url: str, api_key: str):
+        import tinker
+
+        self.service = tinker.ServiceClient(base_url=url, api_key=api_key)
+
+    def create_model(self) -> _TinkerModel:
+        from jaxreg.service import BASE_MODEL
+
+        return _TinkerModel(
+            self.service.create_lora_training_client(base_model=BASE_MODEL, rank=0).result()
+        )
+
+    def __enter__(self) -> _TinkerService:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.service.close("success").result()
+
+
+def _client(cfg: DemoConfig, url: str):
+    if cfg.sdk == "tinker":
+        return _TinkerService(url, cfg.api_key or "")
+    return jr.remote.ServiceClient(url, cfg.api_key)
 
 
 def term_table(out: jr.CompositeOutput) -> str:
@@ -181,6 +228,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     from jaxreg.service import tasks
 
+    if cfg.sdk == "tinker" and not cfg.api_key:
+        cfg = dataclasses.replace(cfg, api_key="tml-jaxreg-demo")  # the SDK's key format
     out = cfg.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -206,7 +255,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     }
     with (
         _service(cfg, out) as url,
-        jr.remote.ServiceClient(url, cfg.api_key) as client,
+        _client(cfg, url) as client,
         open(out / "metrics.jsonl", "w") as log,
     ):
         print(f"service: {url}")
@@ -241,7 +290,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             for step in bar:
                 batch = [new[i] for i in rng.choice(len(new), cfg.batch_size, replace=False)]
                 batch += [old[i] for i in rng.choice(len(old), cfg.replay, replace=False)]
-                fut = jr.remote.forward_backward_custom(training, batch, obj, weights=weights)
+                target = training.adapter if isinstance(training, _TinkerModel) else training
+                fut = jr.remote.forward_backward_custom(target, batch, obj, weights=weights)
                 opt = training.optim_step(adam)  # submitted now, applied after the backward
                 result = fut.result()
                 opt.result()
@@ -315,6 +365,7 @@ def main(args) -> int:
         base_url=args.base_url,
         api_key=args.api_key or os.environ.get("JAXREG_API_KEY"),
         progress=not args.no_progress,
+        sdk=getattr(args, "sdk", "jaxreg"),
     )
     run(cfg)
     return 0
