@@ -11,6 +11,10 @@ a request changes nothing. When an API key is configured, every request except
 ``healthz`` must carry it in the ``X-API-Key`` header (compared in constant time; the
 key never appears in logs or errors).
 
+With the official SDK installed (``jaxreg[tinker]``), the same application also speaks
+the SDK's own protocol (bootstrap, protobuf ``forward_backward``, sampling, ``tinker://``
+checkpoints): see :mod:`jaxreg.service.tinker_api`.
+
 One extension to Tinker's API: ``skip_seq {model_id, seq_id}`` marks a reserved
 ``seq_id`` as used without doing anything, so that a client that reserved ids for a
 pipeline and then decided not to send one (for example because its loss was
