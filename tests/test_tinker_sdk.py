@@ -140,6 +140,11 @@ def test_idempotency_retry_statuses_and_unknown_loss(sdk):
     result = _raw(srv, "retrieve_future", json={"request_id": first.json()["request_id"]},
                   headers={"Accept": "application/x-protobuf"})  # fmt: skip
     assert result.headers["content-type"] == "application/x-protobuf"
+    # Sessions: a heartbeat keeps one alive; once finished, 410 stops the SDK's heartbeat.
+    assert _raw(srv, "session_heartbeat", json={"session_id": sid}).status_code == 200
+    finish = _raw(srv, f"sessions/{sid}/finish", json={"reason": {"type": "success"}})
+    assert finish.status_code == 200
+    assert _raw(srv, "session_heartbeat", json={"session_id": sid}).status_code == 410
 
 
 def test_forward_backward_custom_through_the_sdk(sdk):

@@ -31,7 +31,7 @@ DEFAULTS = {
 }
 
 
-def check_config(loss_fn: str, config: Any, field: str, error: type) -> dict[str, np.float32]:
+def check_config(loss_fn: str, config: Any, field: str, error: Any) -> dict[str, np.ndarray]:
     """Validates ``loss_fn_config``; returns every option of ``loss_fn`` as float32 scalars.
 
     Raises ``error(400, message)`` naming the field, the expected and the found value.
@@ -57,7 +57,7 @@ def check_config(loss_fn: str, config: Any, field: str, error: type) -> dict[str
         raise error(
             400, f"{field}: clip_low_threshold ({lo}) must not exceed clip_high_threshold ({hi})"
         )
-    return {k: np.float32(v) for k, v in values.items()}
+    return {k: np.asarray(v, np.float32) for k, v in values.items()}
 
 
 def policy_loss(loss_fn: str, lp: jax.Array, inputs: Mapping[str, Any], mask: jax.Array):

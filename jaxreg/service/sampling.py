@@ -134,10 +134,10 @@ class Sampler:
         result: dict[str, Any] = {"sequences": sequences, "prompt_logprobs": None}
         if include_prompt_logprobs:
             t = min(_bucket(n_prompt, 16), self.cfg.context_length)
-            toks = np.zeros((1, t), np.int32)
-            tgts = np.zeros((1, t), np.int32)
-            toks[0, :n_prompt] = prompt
-            tgts[0, : n_prompt - 1] = prompt[1:]
-            lp = np.asarray(self._prompt_logprobs(params, toks, tgts))[0, : n_prompt - 1]
+            inp = np.zeros((1, t), np.int32)
+            tgt = np.zeros((1, t), np.int32)
+            inp[0, :n_prompt] = prompt
+            tgt[0, : n_prompt - 1] = prompt[1:]
+            lp = np.asarray(self._prompt_logprobs(params, inp, tgt))[0, : n_prompt - 1]
             result["prompt_logprobs"] = [float("nan"), *map(float, lp)]
         return result

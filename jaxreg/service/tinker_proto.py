@@ -34,7 +34,7 @@ def _pb():
     return tinker_public_pb2
 
 
-_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<i8"), 3: np.dtype("<i4")}  # DType enum
+_DTYPES: dict[int, np.dtype] = {1: np.dtype("<f4"), 2: np.dtype("<i8"), 3: np.dtype("<i4")}
 
 
 @dataclasses.dataclass(frozen=True)
