@@ -140,6 +140,9 @@ def test_idempotency_retry_statuses_and_unknown_loss(sdk):
     result = _raw(srv, "retrieve_future", json={"request_id": first.json()["request_id"]},
                   headers={"Accept": "application/x-protobuf"})  # fmt: skip
     assert result.headers["content-type"] == "application/x-protobuf"
+    for path in ("tinker://../weights/x", "tinker://m/weights/../x", "file:///etc/passwd"):
+        bad_path = _raw(srv, "weights_info", json={"tinker_path": path})
+        assert bad_path.status_code == 400 and "tinker://" in bad_path.json()["error"]
     # Sessions: a heartbeat keeps one alive; once finished, 410 stops the SDK's heartbeat.
     assert _raw(srv, "session_heartbeat", json={"session_id": sid}).status_code == 200
     finish = _raw(srv, f"sessions/{sid}/finish", json={"reason": {"type": "success"}})

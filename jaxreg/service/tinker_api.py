@@ -411,7 +411,7 @@ class TinkerAPI:
 
     def _parse_path(self, path: Any, field: str = "path") -> tuple[str, str, str]:
         match = _TINKER_PATH.match(path) if isinstance(path, str) else None
-        if match is None or not _NAME.match(match.group(3)):
+        if match is None or not _NAME.match(match.group(3)) or match.group(1) in (".", ".."):
             raise ServiceError(
                 400, f"{field}: expected 'tinker://<model_id>/weights/<name>' (or "
                 f"sampler_weights), found {path!r}"
