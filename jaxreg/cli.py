@@ -38,6 +38,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     auth = f"API key required (from ${args.api_key_env})" if api_key else "no API key"
     print(f"jaxreg service on {server.url} ({auth}); Ctrl-C stops it", flush=True)
+    if api_key and not api_key.startswith("tml-"):
+        print(
+            f"jaxreg serve: the official tinker SDK only sends keys that start with 'tml-'; "
+            f"${args.api_key_env} does not (jaxreg's own client works with any key)",
+            file=sys.stderr,
+        )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handlers that were there before: make those end the process with status 0.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -107,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run on Tinker with the official SDK (needs TINKER_API_KEY)",
     )
     p.add_argument("--base-model", help="the Tinker base model, with --tinker")
+    p.add_argument(
+        "--sdk",
+        choices=["jaxreg", "tinker"],
+        default="jaxreg",
+        help="the client: jaxreg's (default) or the official tinker SDK, same service",
+    )
     p.set_defaults(fn=_demo)
 
     p = sub.add_parser("serve", help="run the reference training service")

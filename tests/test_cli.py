@@ -88,3 +88,26 @@ def test_serve_starts_answers_and_stops_gracefully(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_demo_through_the_tinker_sdk_matches_the_native_client(tmp_path, capsys):
+    """``jaxreg demo --sdk tinker``: the same figures through the unmodified official SDK."""
+    import pytest
+
+    pytest.importorskip("tinker.proto.tinker_public_pb2")
+    args = ["--steps", "2", "--kl-weights", "0.3", "--batch", "2", "--replay", "1"]
+    args += ["--eval-every", "2", "--no-progress"]
+    runs = {}
+    for sdk in ("jaxreg", "tinker"):
+        assert main(["demo", *args, "--out", str(tmp_path / sdk), "--sdk", sdk]) == 0
+        runs[sdk] = [
+            json.loads(line) for line in (tmp_path / sdk / "metrics.jsonl").read_text().splitlines()
+        ]
+    capsys.readouterr()
+    assert len(runs["tinker"]) == len(runs["jaxreg"]) == 2
+    for native, sdk in zip(runs["jaxreg"], runs["tinker"], strict=True):
+        assert native.keys() == sdk.keys()
+        for key, value in native.items():
+            if isinstance(value, float):
+                assert sdk[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        assert sdk.get("eval") == native.get("eval")

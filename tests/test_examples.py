@@ -49,3 +49,23 @@ def test_remote_balance(capsys):
     assert "objective compiled 1 time(s) for 6 steps" in out
     last = out.splitlines()[-2]
     assert "kl: weight" in last and "share" in last
+
+
+def test_tinker_sdk_loop(capsys):
+    """The plain tinker SDK loop trains against the embedded service (a few steps)."""
+    import importlib.util
+
+    import pytest
+
+    pytest.importorskip("tinker.proto.tinker_public_pb2")
+    spec = importlib.util.spec_from_file_location(
+        "tinker_sdk_loop", EXAMPLES / "tinker_sdk_loop.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with jax.numpy_dtype_promotion("standard"):
+        module.main(sl_steps=3, rl_steps=1)
+    out = capsys.readouterr().out
+    nll = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("sl step")]
+    assert len(nll) == 3 and nll[-1] < nll[0]
+    assert "custom step" in out and "rl step   0" in out and "saved tinker://" in out

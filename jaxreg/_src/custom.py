@@ -290,6 +290,9 @@ def forward_backward_custom(
         check_objective(obj)
         require_extension(training)
     state = _Step(training, data, obj, weights, step, bucket, batch_bucket, param_diagnostics)
+    submit_custom = getattr(state.training, "submit_custom", None)
+    if submit_custom is not None and not getattr(state.training, "synchronous", False):
+        return submit_custom(state)  # the official tinker SDK: ids reserved together
     future: concurrent.futures.Future = concurrent.futures.Future()
 
     def run():
@@ -362,6 +365,9 @@ async def forward_backward_custom_async(
         check_objective(obj)
         await asyncio.to_thread(require_extension, training)
     state = _Step(training, data, obj, weights, step, bucket, batch_bucket, param_diagnostics)
+    submit_custom = getattr(state.training, "submit_custom", None)
+    if submit_custom is not None and not getattr(state.training, "synchronous", False):
+        return submit_custom(state)  # the official tinker SDK: submitted without blocking
     seq_f, seq_b = state.seq_ids
     training = state.training
     fwd_future = await training.forward_async(state.forward_data, "cross_entropy", seq_id=seq_f)

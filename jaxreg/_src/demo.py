@@ -52,6 +52,7 @@ class DemoConfig:
     base_url: str | None = None
     api_key: str | None = None
     progress: bool = True
+    sdk: str = "jaxreg"  # or "tinker": the official SDK against the same service
 
 
 def _multi_target(e, *, learn: bool) -> Datum:
@@ -131,7 +132,8 @@ def _service(cfg: DemoConfig, out: Path) -> Iterator[str]:
         return
     from jaxreg.service import start
 
-    with start(state_dir=out / "states") as server:
+    key = cfg.api_key if cfg.sdk == "tinker" else None  # the SDK always sends a key
+    with start(state_dir=out / "states", api_key=key) as server:
         yield server.url
 
 
@@ -145,6 +147,51 @@ def learning_rate(cfg: DemoConfig, step: int) -> float:
         return cfg.learning_rate * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.learning_rate * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+
+
+class _TinkerModel:
+    """A ``tinker.TrainingClient`` with the jaxreg client calls the demo makes."""
+
+    def __init__(self, client):
+        from jaxreg._src.tinker import TinkerTrainingClient
+
+        self.adapter = TinkerTrainingClient(client)
+
+    def forward(self, data):
+        return self.adapter.forward(data)
+
+    def optim_step(self, adam):
+        from tinker import types
+
+        return self.adapter.client.optim_step(types.AdamParams(**adam))
+
+
+class _TinkerService:
+    """``create_model`` on the official SDK: a full-parameter (``rank=0``) training client."""
+
+    def __init__(self, url: str, api_key: str):
+        import tinker
+
+        self.service = tinker.ServiceClient(base_url=url, api_key=api_key)
+
+    def create_model(self) -> _TinkerModel:
+        from jaxreg.service import BASE_MODEL
+
+        return _TinkerModel(
+            self.service.create_lora_training_client(base_model=BASE_MODEL, rank=0).result()
+        )
+
+    def __enter__(self) -> _TinkerService:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.service.close("success").result()
+
+
+def _client(cfg: DemoConfig, url: str):
+    if cfg.sdk == "tinker":
+        return _TinkerService(url, cfg.api_key or "")
+    return jr.remote.ServiceClient(url, cfg.api_key)
 
 
 def term_table(out: jr.CompositeOutput, param: Any = None) -> str:
@@ -212,6 +259,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     from jaxreg.service import tasks
 
+    if cfg.sdk == "tinker" and not cfg.api_key:
+        cfg = dataclasses.replace(cfg, api_key="tml-jaxreg-demo")  # the SDK's key format
+    # Parameter-space norms and cosines come from a jaxreg-service extension, which the
+    # official SDK cannot send.
+    param_space = cfg.sdk != "tinker"
     out = cfg.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -237,7 +289,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     }
     with (
         _service(cfg, out) as url,
-        jr.remote.ServiceClient(url, cfg.api_key) as client,
+        _client(cfg, url) as client,
         open(out / "metrics.jsonl", "w") as log,
     ):
         print(f"service: {url}")
@@ -273,8 +325,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             for step in bar:
                 batch = [new[i] for i in rng.choice(len(new), cfg.batch_size, replace=False)]
                 batch += [old[i] for i in rng.choice(len(old), cfg.replay, replace=False)]
+                target = training.adapter if isinstance(training, _TinkerModel) else training
                 fut = jr.remote.forward_backward_custom(
-                    training, batch, obj, weights=weights, param_diagnostics=True
+                    target, batch, obj, weights=weights, param_diagnostics=param_space
                 )
                 lr = learning_rate(cfg, step)
                 opt = training.optim_step({**adam, "learning_rate": lr})  # after the backward
@@ -287,7 +340,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                     **result.metrics,
                     "grad_cosines": d.get("grad_cosines"),
                 }
-                param_log.append(result.param_diagnostics.metrics())
+                if result.param_diagnostics is not None:
+                    param_log.append(result.param_diagnostics.metrics())
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                     evals.append({"step": step + 1, **evaluate(training)})
                     record["eval"] = evals[-1]
@@ -305,20 +359,16 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 f"  held-out greedy accuracy: increment {final['new']:.0%}, "
                 f"copy {final['copy']:.0%}, reverse {final['reverse']:.0%}"
             )
-            cos = [r["param/cos/nll/kl"] for r in param_log]
-            summary["runs"].append(
-                {
-                    "kl_weight": kl_weight,
-                    "evals": evals,
-                    "final": result.output.to_dict(),
-                    "final_params": result.param_diagnostics.to_dict(),
-                    "param_cos_nll_kl": [
-                        float(np.mean(cos)),
-                        float(np.min(cos)),
-                        float(np.max(cos)),
-                    ],
-                }
-            )
+            entry = {"kl_weight": kl_weight, "evals": evals, "final": result.output.to_dict()}
+            if param_log:
+                cos = [r["param/cos/nll/kl"] for r in param_log]
+                entry["final_params"] = result.param_diagnostics.to_dict()
+                entry["param_cos_nll_kl"] = [
+                    float(np.mean(cos)),
+                    float(np.min(cos)),
+                    float(np.max(cos)),
+                ]
+            summary["runs"].append(entry)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["compiles"] = obj.trace_count
     mid = cfg.kl_weights[len(cfg.kl_weights) // 2]
@@ -345,7 +395,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     )
     for r in summary["runs"]:
         f = r["evals"][-1]
-        mean, low, high = r["param_cos_nll_kl"]
+        mean, low, high = r.get("param_cos_nll_kl", (np.nan, np.nan, np.nan))
         rows.append(
             (
                 f"{r['kl_weight']:g}",
@@ -385,6 +435,7 @@ def main(args) -> int:
         base_url=args.base_url,
         api_key=args.api_key or os.environ.get("JAXREG_API_KEY"),
         progress=not args.no_progress,
+        sdk=getattr(args, "sdk", "jaxreg"),
     )
     run(cfg)
     return 0

@@ -41,24 +41,34 @@ def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Pa
     ax.axhline(0, color="0.8", lw=0.8)
     ax.legend()
 
+    # Parameter space when the service measured it; else the objective's own space.
+    space = "param" if "param/nll/grad_norm" in run[-1] else None
+
+    def norm(r, t):
+        return r[f"param/{t}/grad_norm"] if space else r[f"{_prefix(t)}grad_norm"]
+
     ax = axes[0, 1]
-    ax.semilogy(steps, [r["param/nll/grad_norm"] for r in run], label="nll", color="k")
+    ax.semilogy(steps, [norm(r, "nll") for r in run], label="nll", color="k")
     for t in terms:
         w = [r[f"regularizers/{t}/weight"] for r in run]
         ax.semilogy(
             steps,
-            [max(wi * r[f"param/{t}/grad_norm"], 1e-12) for wi, r in zip(w, run, strict=True)],
+            [max(wi * norm(r, t), 1e-12) for wi, r in zip(w, run, strict=True)],
             label=f"{t} (weighted)",
         )
-    ax.semilogy(steps, [r["param/total_grad_norm"] for r in run], "--", color="0.5", label="total")
-    ax.set(title="gradient norms w.r.t. the model's parameters", xlabel="step")
+    total = [r["param/total_grad_norm" if space else "total_grad_norm"] for r in run]
+    ax.semilogy(steps, total, "--", color="0.5", label="total")
+    where = "the model's parameters" if space else "the logprobs"
+    ax.set(title=f"gradient norms w.r.t. {where}", xlabel="step")
     ax.legend()
 
     ax = axes[1, 0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, t in enumerate(terms):
         c = colors[(i + 1) % len(colors)]
-        ax.plot(steps, [r[f"param/cos/nll/{t}"] for r in run], color=c, label=f"cos(nll, {t})")
+        if space:
+            cos = [r[f"param/cos/nll/{t}"] for r in run]
+            ax.plot(steps, cos, color=c, label=f"cos(nll, {t})")
         ax.plot(
             steps,
             [r["grad_cosines"]["nll"][t] for r in run],
@@ -101,3 +111,7 @@ def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Pa
     fig.savefig(image, dpi=90)
     plt.close(fig)
     return image
+
+
+def _prefix(term: str) -> str:
+    return "base_loss/" if term == "nll" else f"regularizers/{term}/"

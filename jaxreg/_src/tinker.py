@@ -6,14 +6,19 @@ can drive it: a Tinker user adds regularizers by changing one call::
   result = jr.remote.forward_backward_custom(tinker_training_client, data,
                                              base=..., regularizers=[...]).result()
 
-The official SDK numbers its requests itself when they are submitted, so ids cannot
-be reserved ahead: with Tinker, the forward and the backward are submitted before
-``forward_backward_custom`` returns, and an ``optim_step`` submitted afterwards is
-applied after them.
+As the SDK's own ``forward_backward_custom`` does, the adapter reserves the forward's
+and the backward's request ids together when called (so another thread's request
+cannot land between them), sends the same forward payload (``target_tokens`` and
+``weights``, zeros when absent), and returns a future at once: an ``optim_step``
+submitted right after it is applied after the backward, and a training loop can
+pipeline its requests. When the objective fails (a non-finite loss, say), the reserved
+backward ids are filled with a zero-weight backward (no gradient), so the SDK client
+stays usable, and the future raises the error.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import numpy as np
@@ -66,10 +71,13 @@ def _to_dict(output: Any) -> dict[str, Any]:
 class TinkerTrainingClient:
     """The :class:`~jaxreg.remote.TrainingClient` interface over a ``tinker.TrainingClient``."""
 
-    synchronous = True  # the SDK orders requests at submission: run in the caller's thread
-
     def __init__(self, client: Any):
         self.client = client
+
+    @property
+    def synchronous(self) -> bool:
+        """True for a client without the SDK's id reservation (run in the caller's thread)."""
+        return not hasattr(self.client, "_reserve_request_ids")
 
     @classmethod
     def wrap(cls, client: Any) -> TinkerTrainingClient:
@@ -96,11 +104,103 @@ class TinkerTrainingClient:
     async def forward_async(
         self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
     ):
-        fut = await self.client.forward_async([to_tinker_datum(d) for d in data], loss_fn)
+        fut = self.client.forward([to_tinker_datum(d) for d in data], loss_fn)
         return _Done(_to_dict(await fut.result_async()))
 
     async def forward_backward_async(
         self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
     ):
-        fut = await self.client.forward_backward_async([to_tinker_datum(d) for d in data], loss_fn)
+        fut = self.client.forward_backward([to_tinker_datum(d) for d in data], loss_fn)
         return _Done(_to_dict(await fut.result_async()))
+
+    # ------------------------------------------------------------ forward_backward_custom
+    def forward_data(self, data: list[Any], datums: list[Datum]) -> list[Any]:
+        """The SDK's own custom-loss forward payload: ``target_tokens`` and ``weights``."""
+        types = _tinker_types()
+        out = []
+        for raw, d in zip(data, datums, strict=True):
+            model_input = getattr(raw, "model_input", None) or to_tinker_datum(d).model_input
+            targets = np.asarray(d.loss_fn_inputs["target_tokens"])
+            weights = d.loss_fn_inputs.get("weights")
+            weights = np.zeros(targets.shape, np.float32) if weights is None else weights
+            out.append(
+                types.Datum(
+                    model_input=model_input,
+                    loss_fn_inputs={
+                        "target_tokens": types.TensorData.from_numpy(targets.astype(np.int64)),
+                        "weights": types.TensorData.from_numpy(np.asarray(weights, np.float32)),
+                    },
+                )
+            )
+        return out
+
+    def submit_custom(self, state: Any) -> Any:
+        """Reserves the forward's and backward's ids together; returns a ``CustomFuture``.
+
+        Submits the forward at once (the SDK sends it in id order) and runs the
+        objective and the backward on a background thread.
+        """
+        from tinker.lib.public_interfaces.training_client import _ReservedRequestChunk
+
+        from jaxreg._src.custom import CustomFuture, _executor
+
+        client = self.client
+        forward_data = self.forward_data(state.data, state.datums)
+        chunks = list(client._chunked_requests_generator(forward_data))
+        n = len(chunks)
+        ids = client._reserve_request_ids(2 * n)  # both phases, before anything else
+        forward_requests = [
+            _ReservedRequestChunk(rid, c.data, c.estimated_bytes_count)
+            for rid, c in zip(ids[:n], chunks, strict=True)
+        ]
+        forward = client._run_fwd_bwd(forward_requests, "cross_entropy", None, forward_only=True)
+
+        def backward(datums):
+            types = _tinker_types()
+            requests, offset = [], 0
+            for rid, chunk in zip(ids[n:], forward_requests, strict=True):
+                part = []
+                for fwd, d in zip(
+                    chunk.data, datums[offset : offset + len(chunk.data)], strict=True
+                ):
+                    part.append(
+                        types.Datum(
+                            model_input=fwd.model_input,
+                            loss_fn_inputs={
+                                "target_tokens": fwd.loss_fn_inputs["target_tokens"],
+                                "weights": types.TensorData.from_numpy(
+                                    np.asarray(d.loss_fn_inputs["weights"], np.float32)
+                                ),
+                            },
+                        )
+                    )
+                offset += len(chunk.data)
+                requests.append(_ReservedRequestChunk(rid, part, chunk.estimated_bytes_count))
+            return client._run_fwd_bwd(requests, "cross_entropy", None, forward_only=False)
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fwd = forward.result()
+                logprobs, out, linear = state.compute(_to_dict(fwd))
+            except BaseException as e:
+                # Fill the reserved backward ids (zero weights: no gradient) so that the
+                # client's later requests are not left waiting for them.
+                zero = [
+                    Datum(d.tokens, {"weights": np.zeros(len(d.tokens), np.float32)})
+                    for d in state.datums
+                ]
+                try:
+                    backward(zero).result()
+                finally:
+                    future.set_exception(e)
+                return
+            try:
+                bwd = backward(linear).result()
+                future.set_result(state.finish(_to_dict(bwd), logprobs, out))
+            except BaseException as e:
+                future.set_exception(e)
+
+        _executor().submit(run)
+        return CustomFuture(future, (ids[0] + 1, ids[n] + 1))  # seq_ids as sent (from 1)

@@ -11,6 +11,10 @@ a request changes nothing. When an API key is configured, every request except
 ``healthz`` must carry it in the ``X-API-Key`` header (compared in constant time; the
 key never appears in logs or errors).
 
+With the official SDK installed (``jaxreg[tinker]``), the same application also speaks
+the SDK's own protocol (bootstrap, protobuf ``forward_backward``, sampling, ``tinker://``
+checkpoints): see :mod:`jaxreg.service.tinker_api`.
+
 One extension to Tinker's API: ``skip_seq {model_id, seq_id}`` marks a reserved
 ``seq_id`` as used without doing anything, so that a client that reserved ids for a
 pipeline and then decided not to send one (for example because its loss was
@@ -155,4 +159,17 @@ def create_app(
         Route("/api/v1/retrieve_future", endpoint(retrieve_future), methods=["POST"]),
         *(Route(f"/api/v1/{k}", endpoint(work(k)), methods=["POST"]) for k in WORK_ENDPOINTS),
     ]
+    if _tinker_front_door():  # the official tinker SDK's protocol (jaxreg.service.tinker_api)
+        from jaxreg.service import tinker_api
+
+        routes = tinker_api.mount(engine, routes, api_key=api_key, max_body_bytes=max_body_bytes)
     return Starlette(routes=routes)
+
+
+def _tinker_front_door() -> bool:
+    """Whether the SDK's schema (``pip install 'jaxreg[tinker]'``) is importable."""
+    try:
+        import tinker.proto.tinker_public_pb2  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -35,15 +35,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxreg._src.wire import ENCODINGS, Encoding, WireError, datum_from_json, encode_tensor
+from jaxreg._src.wire import (
+    ENCODINGS,
+    Datum,
+    Encoding,
+    WireError,
+    datum_from_json,
+    encode_tensor,
+)
 from jaxreg.service import checkpoint, diagnostics
+from jaxreg.service import lora as lora_lib
+from jaxreg.service import losses as service_losses
 from jaxreg.service import model as model_lib
 
 BASE_MODEL = "jaxreg-base"
 LOSS_FNS = {
     "cross_entropy": ("target_tokens", "weights"),
     "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+    "ppo": ("target_tokens", "logprobs", "advantages"),
+    "cispo": ("target_tokens", "logprobs", "advantages"),
 }
+_DECAY_MASK = lora_lib.decay_mask  # a LoRA model's frozen base gets no weight decay
+LOSS_CONFIG = service_losses.DEFAULTS  # loss_fn_config options (ppo, cispo) and defaults
 _STATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _KEEP_RESULTS = 4096
 # Extensions to Tinker's API that this service implements (GET /api/v1/capabilities).
@@ -117,7 +130,7 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._traces: collections.Counter[str] = collections.Counter()
         self._optimizer = optax.inject_hyperparams(optax.adamw)(
-            learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0
+            learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0, mask=_DECAY_MASK
         )
         self._compile()
         self._worker = threading.Thread(target=self._work, name="jaxreg-engine", daemon=True)
@@ -129,10 +142,12 @@ class Engine:
         traces = self._traces
 
         def loss_and_logprobs(params, tokens, targets, mask, inputs, loss_fn):
-            lp = model_lib.token_logprobs(cfg, params, tokens, targets)
+            lp = model_lib.token_logprobs(cfg, lora_lib.merged(params), tokens, targets)
             m = mask if lp.ndim == 2 else mask[..., None]
             if loss_fn == "cross_entropy":
                 loss = -jnp.sum(inputs["weights"] * lp * m)
+            elif loss_fn in LOSS_CONFIG:  # ppo, cispo: see jaxreg.service.losses
+                loss = service_losses.policy_loss(loss_fn, lp, inputs, m)
             else:
                 ratio = jnp.exp(jnp.where(m > 0, lp - inputs["logprobs"], 0.0))
                 loss = -jnp.sum(ratio * inputs["advantages"] * m)
@@ -260,6 +275,30 @@ class Engine:
                 m.next_seq += 1
         return rid
 
+    def add_model(self, model_id: str, *, first_seq: int = 0, params: Any = None) -> _Model:
+        """Registers a model under ``model_id`` whose first request has ``seq_id`` ``first_seq``.
+
+        Used by the tinker front door (the SDK numbers a model's requests from 1). An
+        existing model of that id is returned unchanged (a retried creation).
+        """
+        with self._lock:
+            m = self._models.get(model_id)
+            if m is None:
+                params = jax.tree.map(jnp.array, self._base_params if params is None else params)
+                m = _Model(
+                    model_id,
+                    params,
+                    self._optimizer.init(params),
+                    jax.tree.map(jnp.zeros_like, params),
+                    next_seq=first_seq,
+                )
+                self._models[model_id] = m
+            return m
+
+    def submit_job(self, model_id: str, seq_id: int | None, job: Callable[[], dict]) -> str:
+        """Queues ``job`` (run on the worker thread) in the model's ``seq_id`` order."""
+        return self.submit("_job", {"model_id": model_id, "seq_id": seq_id, "_job": job})
+
     def result(self, request_id: Any) -> concurrent.futures.Future:
         fut = self._results.get(request_id) if isinstance(request_id, str) else None
         if fut is None:
@@ -292,6 +331,8 @@ class Engine:
             return lambda: run(m, name)
         if kind == "skip_seq":  # releases a reserved seq_id whose request will never come
             return lambda: {"type": "skip_seq"}
+        if kind == "_job":  # a job prepared by another front door (submit_job)
+            return body["_job"]
         raise ServiceError(404, f"unknown request kind {kind!r}")
 
     def _prepare_data(self, fb_input, key, forward_only, body) -> _Prepared:
@@ -303,11 +344,9 @@ class Engine:
             raise ServiceError(
                 400, f"{key}.loss_fn: unknown loss {loss_fn!r}; supported: {sorted(LOSS_FNS)}"
             )
-        config = fb_input.get("loss_fn_config")
-        if config:
-            raise ServiceError(
-                400, f"{key}.loss_fn_config: {loss_fn} takes no options, found {dict(config)!r}"
-            )
+        config = service_losses.check_config(
+            loss_fn, fb_input.get("loss_fn_config"), f"{key}.loss_fn_config", ServiceError
+        )
         encoding = body.get("tensor_encoding", "json")
         if encoding not in ENCODINGS:
             raise ServiceError(
@@ -323,8 +362,8 @@ class Engine:
         k_shape: tuple[int, ...] | None = None
         for i, raw in enumerate(data):
             where = f"{key}.data[{i}]"
-            try:
-                d = datum_from_json(raw, where)
+            try:  # the protobuf front door hands over decoded Datums
+                d = raw if isinstance(raw, Datum) else datum_from_json(raw, where)
             except WireError as e:
                 raise ServiceError(400, str(e)) from None
             t = len(d.tokens)
@@ -399,6 +438,7 @@ class Engine:
             for n in LOSS_FNS[loss_fn]
             if n != "target_tokens"
         }
+        inputs.update(config)  # traced scalars: a new clip threshold does not recompile
         for i, (d, n) in enumerate(zip(datums, lengths, strict=True)):
             tokens[i, :n] = d.tokens
             targets[i, :n] = d.loss_fn_inputs["target_tokens"]

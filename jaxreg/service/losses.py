@@ -1,0 +1,74 @@
+"""The service's built-in policy-gradient losses (Tinker's ``ppo`` and ``cispo``).
+
+With ``lp`` the learner's per-token logprobs, ``q`` the sampler's (``logprobs``),
+``A`` the ``advantages`` and ``r = exp(lp - q)`` the importance ratio, summed over the
+unpadded tokens (Tinker's token-wise definitions, ``loss:sum``):
+
+* ``importance_sampling``: ``-sum(r * A)`` (in :mod:`jaxreg.service.engine`);
+* ``ppo``: ``-sum(min(r * A, clip(r, lo, hi) * A))``;
+* ``cispo``: ``-sum(stop_gradient(clip(r, lo, hi)) * lp * A)``;
+
+where ``lo = clip_low_threshold`` (default 0.8) and ``hi = clip_high_threshold``
+(default 1.2) come from ``loss_fn_config``. Example (PPO with a tighter clip)::
+
+  training_client.forward_backward(data, "ppo",
+                                   {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1})
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULTS = {
+    "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+}
+
+
+def check_config(loss_fn: str, config: Any, field: str, error: Any) -> dict[str, np.ndarray]:
+    """Validates ``loss_fn_config``; returns every option of ``loss_fn`` as float32 scalars.
+
+    Raises ``error(400, message)`` naming the field, the expected and the found value.
+    """
+    defaults = DEFAULTS.get(loss_fn, {})
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise error(400, f"{field}: expected an object, found {type(config).__name__}")
+    if config and not defaults:
+        raise error(400, f"{field}: {loss_fn} takes no options, found {dict(config)!r}")
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise error(
+            400, f"{field}: unknown options {unknown} for {loss_fn}; expected {sorted(defaults)}"
+        )
+    values = {**defaults, **config}
+    for k, v in values.items():
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise error(400, f"{field}.{k}: expected a finite number >= 0, found {v!r}")
+    lo, hi = values.get("clip_low_threshold"), values.get("clip_high_threshold")
+    if lo is not None and hi is not None and lo > hi:
+        raise error(
+            400, f"{field}: clip_low_threshold ({lo}) must not exceed clip_high_threshold ({hi})"
+        )
+    return {k: np.asarray(v, np.float32) for k, v in values.items()}
+
+
+def policy_loss(loss_fn: str, lp: jax.Array, inputs: Mapping[str, Any], mask: jax.Array):
+    """``ppo`` or ``cispo`` summed over the tokens where ``mask`` is 1 (see the module doc)."""
+    ratio = jnp.exp(jnp.where(mask > 0, lp - inputs["logprobs"], 0.0))
+    clipped = jnp.clip(ratio, inputs["clip_low_threshold"], inputs["clip_high_threshold"])
+    adv = inputs["advantages"]
+    if loss_fn == "ppo":
+        per_token = jnp.minimum(ratio * adv, clipped * adv)
+    elif loss_fn == "cispo":
+        per_token = jax.lax.stop_gradient(clipped) * lp * adv
+    else:  # pragma: no cover - the engine validates loss_fn first
+        raise ValueError(f"policy_loss: unknown loss {loss_fn!r}")
+    return -jnp.sum(per_token * mask)
