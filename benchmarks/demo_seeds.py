@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +32,6 @@ def run_seed(seed: int, args, root: Path) -> dict:
         cfg.kl_weights = tuple(args.kl_weights)
     with contextlib.redirect_stdout(io.StringIO()):
         summary = demo.run(cfg)
-    records = [json.loads(line) for line in open(cfg.out / "metrics.jsonl")]
-    for r in summary["runs"]:
-        cos = [
-            x["param/cos/nll/kl"]
-            for x in records
-            if x["kl_weight"] == r["kl_weight"] and "param/cos/nll/kl" in x
-        ]
-        r["param_cos_nll_kl"] = (
-            (float(np.mean(cos)), float(np.min(cos)), float(np.max(cos))) if cos else None
-        )
     return summary
 
 
@@ -73,12 +62,8 @@ def main() -> None:
             per_seed = "/".join(f"{v:.0%}" for v in finals[:, k])
             cells.append(f"{finals[:, k].mean():.0%} ({per_seed})")
         cells.append(f"{(finals.max(0) - finals.min(0)).max():.0%}")
-        cos = [results[s]["runs"][i].get("param_cos_nll_kl") for s in args.seeds]
-        cells.append(
-            ""
-            if None in cos
-            else f"{np.mean([c[0] for c in cos]):+.2f} [{min(c[1] for c in cos):+.2f}, {max(c[2] for c in cos):+.2f}]"
-        )
+        cos = np.array([results[s]["runs"][i]["param_cos_nll_kl"] for s in args.seeds])
+        cells.append(f"{cos[:, 0].mean():+.2f} [{cos[:, 1].min():+.2f}, {cos[:, 2].max():+.2f}]")
         rows.append(cells)
     print()
     print(

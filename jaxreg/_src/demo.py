@@ -39,14 +39,22 @@ VOCAB_K = 32  # every token is a candidate: exact KL and entropy over the vocabu
 
 @dataclasses.dataclass
 class DemoConfig:
-    steps: int = 250
-    kl_weights: tuple[float, ...] = (0.0, 0.3, 1.0)
+    """The demo's settings (``jaxreg demo --help`` lists them).
+
+    Chosen so that the sweep's table is stable across seeds (``benchmarks/demo_seeds.py``
+    measures it): Adam at a peak learning rate of 5e-4 with a short warmup and cosine
+    decay to 0 (at a constant 1e-3, held-out accuracies swung by up to 86 points between
+    evaluations), 300 steps per KL weight, and 192 held-out examples per task.
+    """
+
+    steps: int = 300
+    kl_weights: tuple[float, ...] = (0.0, 0.3, 3.0)
     batch_size: int = 16
     replay: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     warmup: int = 10
-    eval_every: int = 25
-    eval_size: int = 96
+    eval_every: int = 50
+    eval_size: int = 192
     seed: int = 0
     out: Path | None = None
     base_url: str | None = None
