@@ -7,6 +7,7 @@ fault drops them first); everything else talks to the service directly.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import threading
@@ -475,6 +476,24 @@ def test_async_api_matches_sync(server, client, objective):
     result = asyncio.run(main(training))
     assert np.isfinite(result.metrics["loss:sum"])
     assert_trees_equal(params_of(training, server, "async")[0], params_of(sync, server, "sync")[0])
+
+
+def test_async_calls_from_successive_event_loops(server, client):
+    """Each ``asyncio.run`` has its own loop; a closed loop's id can be reused by the next.
+
+    The client kept one httpx.AsyncClient per ``id(loop)``, so a later loop with a
+    recycled id got a client bound to a closed loop ("Event loop is closed").
+    """
+    training = client.create_model()
+    data = datums("C", 1, seed=21)
+
+    async def forward():
+        return await (await training.forward_async(data)).result_async()
+
+    for _ in range(4):
+        out = asyncio.run(forward())
+        assert out["loss_fn_outputs"][0]["logprobs"].shape == (len(data[0].tokens),)
+        gc.collect()
 
 
 def test_no_recompilation_across_random_lengths(server, client):

@@ -24,6 +24,7 @@ import random
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -166,16 +167,19 @@ class ServiceClient:
         # the server delays by ~40 ms (Nagle + delayed ACK): set it on every connection.
         nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
         transport = transport or httpx.HTTPTransport(limits=limits, socket_options=nodelay)
-        async_transport = async_transport or httpx.AsyncHTTPTransport(
-            limits=limits, socket_options=nodelay
-        )
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
         )
         self._ahttp_args: dict[str, Any] = dict(
-            base_url=self.base_url, headers=headers, timeout=timeout, transport=async_transport
+            base_url=self.base_url, headers=headers, timeout=timeout
         )
-        self._ahttp: dict[int, httpx.AsyncClient] = {}
+        # Pooled connections belong to the event loop that opened them, so each loop gets
+        # its own transport, unless the caller gave one (and then owns its lifetime).
+        self._async_transport = async_transport
+        self._async_transport_args: dict[str, Any] = dict(limits=limits, socket_options=nodelay)
+        # Keyed by the loop itself, weakly: an id() can be reused by a later loop once the
+        # first is closed, and a client bound to a closed loop fails.
+        self._ahttp: weakref.WeakKeyDictionary[Any, httpx.AsyncClient] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         key = "None" if self._api_key is None else "'***'"
@@ -245,9 +249,12 @@ class ServiceClient:
 
     def _async_http(self) -> httpx.AsyncClient:
         # One AsyncClient per event loop: httpx clients must not cross loops.
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         if loop not in self._ahttp:
-            self._ahttp[loop] = httpx.AsyncClient(**self._ahttp_args)
+            transport = self._async_transport or httpx.AsyncHTTPTransport(
+                **self._async_transport_args
+            )
+            self._ahttp[loop] = httpx.AsyncClient(transport=transport, **self._ahttp_args)
         return self._ahttp[loop]
 
     async def post_async(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,9 +353,10 @@ class ServiceClient:
         self._http.close()
 
     async def aclose(self) -> None:
-        for http in self._ahttp.values():
+        """Closes the running event loop's HTTP client (others go with their loops)."""
+        http = self._ahttp.pop(asyncio.get_running_loop(), None)
+        if http is not None:
             await http.aclose()
-        self._ahttp.clear()
 
     def __enter__(self) -> ServiceClient:
         return self
