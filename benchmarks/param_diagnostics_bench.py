@@ -92,10 +92,13 @@ def main() -> None:
         def custom_plain(i):
             jr.remote.forward_backward_custom(step_plain, batches[i], plain_obj).result()
 
+        last: list[jr.remote.ParamDiagnostics] = []
+
         def custom_diag(i):
-            jr.remote.forward_backward_custom(
+            r = jr.remote.forward_backward_custom(
                 step_diag, batches[i], diag_obj, param_diagnostics=True
             ).result()
+            last[:] = [r.param_diagnostics]
 
         variants = {
             "fb plain": fb_plain,
@@ -145,6 +148,12 @@ def main() -> None:
         f"[T, 32] targets, {len(plain_obj.names)} terms (padded to 4); {ROUNDS} rounds, medians"
     )
     print(table(rows, ["what", "plain ms", "with diagnostics ms", "ratio"]))
+    d = last[0]
+    print(
+        "last step, parameter space: "
+        + ", ".join(f"|g_{n}| {v:.3g}" for n, v in d.grad_norms.items())
+        + f"; cos(nll, kl) {d.cosine('nll', 'kl'):+.3f}"
+    )
     print(
         "compiled programs: forward_backward "
         f"{traces.get('forward_backward', 0)}, with diagnostics "

@@ -192,13 +192,14 @@ def request_field(out: Any, batch: Any) -> dict[str, Any]:
     }
 
 
-def encode_field(field: Mapping[str, Any], encoding: Encoding) -> dict[str, Any]:
+def encode_field(field: Mapping[str, Any], encoding: Encoding | str) -> dict[str, Any]:
     """``field`` with its ``term_weights`` arrays encoded as ``TensorData``."""
     return {
         "term_names": list(field["term_names"]),
         "loss_weights": [float(w) for w in field["loss_weights"]],
         "term_weights": [
-            encode_tensor(np.asarray(a, np.float32), encoding) for a in field["term_weights"]
+            encode_tensor(np.asarray(a, np.float32), encoding)  # type: ignore[arg-type]
+            for a in field["term_weights"]
         ],
     }
 
