@@ -173,12 +173,13 @@ def prepare(
 def make_step(cfg: model_lib.ModelConfig, traces) -> Any:
     """The compiled ``forward_backward`` with per-term parameter gradients.
 
-    ``step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights)``
-    returns ``(loss, logprobs, grad_acc + sum_i w_i g_i, sq_norms [n], gram [n, n],
-    total_norm)``; ``grad_acc`` is donated.
+    ``step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights,
+    n_terms)`` (``n_terms``: an int32 scalar, the rows before the padding)
+    returns ``(loss, logprobs, grad_acc + sum_i w_i g_i, gram [n_pad, n_pad],
+    ||sum_i w_i g_i||)``; ``grad_acc`` is donated.
     """
 
-    def step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights):
+    def step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights, n_terms):
         traces["forward_backward_param_diagnostics"] += 1
         lp, pullback = jax.vjp(lambda p: model_lib.token_logprobs(cfg, p, tokens, targets), params)
         m = mask if lp.ndim == 2 else mask[..., None]
@@ -187,7 +188,18 @@ def make_step(cfg: model_lib.ModelConfig, traces) -> Any:
         # program (the forward and its residuals are shared). Not ``jax.vmap(pullback)``:
         # on XLA:CPU (jax 0.10.2) that returns wrong rows for some shapes, e.g. the
         # demo's [32, 32, 32] (tests/test_param_diagnostics.py keeps that case).
-        rows = [pullback(-(term_weights[i] * m))[0] for i in range(term_weights.shape[0])]
+        # Padding rows (past the request's terms, static count n_pad) are skipped at run
+        # time, so 3 terms cost 3 backward passes, not 4.
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        rows = [
+            jax.lax.cond(
+                i < n_terms,
+                lambda c: pullback(c)[0],
+                lambda c: zeros,
+                -(term_weights[i] * m),
+            )
+            for i in range(term_weights.shape[0])
+        ]
         jac = jax.tree.map(lambda *r: jnp.stack(r), *rows)
         grads = jax.tree.map(lambda j: weighted_rows(loss_weights, j), jac)
         flat = [j.reshape(j.shape[0], -1).astype(jnp.float32) for j in jax.tree.leaves(jac)]
