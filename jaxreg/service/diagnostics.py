@@ -31,7 +31,8 @@ term_names, loss_weights, grad_norms, gram, total_grad_norm}`` (a non-finite num
 sent as ``null``).
 
 The number of terms is padded to a power of two (zero cotangents, zero weights), so the
-compiled programs are bounded by the (batch, length, targets, terms) buckets.
+compiled programs are bounded by the (batch, length, targets, terms) buckets; padding
+rows are skipped at run time (``lax.cond``), so they cost no backward pass.
 """
 
 from __future__ import annotations
