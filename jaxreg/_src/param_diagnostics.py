@@ -6,8 +6,9 @@ gradients; what matters for training is how their gradients with respect to the
 ``forward_backward_custom(..., param_diagnostics=True)`` the client sends each term's
 own linearised weights ``t_i = -dL_i/dlogprobs`` next to the usual ``weights =
 -dL/dlogprobs``; the service computes every term's parameter gradient
-``g_i = dL_i/dθ`` in one program (one forward, one pullback per term), accumulates only ``sum_i w_i g_i`` (the
-ordinary update), and answers the Gramian ``G_ij = <g_i, g_j>``. From it:
+``g_i = dL_i/dθ`` in one program (one forward, one pullback per term), accumulates
+only ``sum_i w_i g_i`` (the ordinary update), and answers the Gramian
+``G_ij = <g_i, g_j>``. From it:
 
 .. math::
 
