@@ -22,7 +22,7 @@ from jaxreg._src.custom import _pack
 from jaxreg._src.demo import _multi_target
 from jaxreg._src.param_diagnostics import encode_field
 from jaxreg._src.wire import Datum
-from jaxreg.service import checkpoint
+from jaxreg.service import checkpoint, tasks
 from jaxreg.service import model as model_lib
 
 ANTI_SCALE = 1e3  # the "anti" term is -1000 x the NLL: an exact conflict at another scale
@@ -145,6 +145,38 @@ def test_norms_gramian_and_update_match_per_term_backward(server, client, object
     acc, meta = _grad_acc(training, server, "pd-after")
     assert meta["n_accumulated"] == 1
     np.testing.assert_allclose(_flat64(acc), w @ J, rtol=1e-3, atol=1e-5 * np.abs(w @ J).max())
+
+
+def test_demo_sized_batch_kl_at_its_minimum(server, client, objective):
+    """The demo's shape ([32, 32, 32] padded) with the KL reference = the base model.
+
+    At its minimum the exact KL's gradient in logprob space is ``p / N`` (not zero), but
+    it cannot move the model: in parameter space it is zero. A ``vmap`` of the pullback
+    over the term cotangents returned wrong rows at this shape on XLA:CPU (16.5 here).
+    """
+    learn = [_multi_target(e, learn=True) for e in tasks.make_examples("I", 16, seed=5)]
+    keep = [_multi_target(e, learn=False) for e in tasks.make_examples("R", 8, seed=6)]
+    ds = learn + keep
+    base_lp = client.create_model().forward(
+        [Datum(d.tokens, {"target_tokens": d.loss_fn_inputs["target_tokens"]}) for d in ds]
+    )
+    ds = [
+        d.replace_inputs(ref_logprobs=o["logprobs"])
+        for d, o in zip(ds, base_lp.result()["loss_fn_outputs"], strict=True)
+    ]
+    training = client.create_model()
+    params, _ = params_of(training, server, "pd-demo")
+    result = jr.remote.forward_backward_custom(
+        training, ds, objective, param_diagnostics=True
+    ).result()
+    diag = result.param_diagnostics
+    assert np.asarray(result.output.term_grads).shape[1:] == (32, 32, 32)
+    J = _reference(server, params, objective, ds, result.logprobs)
+    norms = np.linalg.norm(J, axis=1)
+    got = np.asarray([diag.grad_norms[n] for n in NAMES])
+    np.testing.assert_allclose(got, norms, rtol=2e-4, atol=1e-4 * norms.max())
+    assert np.linalg.norm(np.asarray(result.output.term_grads[1])) > 1e-2  # logprob space
+    assert diag.grad_norms["kl"] < 1e-5 * diag.grad_norms["nll"]  # parameter space
 
 
 def test_update_equals_plain_path(server, client, objective, plain_objective, data):

@@ -6,8 +6,9 @@ gradients; what matters for training is how their gradients with respect to the
 ``forward_backward_custom(..., param_diagnostics=True)`` the client sends each term's
 own linearised weights ``t_i = -dL_i/dlogprobs`` next to the usual ``weights =
 -dL/dlogprobs``; the service computes every term's parameter gradient
-``g_i = dL_i/dθ`` in one batched backward, accumulates only ``sum_i w_i g_i`` (the
-ordinary update), and answers the Gramian ``G_ij = <g_i, g_j>``. From it:
+``g_i = dL_i/dθ`` in one program (one forward, one pullback per term), accumulates
+only ``sum_i w_i g_i`` (the ordinary update), and answers the Gramian
+``G_ij = <g_i, g_j>``. From it:
 
 .. math::
 
@@ -192,13 +193,14 @@ def request_field(out: Any, batch: Any) -> dict[str, Any]:
     }
 
 
-def encode_field(field: Mapping[str, Any], encoding: Encoding) -> dict[str, Any]:
+def encode_field(field: Mapping[str, Any], encoding: Encoding | str) -> dict[str, Any]:
     """``field`` with its ``term_weights`` arrays encoded as ``TensorData``."""
     return {
         "term_names": list(field["term_names"]),
         "loss_weights": [float(w) for w in field["loss_weights"]],
         "term_weights": [
-            encode_tensor(np.asarray(a, np.float32), encoding) for a in field["term_weights"]
+            encode_tensor(np.asarray(a, np.float32), encoding)  # type: ignore[arg-type]
+            for a in field["term_weights"]
         ],
     }
 

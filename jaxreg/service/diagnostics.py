@@ -3,9 +3,9 @@
 A client that trains a composed objective ``L = sum_i w_i L_i(logprobs)`` through the
 cross-entropy loss (linearisation: ``weights = -dL/dlogprobs``) can also send each
 term's own linearised weights ``t_i = -dL_i/dlogprobs``. The service then computes,
-in one batched backward pass (``jax.vjp`` of the per-token logprobs once, ``jax.vmap``
-of the pullback over the stacked cotangents), every term's gradient with respect to
-the model's parameters,
+in one compiled program (``jax.vjp`` of the per-token logprobs once, then its pullback
+for each term's cotangent, sharing the forward), every term's gradient with respect
+to the model's parameters,
 
 .. math::
 
@@ -31,7 +31,8 @@ term_names, loss_weights, grad_norms, gram, total_grad_norm}`` (a non-finite num
 sent as ``null``).
 
 The number of terms is padded to a power of two (zero cotangents, zero weights), so the
-compiled programs are bounded by the (batch, length, targets, terms) buckets.
+compiled programs are bounded by the (batch, length, targets, terms) buckets; padding
+rows are skipped at run time (``lax.cond``), so they cost no backward pass.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.linalg import cross_gram
+from jaxreg._src.linalg import cross_gram, weighted_rows
 from jaxreg._src.wire import WireError, decode_tensor
 from jaxreg.service import model as model_lib
 
@@ -112,11 +113,13 @@ def prepare(
         dup = next(s for s in names if names.count(s) > 1)
         raise DiagnosticsError(f"{FIELD}.term_names: expected distinct names, {dup!r} repeats")
     lw = field.get("loss_weights")
-    ok = isinstance(lw, list) and len(lw) == n
-    ok = ok and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in lw
-    )
-    if not ok:
+    if not (
+        isinstance(lw, list)
+        and len(lw) == n
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in lw
+        )
+    ):
         raise DiagnosticsError(
             f"{FIELD}.loss_weights: expected {n} finite numbers (one per term), found {lw!r}"
         )
@@ -171,19 +174,35 @@ def prepare(
 def make_step(cfg: model_lib.ModelConfig, traces) -> Any:
     """The compiled ``forward_backward`` with per-term parameter gradients.
 
-    ``step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights)``
-    returns ``(loss, logprobs, grad_acc + sum_i w_i g_i, sq_norms [n], gram [n, n],
-    total_norm)``; ``grad_acc`` is donated.
+    ``step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights,
+    n_terms)`` (``n_terms``: an int32 scalar, the rows before the padding)
+    returns ``(loss, logprobs, grad_acc + sum_i w_i g_i, gram [n_pad, n_pad],
+    ||sum_i w_i g_i||)``; ``grad_acc`` is donated.
     """
 
-    def step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights):
+    def step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights, n_terms):
         traces["forward_backward_param_diagnostics"] += 1
         lp, pullback = jax.vjp(lambda p: model_lib.token_logprobs(cfg, p, tokens, targets), params)
         m = mask if lp.ndim == 2 else mask[..., None]
         loss = -jnp.sum(weights * lp * m)
-        # d/dlp [-sum(t_i * lp * m)] = -t_i * m: one pullback per term, vmapped.
-        (jac,) = jax.vmap(pullback)(-(term_weights * m[None]))
-        grads = jax.tree.map(lambda j: jnp.tensordot(loss_weights, j, axes=1), jac)
+        # d/dlp [-sum(t_i * lp * m)] = -t_i * m: one pullback per term, all in this one
+        # program (the forward and its residuals are shared). Not ``jax.vmap(pullback)``:
+        # on XLA:CPU (jax 0.10.2) that returns wrong rows for some shapes, e.g. the
+        # demo's [32, 32, 32] (tests/test_param_diagnostics.py keeps that case).
+        # Padding rows (past the request's terms, static count n_pad) are skipped at run
+        # time, so 3 terms cost 3 backward passes, not 4.
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        rows = [
+            jax.lax.cond(
+                i < n_terms,
+                lambda c: pullback(c)[0],
+                lambda c: zeros,
+                -(term_weights[i] * m),
+            )
+            for i in range(term_weights.shape[0])
+        ]
+        jac = jax.tree.map(lambda *r: jnp.stack(r), *rows)
+        grads = jax.tree.map(lambda j: weighted_rows(loss_weights, j), jac)
         flat = [j.reshape(j.shape[0], -1).astype(jnp.float32) for j in jax.tree.leaves(jac)]
         gram = sum(cross_gram(f, f) for f in flat)
         total = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))

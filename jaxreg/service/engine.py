@@ -581,6 +581,7 @@ class Engine:
             p.inputs["weights"],
             diag.term_weights,
             diag.loss_weights,
+            np.int32(len(diag.term_names)),
         )
         m.n_accumulated += 1
         lp, gram, total = jax.device_get((lp, gram, total))
