@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear learning-rate warmup steps")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations")
     p.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out examples per task")
+    p.add_argument(
+        "--diagnose-every",
+        type=int,
+        default=d.diagnose_every,
+        help="steps between parameter-space gradient diagnostics (about 3x a step each)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--base-url", help="use this service instead of starting one")
     p.add_argument("--api-key", help="API key of --base-url (default $JAXREG_API_KEY)")

@@ -45,6 +45,8 @@ class DemoConfig:
     measures it): Adam at a peak learning rate of 5e-4 with a short warmup and cosine
     decay to 0 (at a constant 1e-3, held-out accuracies swung by up to 86 points between
     evaluations), 300 steps per KL weight, and 192 held-out examples per task.
+    Parameter-space gradient norms and cosines (a reference-service extension costing
+    about 3x a step) are measured every ``diagnose_every`` steps.
     """
 
     steps: int = 300
@@ -55,6 +57,7 @@ class DemoConfig:
     warmup: int = 10
     eval_every: int = 50
     eval_size: int = 192
+    diagnose_every: int = 10
     seed: int = 0
     out: Path | None = None
     base_url: str | None = None
@@ -334,8 +337,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 batch = [new[i] for i in rng.choice(len(new), cfg.batch_size, replace=False)]
                 batch += [old[i] for i in rng.choice(len(old), cfg.replay, replace=False)]
                 target = training.adapter if isinstance(training, _TinkerModel) else training
+                # Parameter-space diagnostics cost one extra backward per term (about 3x a
+                # step): measured every ``diagnose_every`` steps and on the last.
+                diagnose = param_space and (step % cfg.diagnose_every == 0 or step + 1 == cfg.steps)
                 fut = jr.remote.forward_backward_custom(
-                    target, batch, obj, weights=weights, param_diagnostics=param_space
+                    target, batch, obj, weights=weights, param_diagnostics=diagnose
                 )
                 lr = learning_rate(cfg, step)
                 opt = training.optim_step({**adam, "learning_rate": lr})  # after the backward
@@ -438,6 +444,7 @@ def main(args) -> int:
         warmup=min(args.warmup, args.steps),
         eval_every=max(1, min(args.eval_every, args.steps)),
         eval_size=args.eval_size,
+        diagnose_every=args.diagnose_every,
         seed=args.seed,
         out=Path(args.out) if args.out else None,
         base_url=args.base_url,

@@ -41,23 +41,25 @@ def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Pa
     ax.axhline(0, color="0.8", lw=0.8)
     ax.legend()
 
-    # Parameter space when the service measured it; else the objective's own space.
-    space = "param" if "param/nll/grad_norm" in run[-1] else None
+    # Parameter space on the steps the service measured it; else the objective's own space.
+    measured = [r for r in run if "param/nll/grad_norm" in r]
+    space = bool(measured)
+    norm_run = measured if space else run
+    norm_steps = [r["step"] for r in norm_run]
 
     def norm(r, t):
         return r[f"param/{t}/grad_norm"] if space else r[f"{_prefix(t)}grad_norm"]
 
     ax = axes[0, 1]
-    ax.semilogy(steps, [norm(r, "nll") for r in run], label="nll", color="k")
+    ax.semilogy(norm_steps, [norm(r, "nll") for r in norm_run], label="nll", color="k")
     for t in terms:
-        w = [r[f"regularizers/{t}/weight"] for r in run]
         ax.semilogy(
-            steps,
-            [max(wi * norm(r, t), 1e-12) for wi, r in zip(w, run, strict=True)],
+            norm_steps,
+            [max(r[f"regularizers/{t}/weight"] * norm(r, t), 1e-12) for r in norm_run],
             label=f"{t} (weighted)",
         )
-    total = [r["param/total_grad_norm" if space else "total_grad_norm"] for r in run]
-    ax.semilogy(steps, total, "--", color="0.5", label="total")
+    total = [r["param/total_grad_norm" if space else "total_grad_norm"] for r in norm_run]
+    ax.semilogy(norm_steps, total, "--", color="0.5", label="total")
     where = "the model's parameters" if space else "the logprobs"
     ax.set(title=f"gradient norms w.r.t. {where}", xlabel="step")
     ax.legend()
@@ -67,8 +69,8 @@ def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Pa
     for i, t in enumerate(terms):
         c = colors[(i + 1) % len(colors)]
         if space:
-            cos = [r[f"param/cos/nll/{t}"] for r in run]
-            ax.plot(steps, cos, color=c, label=f"cos(nll, {t})")
+            cos = [r[f"param/cos/nll/{t}"] for r in measured]
+            ax.plot(norm_steps, cos, color=c, label=f"cos(nll, {t})")
         ax.plot(
             steps,
             [r["grad_cosines"]["nll"][t] for r in run],
