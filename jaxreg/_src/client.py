@@ -19,6 +19,7 @@ service's reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -442,6 +443,7 @@ class TrainingClient:
         self.service, self.model_id = service, model_id
         self._next_seq = 0
         self._seq_lock = threading.Lock()
+        self._automatic: set[int] = set()  # seq_ids taken from the counter, not yet sent
 
     def __repr__(self) -> str:
         return f"TrainingClient(model_id={self.model_id!r}, service={self.service!r})"
@@ -455,6 +457,8 @@ class TrainingClient:
     def _body(self, endpoint, seq_id, **fields) -> dict[str, Any]:
         if seq_id is None:
             seq = self.reserve_seq_ids()[0]
+            with self._seq_lock:
+                self._automatic.add(seq)
         else:  # an explicit id: later automatic ids continue after it
             seq = seq_id
             with self._seq_lock:
@@ -473,12 +477,49 @@ class TrainingClient:
         )
 
     def submit(self, endpoint: str, body: dict[str, Any]) -> APIFuture:
-        rid = self.service.post(endpoint, body)["request_id"]
+        automatic = self._take_automatic(body)
+        try:
+            rid = self.service.post(endpoint, body)["request_id"]
+        except RemoteError as e:
+            if automatic and self._refused(endpoint, body, e):
+                with contextlib.suppress(RemoteError):
+                    self.service.post("skip_seq", self._skip_body(body))
+            raise
         return APIFuture(self, endpoint, body, rid)
 
     async def submit_async(self, endpoint: str, body: dict[str, Any]) -> APIFuture:
-        rid = (await self.service.post_async(endpoint, body))["request_id"]
+        automatic = self._take_automatic(body)
+        try:
+            rid = (await self.service.post_async(endpoint, body))["request_id"]
+        except RemoteError as e:
+            if automatic and self._refused(endpoint, body, e):
+                with contextlib.suppress(RemoteError):
+                    await self.service.post_async("skip_seq", self._skip_body(body))
+            raise
         return APIFuture(self, endpoint, body, rid)
+
+    def _take_automatic(self, body) -> bool:
+        """Whether ``body``'s ``seq_id`` came from the counter (and forgets it)."""
+        with self._seq_lock:
+            seq = body.get("seq_id")
+            if seq in self._automatic:
+                self._automatic.discard(seq)
+                return True
+            return False
+
+    @staticmethod
+    def _refused(endpoint, body, error: RemoteError) -> bool:
+        """A request refused for its content: an automatic ``seq_id`` was not used and
+        is released (``skip_seq``), or the model's later requests would wait for it.
+        An explicit ``seq_id`` stays the caller's to reuse."""
+        return (
+            error.status in (400, 413)
+            and endpoint != "skip_seq"
+            and isinstance(body.get("seq_id"), int)
+        )
+
+    def _skip_body(self, body) -> dict[str, Any]:
+        return {"model_id": self.model_id, "seq_id": body["seq_id"]}
 
     def forward(
         self,
