@@ -301,10 +301,10 @@ def test_every_user_term_error_names_the_term():
     def raises(x, batch):
         raise ValueError("bad shape somewhere")
 
-    with pytest.raises(jr.TermError, match="Term 'forgot'.*returned None"):
+    with pytest.raises(jr.TermError, match=r"Term 'forgot'.*returned None"):
         jr.compose(nll, [jr.Term("forgot", forgot_return)])(X, None)
     with pytest.raises(ValueError, match="bad shape") as e:  # keeps its type
         jr.compose(nll, [jr.Term("raiser", raises)])(X, None)
     assert any("'raiser'" in note for note in e.value.__notes__)
-    with pytest.raises(jr.HostTermError, match="HostTerm 'none'.*returned None"):
+    with pytest.raises(jr.HostTermError, match=r"HostTerm 'none'.*returned None"):
         jr.compose(nll, [jr.HostTerm("none", lambda x, b, d: None)])(X, None)
