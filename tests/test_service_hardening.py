@@ -246,6 +246,8 @@ def test_model_limit_delete_and_idle_ttl(limited, limited_client):
         made[0].forward(datums("C", 1))
     assert e.value.status == 404
     made[0] = limited_client.create_model()  # the freed place is usable
+    made[0].delete()  # the client's own method
+    made[0] = limited_client.create_model()
     # Idle models are deleted once their TTL has passed (a housekeeping pass "later").
     engine.limits = dataclasses.replace(engine.limits, model_ttl_s=60.0)
     try:
@@ -493,6 +495,14 @@ def test_non_loopback_bind_needs_an_api_key():
         create_server("::")
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.4")
+
+
+def test_serve_refuses_a_public_host_without_a_key(monkeypatch, capsys):
+    from jaxreg.cli import main
+
+    monkeypatch.delenv("JAXREG_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "--allow-unauthenticated" in capsys.readouterr().err
 
 
 def test_non_ascii_api_key(tmp_path):

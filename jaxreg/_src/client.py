@@ -370,6 +370,10 @@ class ServiceClient:
         rid = self.post("create_model", body)["request_id"]
         return TrainingClient(self, self.wait("create_model", body, rid)["model_id"])
 
+    def delete_model(self, model_id: str) -> dict[str, Any]:
+        """Deletes a model on the service, freeing its memory (``delete_model``)."""
+        return self.post("delete_model", {"model_id": model_id})
+
     def training_client(self, model_id: str) -> TrainingClient:
         """A client for an existing model (its next ``seq_id`` must be 0)."""
         return TrainingClient(self, model_id)
@@ -588,6 +592,10 @@ class TrainingClient:
 
     def get_info(self) -> dict[str, Any]:
         return self.service.post("get_info", {"model_id": self.model_id})
+
+    def delete(self) -> None:
+        """Deletes the model on the service; later calls on this client get 404."""
+        self.service.delete_model(self.model_id)
 
 
 def _as_list(data: Any) -> list[Any]:
