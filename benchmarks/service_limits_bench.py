@@ -114,6 +114,7 @@ def main() -> None:
                     b = 1
                     while work_bytes(cfg, 2 * b, t, 1, backward) <= budget:
                         b *= 2
+                    b_fb = b
                     for size in (b, 2 * b):
                         estimate = work_bytes(cfg, size, t, 1, backward)
                         reset_peak(proc.pid)
@@ -138,6 +139,29 @@ def main() -> None:
                             ]
                         )
                         print(rows[-1], flush=True)
+                # The largest backward on 4 models at once: the scheduler runs only as
+                # many side by side as the budget holds.
+                models = [client.create_model() for _ in range(4)]
+                reset_peak(proc.pid)
+                before = status_kib(proc.pid, "VmRSS") * 1024
+                started = time.perf_counter()
+                futures = [m.forward_backward(data(b_fb, t)) for m in models]
+                outcome = "ok" if all(f.result()["type"] for f in futures) else "failed"
+                seconds = time.perf_counter() - started
+                peak = status_kib(proc.pid, "VmHWM") * 1024
+                rows.append(
+                    [
+                        "4 x forward_backward, 4 models at once",
+                        f"4 x [{b_fb},{t}]",
+                        outcome,
+                        f"{4 * work_bytes(cfg, b_fb, t, 1, True) / MIB:.0f} asked, "
+                        f"{budget // MIB} admitted",
+                        f"{(peak - before) / MIB:.0f}",
+                        f"{peak / MIB:.0f}",
+                        f"{seconds:.1f}",
+                    ]
+                )
+                print(rows[-1], flush=True)
                 overall = max(int(r[5]) for r in rows)
         finally:
             proc.terminate()
