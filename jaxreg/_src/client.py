@@ -198,9 +198,9 @@ class ServiceClient:
         self.retry = retry or RetryPolicy()
         self.tensor_encoding = tensor_encoding
         self.poll_timeout = poll_timeout
-        headers: dict[str, str | bytes] = {"content-type": "application/json"}
+        headers = {b"content-type": b"application/json"}
         if api_key:  # as UTF-8 bytes: any character works, as on the service
-            headers[API_KEY_HEADER] = api_key.encode("utf-8")
+            headers[API_KEY_HEADER.encode()] = api_key.encode("utf-8")
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
         # Without TCP_NODELAY, a request's body waits for the ACK of its headers, which
         # the server delays by ~40 ms (Nagle + delayed ACK): set it on every connection.

@@ -33,7 +33,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -557,7 +557,7 @@ class Engine:
             inputs,
             lengths,
             forward_only,
-            encoding,
+            cast(Encoding, encoding),
             time.perf_counter() - start,
             cost,
         )

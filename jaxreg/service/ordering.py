@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -163,7 +164,7 @@ class Sequencer:
             )
             w = self._waiting[seq]
             w.release, w.expired = _noop, True
-            out.append(lambda w=w, message=message: w.fail(message))
+            out.append(functools.partial(w.fail, message))
         # The expired requests stay in line as no-ops: their seq_ids stay used, and the
         # requests behind them run as soon as the missing predecessors are filled in.
         return out
@@ -171,7 +172,7 @@ class Sequencer:
     def drop_all(self, reason: str) -> list[Callable[[], None]]:
         """Fails every waiting request (the model is being deleted)."""
         waiting, self._waiting = self._waiting, {}
-        return [lambda w=w: w.fail(reason) for w in waiting.values()]
+        return [functools.partial(w.fail, reason) for w in waiting.values()]
 
 
 def _noop() -> None:
