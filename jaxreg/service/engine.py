@@ -292,6 +292,7 @@ class Engine:
         m = self._model(model_id)
         m.last_used = time.monotonic()
         return {
+            "type": "get_info",
             "model_id": m.model_id,
             "model_data": {
                 "model_name": BASE_MODEL,
