@@ -282,7 +282,8 @@ def test_seq_id_range_and_reuse_for_another_kind(server, client):
     with pytest.raises(RemoteError, match="already used by a forward_backward") as e:
         training.optim_step(ADAM, seq_id=0)
     assert e.value.status == 409
-    assert training.get_info()["step"] == 0
+    info = training.get_info()
+    assert info["step"] == 0 and info["type"] == "get_info"
     # The same kind is a retry: it answers with the first request's id.
     first = training.forward(data, seq_id=1)
     assert training.forward(data, seq_id=1).request_id == first.request_id
