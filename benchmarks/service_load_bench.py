@@ -20,6 +20,7 @@ Run: ``python -m benchmarks.service_load_bench [--clients 64] [--seconds 60]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import threading
@@ -92,18 +93,34 @@ def client_loop(url: str, seed: int, stop: threading.Event, stats: Stats) -> Non
                 if metrics["step"] != step + 1 or metrics["accumulated"] != 2:
                     stats.violations += 1
             step = metrics["step"]
-        client.post("delete_model", {"model_id": training.model_id})
+        with contextlib.suppress(jr.remote.RemoteError):  # (a service without delete_model)
+            client.post("delete_model", {"model_id": training.model_id})
+
+
+class _Existing:
+    """A service started elsewhere (``--port``/``--pid``): never stopped here."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def terminate(self) -> None:
+        pass
+
+    def wait(self, timeout: float) -> None:
+        pass
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--port", type=int, help="use the service already on this port")
+    parser.add_argument("--pid", type=int, help="its process id (for RSS), with --port")
     args = parser.parse_args()
-    port = free_port()
+    port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        proc = serve(port, tmp)
+        proc = serve(port, tmp) if args.port is None else _Existing(args.pid)
         try:
             # Warm up (compile the shapes) so that the run measures serving, not XLA.
             with jr.remote.ServiceClient(url) as c:
@@ -112,7 +129,8 @@ def main() -> None:
                 for length in (16, 32, 40):  # every padded length bucket: 16, 32, 64
                     t.forward_backward(_batch(rng, length)).result()
                 t.optim_step({"learning_rate": 1e-4}).result()
-                c.post("delete_model", {"model_id": t.model_id})
+                with contextlib.suppress(jr.remote.RemoteError):
+                    c.post("delete_model", {"model_id": t.model_id})
             rss_before = status_kib(proc.pid, "VmRSS") * 1024
             stats, stop = Stats(), threading.Event()
             threads = [
