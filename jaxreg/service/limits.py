@@ -9,7 +9,7 @@ activation memory a ``forward`` or ``forward_backward`` of a padded ``[B, T]`` (
 .. math::
 
    \\text{forward}: 4B\\,(3HT^2 + 8Td + 4TK + 2TV)\\qquad
-   \\text{backward}: 4B\\,(4LHT^2 + 40LTd + 8TK + 4TV)
+   \\text{backward}: 4B\\,(5LHT^2 + 40LTd + 8TK + 4TV)
 
 (float32 bytes; ``H`` heads, ``L`` layers, ``d`` width, ``V`` vocabulary, ``K`` targets
 per position, 1 for ``[B, T]`` targets). The attention scores ``[B, H, T, T]`` dominate
@@ -95,7 +95,7 @@ def work_bytes(cfg: ModelConfig, batch: int, length: int, targets: int, backward
     b, t, k = batch, length, max(1, targets)
     h, d, v, n = cfg.n_heads, cfg.d_model, cfg.vocab_size, cfg.n_layers
     if backward:
-        per_datum = 4 * n * h * t * t + 40 * n * t * d + 8 * t * k + 4 * t * v
+        per_datum = 5 * n * h * t * t + 40 * n * t * d + 8 * t * k + 4 * t * v
     else:
         per_datum = 3 * h * t * t + 8 * t * d + 4 * t * k + 2 * t * v
     return 4 * b * per_datum
