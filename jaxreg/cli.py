@@ -19,9 +19,22 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from jaxreg.service import create_server
+    from jaxreg.service.limits import Limits
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    try:
+        limits = Limits(
+            max_tokens=args.max_tokens,
+            memory_bytes=args.memory_mb << 20,
+            max_models=args.max_models,
+            model_ttl_s=args.model_ttl or None,
+            seq_wait_s=args.seq_timeout,
+            workers=args.workers,
+        )
+    except ValueError as e:
+        print(f"jaxreg serve: {e}", file=sys.stderr)
+        return 2
     try:
         server = create_server(
             args.host,
@@ -29,7 +42,12 @@ def _serve(args: argparse.Namespace) -> int:
             api_key=api_key,
             state_dir=args.state_dir,
             log_level=args.log_level,
+            allow_unauthenticated=args.allow_unauthenticated,
+            limits=limits,
         )
+    except PermissionError as e:
+        print(f"jaxreg serve: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(
             f"jaxreg serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
@@ -137,6 +155,34 @@ def main(argv: list[str] | None = None) -> int:
         help="environment variable holding the API key (unset: no key)",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback --host without an API key (refused otherwise)",
+    )
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        default=1024,
+        help="activation memory the running requests may use together (default 1024)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=1 << 20, help="token-targets per request (2^20)"
+    )
+    p.add_argument("--max-models", type=int, default=64, help="models held at once (64)")
+    p.add_argument(
+        "--model-ttl",
+        type=float,
+        default=6 * 3600.0,
+        help="seconds after which an idle model is deleted (0: never; default 6 h)",
+    )
+    p.add_argument(
+        "--seq-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may wait for a missing predecessor seq_id (300)",
+    )
+    p.add_argument("--workers", type=int, default=4, help="threads running requests (4)")
     p.set_defaults(fn=_serve)
 
     p = sub.add_parser("build-checkpoint", help="rebuild the base checkpoint from its seed")

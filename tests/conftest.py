@@ -17,10 +17,13 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """One reference service for the whole session (compiled programs are shared)."""
-    from jaxreg.service import start
+    """One reference service for the whole session (compiled programs are shared).
 
-    srv = start(state_dir=tmp_path_factory.mktemp("states"))
+    The tests create many models and delete few: allow more than the default 64.
+    """
+    from jaxreg.service import Limits, start
+
+    srv = start(state_dir=tmp_path_factory.mktemp("states"), limits=Limits(max_models=1024))
     yield srv
     srv.stop()
 

@@ -251,3 +251,60 @@ def test_remote_request_event(server, client):
     assert endpoints[0] == "create_model" and "retrieve_future" in endpoints
     m = seen[0][0]
     assert m["latency"] > 0 and m["bytes_sent"] > 0 and m["bytes_received"] > 0
+
+
+def test_timed_out_threads_free_their_slot():
+    """40 hung calls (more than the old pool of 32) do not make an instant term time out."""
+    release = threading.Event()
+
+    def hung(x, batch, data):
+        release.wait(30)
+        return 0.0
+
+    try:
+        hanging = jr.compose(nll, [jr.HostTerm("hung", hung, timeout=0.05, on_error="skip")])
+        for _ in range(40):
+            assert "timed out" in hanging(X, None).to_dict()["errors"]["hung"]
+        instant = jr.compose(nll, [jr.HostTerm("instant", lambda x, b, d: 1.5, timeout=2.0)])
+        d = instant(X, None).to_dict()
+        assert d["regularizers"]["instant"]["value"] == 1.5
+        assert "errors" not in d or not d["errors"]
+    finally:
+        release.set()
+
+
+def test_a_hung_host_term_does_not_delay_exit(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time, jax.numpy as jnp, jaxreg as jr\n"
+        "def hung(x, b, d):\n"
+        "    time.sleep(120)\n"
+        "    return 0.0\n"
+        "o = jr.compose(lambda x, b: jnp.sum(x), [jr.HostTerm('h', hung, timeout=0.2,"
+        " on_error='skip')])\n"
+        "print(o(jnp.ones(3), None).to_dict()['errors'])\n"
+    )
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    assert "timed out" in out.stdout
+    assert time.monotonic() - started < 60  # not the term's 120 s
+
+
+def test_every_user_term_error_names_the_term():
+    def forgot_return(x, batch):
+        jnp.sum(x)
+
+    def raises(x, batch):
+        raise ValueError("bad shape somewhere")
+
+    with pytest.raises(jr.TermError, match=r"Term 'forgot'.*returned None"):
+        jr.compose(nll, [jr.Term("forgot", forgot_return)])(X, None)
+    with pytest.raises(ValueError, match="bad shape") as e:  # keeps its type
+        jr.compose(nll, [jr.Term("raiser", raises)])(X, None)
+    assert any("'raiser'" in note for note in e.value.__notes__)
+    with pytest.raises(jr.HostTermError, match=r"HostTerm 'none'.*returned None"):
+        jr.compose(nll, [jr.HostTerm("none", lambda x, b, d: None)])(X, None)

@@ -10,13 +10,16 @@ Every work request carries a ``seq_id`` taken from the client's counter when the
 is made, so the service applies a model's requests in call order even when they
 arrive out of order, and a retried request (same ``seq_id``) is never applied twice.
 That makes retrying safe: connection errors, timeouts, 429 and 5xx answers are
-retried with exponential backoff and jitter (``Retry-After`` is honoured); any other
-error raises :class:`RemoteError` naming the request and the service's reason.
+retried with exponential backoff and jitter (``Retry-After`` is honoured) for up to
+30 s by default, long enough for a restarted service to come back; any other error
+raises :class:`RemoteError` naming the call, the model, the ``seq_id`` and the
+service's reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -77,6 +80,18 @@ def _describe(endpoint: str, body: Mapping[str, Any]) -> str:
     return f"{endpoint}" + (f" ({', '.join(parts)})" if parts else "")
 
 
+def _waiting_failed(endpoint, body, request_id, error: RemoteError) -> RemoteError:
+    """A failure of ``retrieve_future``, told as a failure of the call it waited for."""
+    return RemoteError(
+        f"{_describe(endpoint, body)}: waiting for its result (request {request_id}) "
+        f"failed: {error}",
+        endpoint=endpoint,
+        status=error.status,
+        model_id=body.get("model_id"),
+        seq_id=body.get("seq_id"),
+    )
+
+
 _REQUEST_STOP = ("jaxreg", "remote", "request", "stop")
 
 
@@ -101,12 +116,37 @@ def _emit(endpoint, body, content, response, started, attempt) -> None:
 
 
 class RetryPolicy:
-    """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**attempt))``."""
+    """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**attempt))``.
+
+    Retries go on until ``max_elapsed`` seconds have passed since the first attempt
+    (the last wait is shortened to end there), or after ``max_retries`` retries when
+    that is set. The default window, 30 s, outlasts a restart of the service.
+
+    Args:
+      max_retries: the most retries (``None``: bounded by ``max_elapsed`` only).
+      base, cap: the backoff's first and largest wait, in seconds.
+      seed: for reproducible jitter.
+      max_elapsed: seconds from the first attempt after which no retry starts.
+
+    Example:
+      >>> ServiceClient(url, retry=RetryPolicy(max_elapsed=120.0))   # a slow restart
+    """
 
     def __init__(
-        self, max_retries: int = 6, base: float = 0.1, cap: float = 5.0, seed: int | None = None
+        self,
+        max_retries: int | None = None,
+        base: float = 0.1,
+        cap: float = 2.0,
+        seed: int | None = None,
+        *,
+        max_elapsed: float = 30.0,
     ):
+        if max_retries is not None and max_retries < 0:
+            raise ValueError(f"max_retries: expected >= 0 or None, found {max_retries!r}")
+        if not max_elapsed >= 0:
+            raise ValueError(f"max_elapsed: expected seconds >= 0, found {max_elapsed!r}")
         self.max_retries, self.base, self.cap = max_retries, base, cap
+        self.max_elapsed = max_elapsed
         self._rng = random.Random(seed)
 
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
@@ -159,9 +199,9 @@ class ServiceClient:
         self.retry = retry or RetryPolicy()
         self.tensor_encoding = tensor_encoding
         self.poll_timeout = poll_timeout
-        headers = {"content-type": "application/json"}
-        if api_key:
-            headers[API_KEY_HEADER] = api_key
+        headers = {b"content-type": b"application/json"}
+        if api_key:  # as UTF-8 bytes: any character works, as on the service
+            headers[API_KEY_HEADER.encode()] = api_key.encode("utf-8")
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
         # Without TCP_NODELAY, a request's body waits for the ACK of its headers, which
         # the server delays by ~40 ms (Nagle + delayed ACK): set it on every connection.
@@ -199,22 +239,25 @@ class ServiceClient:
             seq_id=body.get("seq_id"),
         )
 
-    def _give_up(self, endpoint, body, error: Exception, attempts: int) -> RemoteError:
+    def _give_up(
+        self, endpoint, body, error: Exception, attempts: int, elapsed: float
+    ) -> RemoteError:
         return RemoteError(
-            f"{_describe(endpoint, body)} failed after {attempts} attempts: "
-            f"{type(error).__name__}: {error}",
+            f"{_describe(endpoint, body)} failed after {attempts} attempts over "
+            f"{elapsed:.1f}s: {type(error).__name__}: {error}",
             endpoint=endpoint,
             model_id=body.get("model_id"),
             seq_id=body.get("seq_id"),
         )
 
-    def _retry_delay(self, endpoint, body, outcome, attempt) -> float:
+    def _retry_delay(self, endpoint, body, outcome, attempt, started) -> float:
         """The wait before the next attempt; raises when ``outcome`` is final."""
-        retry, delay = self._should_retry(attempt, outcome)
+        elapsed = time.monotonic() - started
+        retry, delay = self._should_retry(attempt, outcome, elapsed)
         if not retry:
             if isinstance(outcome, httpx.Response):
                 self._raise_for(endpoint, body, outcome)
-            raise self._give_up(endpoint, body, outcome, attempt + 1) from outcome
+            raise self._give_up(endpoint, body, outcome, attempt + 1, elapsed) from outcome
         logger.info(
             "retrying %s in %.2fs after %s",
             _describe(endpoint, body),
@@ -223,19 +266,23 @@ class ServiceClient:
         )
         return delay
 
-    def _should_retry(self, attempt, outcome) -> tuple[bool, float]:
-        if attempt >= self.retry.max_retries:
+    def _should_retry(self, attempt, outcome, elapsed) -> tuple[bool, float]:
+        policy = self.retry
+        if policy.max_retries is not None and attempt >= policy.max_retries:
+            return False, 0.0
+        left = policy.max_elapsed - elapsed
+        if left <= 0:
             return False, 0.0
         if isinstance(outcome, httpx.Response):
             if outcome.status_code not in _RETRY_STATUS:
                 return False, 0.0
-            return True, self.retry.delay(attempt, outcome.headers.get("retry-after"))
-        return True, self.retry.delay(attempt)
+            return True, min(left, policy.delay(attempt, outcome.headers.get("retry-after")))
+        return True, min(left, policy.delay(attempt))
 
     def post(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POSTs ``body`` to ``/api/v1/<endpoint>`` with retries; returns the JSON answer."""
         content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-        started = time.perf_counter()
+        started, first = time.perf_counter(), time.monotonic()
         for attempt in itertools.count():
             try:
                 outcome: Any = self._http.post(f"/api/v1/{endpoint}", content=content)
@@ -244,7 +291,7 @@ class ServiceClient:
             if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
                 _emit(endpoint, body, content, outcome, started, attempt)
                 return outcome.json()
-            time.sleep(self._retry_delay(endpoint, body, outcome, attempt))
+            time.sleep(self._retry_delay(endpoint, body, outcome, attempt, first))
         raise AssertionError("unreachable")
 
     def _async_http(self) -> httpx.AsyncClient:
@@ -261,7 +308,7 @@ class ServiceClient:
         """The ``async`` form of :meth:`post`."""
         content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         http = self._async_http()
-        started = time.perf_counter()
+        started, first = time.perf_counter(), time.monotonic()
         for attempt in itertools.count():
             try:
                 outcome: Any = await http.post(f"/api/v1/{endpoint}", content=content)
@@ -270,7 +317,7 @@ class ServiceClient:
             if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
                 _emit(endpoint, body, content, outcome, started, attempt)
                 return outcome.json()
-            await asyncio.sleep(self._retry_delay(endpoint, body, outcome, attempt))
+            await asyncio.sleep(self._retry_delay(endpoint, body, outcome, attempt, first))
         raise AssertionError("unreachable")
 
     def _check_result(self, endpoint, body, result) -> dict[str, Any]:
@@ -296,7 +343,10 @@ class ServiceClient:
                 if deadline is None
                 else max(0.0, min(self.poll_timeout, deadline - time.monotonic()))
             )
-            result = self.post("retrieve_future", {"request_id": request_id, "timeout": poll})
+            try:
+                result = self.post("retrieve_future", {"request_id": request_id, "timeout": poll})
+            except RemoteError as e:
+                raise _waiting_failed(endpoint, body, request_id, e) from e
             if result.get("type") != "try_again":
                 return self._check_result(endpoint, body, result)
             if deadline is not None and time.monotonic() >= deadline:
@@ -306,9 +356,12 @@ class ServiceClient:
         self, endpoint: str, body: Mapping[str, Any], request_id: str
     ) -> dict[str, Any]:
         while True:
-            result = await self.post_async(
-                "retrieve_future", {"request_id": request_id, "timeout": self.poll_timeout}
-            )
+            try:
+                result = await self.post_async(
+                    "retrieve_future", {"request_id": request_id, "timeout": self.poll_timeout}
+                )
+            except RemoteError as e:
+                raise _waiting_failed(endpoint, body, request_id, e) from e
             if result.get("type") != "try_again":
                 return self._check_result(endpoint, body, result)
 
@@ -344,6 +397,10 @@ class ServiceClient:
         body = {"base_model": base_model}
         rid = self.post("create_model", body)["request_id"]
         return TrainingClient(self, self.wait("create_model", body, rid)["model_id"])
+
+    def delete_model(self, model_id: str) -> dict[str, Any]:
+        """Deletes a model on the service, freeing its memory (``delete_model``)."""
+        return self.post("delete_model", {"model_id": model_id})
 
     def training_client(self, model_id: str) -> TrainingClient:
         """A client for an existing model (its next ``seq_id`` must be 0)."""
@@ -419,6 +476,7 @@ class TrainingClient:
         self.service, self.model_id = service, model_id
         self._next_seq = 0
         self._seq_lock = threading.Lock()
+        self._automatic: set[int] = set()  # seq_ids taken from the counter, not yet sent
 
     def __repr__(self) -> str:
         return f"TrainingClient(model_id={self.model_id!r}, service={self.service!r})"
@@ -432,6 +490,8 @@ class TrainingClient:
     def _body(self, endpoint, seq_id, **fields) -> dict[str, Any]:
         if seq_id is None:
             seq = self.reserve_seq_ids()[0]
+            with self._seq_lock:
+                self._automatic.add(seq)
         else:  # an explicit id: later automatic ids continue after it
             seq = seq_id
             with self._seq_lock:
@@ -450,12 +510,49 @@ class TrainingClient:
         )
 
     def submit(self, endpoint: str, body: dict[str, Any]) -> APIFuture:
-        rid = self.service.post(endpoint, body)["request_id"]
+        automatic = self._take_automatic(body)
+        try:
+            rid = self.service.post(endpoint, body)["request_id"]
+        except RemoteError as e:
+            if automatic and self._refused(endpoint, body, e):
+                with contextlib.suppress(RemoteError):
+                    self.service.post("skip_seq", self._skip_body(body))
+            raise
         return APIFuture(self, endpoint, body, rid)
 
     async def submit_async(self, endpoint: str, body: dict[str, Any]) -> APIFuture:
-        rid = (await self.service.post_async(endpoint, body))["request_id"]
+        automatic = self._take_automatic(body)
+        try:
+            rid = (await self.service.post_async(endpoint, body))["request_id"]
+        except RemoteError as e:
+            if automatic and self._refused(endpoint, body, e):
+                with contextlib.suppress(RemoteError):
+                    await self.service.post_async("skip_seq", self._skip_body(body))
+            raise
         return APIFuture(self, endpoint, body, rid)
+
+    def _take_automatic(self, body) -> bool:
+        """Whether ``body``'s ``seq_id`` came from the counter (and forgets it)."""
+        with self._seq_lock:
+            seq = body.get("seq_id")
+            if seq in self._automatic:
+                self._automatic.discard(seq)
+                return True
+            return False
+
+    @staticmethod
+    def _refused(endpoint, body, error: RemoteError) -> bool:
+        """A request refused for its content: an automatic ``seq_id`` was not used and
+        is released (``skip_seq``), or the model's later requests would wait for it.
+        An explicit ``seq_id`` stays the caller's to reuse."""
+        return (
+            error.status in (400, 413)
+            and endpoint != "skip_seq"
+            and isinstance(body.get("seq_id"), int)
+        )
+
+    def _skip_body(self, body) -> dict[str, Any]:
+        return {"model_id": self.model_id, "seq_id": body["seq_id"]}
 
     def forward(
         self,
@@ -541,6 +638,10 @@ class TrainingClient:
 
     def get_info(self) -> dict[str, Any]:
         return self.service.post("get_info", {"model_id": self.model_id})
+
+    def delete(self) -> None:
+        """Deletes the model on the service; later calls on this client get 404."""
+        self.service.delete_model(self.model_id)
 
 
 def _as_list(data: Any) -> list[Any]:

@@ -21,8 +21,10 @@ import atexit
 import concurrent.futures
 import dataclasses
 import inspect
+import itertools
 import math
 import multiprocessing
+import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -216,6 +218,11 @@ def _unpack(term: HostTerm, out: Any, x: np.ndarray) -> tuple[float, dict, np.nd
                 "(value, metrics, grad); found a single value."
             )
         value, metrics = out, {}
+    if value is None:
+        raise TermError(
+            f"HostTerm {term.name!r}: fn returned None as its value; expected a number. "
+            "Did the function forget a return statement?"
+        )
     metrics = dict(metrics or {})
     if not isinstance(metrics, Mapping):
         raise TermError(f"HostTerm {term.name!r}: metrics must be a dict of numbers.")
@@ -230,17 +237,79 @@ def _finite_check(term: HostTerm, value: float, grad: np.ndarray | None) -> None
         raise HostTermError(f"HostTerm {term.name!r}: gradient has non-finite entries.")
 
 
-_THREADS: concurrent.futures.ThreadPoolExecutor | None = None
+class HostThreads:
+    """Daemon threads for threaded host terms: a hung call holds only its own thread.
+
+    A ``ThreadPoolExecutor`` has a fixed number of threads and joins them at exit: a
+    term that hangs past its timeout keeps one of them for good (enough of them, and
+    a term that returns at once "times out" waiting for a free thread), and delays the
+    interpreter's exit until it returns. Here every call runs on an idle thread or a
+    new one; a thread that finishes goes back to the idle set, one idle for
+    ``idle_s`` seconds ends, and all are daemons, so exit never waits for them.
+    """
+
+    def __init__(self, idle_s: float = 30.0):
+        self.idle_s = idle_s
+        self._idle: list[queue.SimpleQueue] = []
+        self._lock = threading.Lock()
+        self._count = itertools.count()
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(
+                target=self._work,
+                args=(inbox,),
+                name=f"jaxreg-host-{next(self._count)}",
+                daemon=True,
+            ).start()
+        inbox.put((future, fn, args))
+        return future
+
+    def _work(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            try:
+                item = inbox.get(timeout=self.idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:  # nobody is about to hand it work: end
+                        self._idle.remove(inbox)
+                        return
+                continue
+            if item is None:  # shutdown
+                return
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:
+                    future.set_exception(e)
+            del item, future, fn, args
+            with self._lock:
+                self._idle.append(inbox)
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        """Lets the idle threads end (busy ones are daemons: they never block exit)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for inbox in idle:
+            inbox.put(None)
+
+
+_THREADS: HostThreads | None = None
 _PROCESSES: concurrent.futures.ProcessPoolExecutor | None = None
 _LOOP: asyncio.AbstractEventLoop | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _threads() -> concurrent.futures.ThreadPoolExecutor:
+def _threads() -> HostThreads:
     global _THREADS
     with _POOL_LOCK:
         if _THREADS is None:
-            _THREADS = concurrent.futures.ThreadPoolExecutor(32, "jaxreg-host")
+            _THREADS = HostThreads()
         return _THREADS
 
 
@@ -251,7 +320,24 @@ def _processes() -> concurrent.futures.ProcessPoolExecutor:
             _PROCESSES = concurrent.futures.ProcessPoolExecutor(
                 mp_context=multiprocessing.get_context("spawn")
             )
+            # Registered after concurrent.futures' own exit hook, so run before it (they
+            # run last-in first-out): a hung worker is terminated instead of joined.
+            threading._register_atexit(_terminate_processes)  # type: ignore[attr-defined]
         return _PROCESSES
+
+
+def _terminate_processes() -> None:
+    """Ends the process pool's workers at exit without waiting for hung host terms."""
+    global _PROCESSES
+    with _POOL_LOCK:
+        pool, _PROCESSES = _PROCESSES, None
+    if pool is None:
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
 
 
 def _loop() -> asyncio.AbstractEventLoop:
@@ -270,7 +356,7 @@ def _shutdown() -> None:
     global _THREADS, _PROCESSES, _LOOP
     with _POOL_LOCK:
         if _PROCESSES is not None:
-            _PROCESSES.shutdown(wait=True, cancel_futures=True)
+            _PROCESSES.shutdown(wait=False, cancel_futures=True)
         if _THREADS is not None:
             _THREADS.shutdown(wait=False, cancel_futures=True)
         if _LOOP is not None:

@@ -122,11 +122,23 @@ class Term:
         return callable(self.weight)
 
     def evaluate(self, x: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Calls ``fn(x, batch)`` and checks that it returned a scalar and scalar metrics."""
+        """Calls ``fn(x, batch)`` and checks that it returned a scalar and scalar metrics.
+
+        An exception raised by ``fn`` keeps its type and gains a note naming the term
+        (``InputError`` becomes a :class:`TermError` prefixed with the name).
+        """
         try:
             out = self.fn(x, batch)
         except InputError as e:
             raise TermError(f"Term {self.name!r}: {e}") from e
+        except Exception as e:
+            add_term_note(e, self.name)
+            raise
+        if out is None:
+            raise TermError(
+                f"Term {self.name!r}: fn returned None; expected a scalar loss or a pair "
+                "(loss, metrics). Did the function forget a return statement?"
+            )
         if isinstance(out, tuple):
             if len(out) != 2:
                 raise TermError(
@@ -155,10 +167,17 @@ class Term:
         return loss, checked
 
 
+def add_term_note(error: BaseException, name: str, kind: str = "Term") -> None:
+    """Notes on ``error`` (``add_note``) that it came from the term ``name``, once."""
+    note = f"raised by jaxreg {kind} {name!r}"
+    if note not in getattr(error, "__notes__", ()):
+        error.add_note(note)
+
+
 def _check_scalar(name: str, field: str, value: Any) -> jax.Array:
     try:
         array = jnp.asarray(value)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TermError(
             f"Term {name!r}: {field} must be a scalar array; found {_describe(value)}."
         ) from None

@@ -64,8 +64,9 @@ def decode_tensor(obj: Any, field: str = "tensor") -> np.ndarray:
     if obj.get("sparse_crow_indices") is not None:
         raise WireError(f"{field}: sparse TensorData is not supported; send it dense")
     dtype_name = obj.get("dtype")
-    if dtype_name not in _DTYPES:
-        raise WireError(f"{field}.dtype: expected one of {sorted(_DTYPES)}, found {dtype_name!r}")
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+        shown = repr(dtype_name) if isinstance(dtype_name, str) else type(dtype_name).__name__
+        raise WireError(f"{field}.dtype: expected one of {sorted(_DTYPES)}, found {shown[:80]}")
     dtype = _DTYPES[dtype_name]
     data = obj.get("data")
     if isinstance(data, str):
@@ -153,8 +154,16 @@ def datum_from_json(obj: Any, field: str = "datum") -> Datum:
     inputs = obj.get("loss_fn_inputs", {})
     if not isinstance(inputs, Mapping):
         raise WireError(f"{field}.loss_fn_inputs: expected an object of TensorData")
+    try:
+        token_array = np.asarray(tokens, np.int64)
+    except OverflowError:
+        i = next(i for i, t in enumerate(tokens) if not -(1 << 63) <= t < 1 << 63)
+        raise WireError(
+            f"{field}.model_input: token {i} ({tokens[i].bit_length()} bits) does not fit "
+            "in an int64"
+        ) from None
     return Datum(
-        np.asarray(tokens, np.int64),
+        token_array,
         {k: decode_tensor(v, f"{field}.loss_fn_inputs.{k}") for k, v in inputs.items()},
     )
 

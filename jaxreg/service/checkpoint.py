@@ -55,6 +55,22 @@ def save_tree(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> P
     return path
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files that interrupted :func:`save_tree` calls left behind.
+
+    They are named ``.<name>.npz.<random>.tmp``; call this only while no save is running
+    in ``directory`` (the service does at start). Returns the paths removed.
+    """
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for tmp in directory.glob(".*.npz.*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
 def load_tree(path: str | os.PathLike, like: Any = None) -> tuple[Any, dict]:
     """Reads a pytree written by :func:`save_tree`; returns ``(tree, meta)``.
 

@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxreg._src.linalg import cross_gram, weighted_rows
 from jaxreg._src.wire import WireError, decode_tensor
+from jaxreg.service import lora as lora_lib
 from jaxreg.service import model as model_lib
 
 EXTENSION = "param_grad_diagnostics"
@@ -177,12 +178,15 @@ def make_step(cfg: model_lib.ModelConfig, traces) -> Any:
     ``step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights,
     n_terms)`` (``n_terms``: an int32 scalar, the rows before the padding)
     returns ``(loss, logprobs, grad_acc + sum_i w_i g_i, gram [n_pad, n_pad],
-    ||sum_i w_i g_i||)``; ``grad_acc`` is donated.
+    ||sum_i w_i g_i||, ok)``; ``grad_acc`` is donated and left unchanged unless ``ok`` (the
+    loss, the gradient and the Gramian are finite).
     """
 
     def step(params, grad_acc, tokens, targets, mask, weights, term_weights, loss_weights, n_terms):
         traces["forward_backward_param_diagnostics"] += 1
-        lp, pullback = jax.vjp(lambda p: model_lib.token_logprobs(cfg, p, tokens, targets), params)
+        lp, pullback = jax.vjp(
+            lambda p: model_lib.token_logprobs(cfg, lora_lib.merged(p), tokens, targets), params
+        )
         m = mask if lp.ndim == 2 else mask[..., None]
         loss = -jnp.sum(weights * lp * m)
         # d/dlp [-sum(t_i * lp * m)] = -t_i * m: one pullback per term, all in this one
@@ -206,7 +210,10 @@ def make_step(cfg: model_lib.ModelConfig, traces) -> Any:
         flat = [j.reshape(j.shape[0], -1).astype(jnp.float32) for j in jax.tree.leaves(jac)]
         gram = sum(cross_gram(f, f) for f in flat)
         total = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        return loss, lp, jax.tree.map(jnp.add, grad_acc, grads), gram, total
+        # As the plain path: a non-finite loss or gradient accumulates nothing.
+        ok = jnp.isfinite(total) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(gram))
+        acc = jax.tree.map(lambda a, g: jnp.where(ok, a + g, a), grad_acc, grads)
+        return loss, lp, acc, gram, total, ok
 
     return jax.jit(step, donate_argnames="grad_acc")
 

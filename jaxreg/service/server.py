@@ -11,6 +11,7 @@ requests finish, then the engine's queued work completes.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -96,6 +97,15 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def create_server(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -105,14 +115,25 @@ def create_server(
     engine: Engine | None = None,
     log_level: str = "warning",
     max_body_bytes: int = 256 << 20,
+    allow_unauthenticated: bool = False,
     **engine_kwargs,
 ) -> Server:
     """Builds the engine and binds the socket (``port=0`` picks a free port).
 
-    ``engine_kwargs`` (``max_tokens``, ``checkpoint_path``) go to
+    ``engine_kwargs`` (``max_tokens``, ``checkpoint_path``, ``limits``) go to
     :class:`~jaxreg.service.engine.Engine`; ``max_body_bytes`` caps request bodies.
+
+    Raises:
+      PermissionError: ``host`` is not a loopback address and there is no ``api_key``
+        (pass ``allow_unauthenticated=True`` to serve the network without one).
     """
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not _is_loopback(host):
+        if not api_key and not allow_unauthenticated:
+            raise PermissionError(
+                f"refusing to listen on {host} (not loopback) without an API key: set one "
+                "(jaxreg serve reads $JAXREG_API_KEY), or pass allow_unauthenticated=True "
+                "(--allow-unauthenticated) to accept requests from anyone who can reach it"
+            )
         logger.warning("jaxreg service: listening on %s, not only on loopback", host)
     sock = _bind(host, port)  # first: a busy port fails before the model is loaded
     if engine is None:

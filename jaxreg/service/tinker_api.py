@@ -198,7 +198,11 @@ class TinkerAPI:
                 result = await handler(arg)
                 return result if isinstance(result, Response) else _json(result)
             except ServiceError as e:
-                return _json({"error": e.message}, e.status)
+                # The SDK retries 409 (a lock timeout on Tinker) for minutes; ours (a seq_id
+                # reused for another request, the model limit) are final: say so.
+                final = 400 <= e.status < 500 and e.status not in (408, 429)
+                headers = {"x-should-retry": "false"} if final else None
+                return _json({"error": e.message}, e.status, headers)
             except WireError as e:
                 return _json({"error": str(e)}, 400)
 
