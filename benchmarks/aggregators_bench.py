@@ -8,10 +8,12 @@ separately jitted call or inside one jit with the objective (how a training step
 usually written). The figure is ``(compose + aggregator) / compose - 1``, timed
 interleaved.
 
-Run: ``python -m benchmarks.aggregators_bench``.
+Run: ``python -m benchmarks.aggregators_bench [--batch 128] [--repeats 5]``.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +46,15 @@ def setup(batch_size: int):
 
 
 def main() -> None:
-    for batch_size in (128, 1024):
-        run(batch_size)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    for batch_size in args.batch:
+        run(batch_size, args.repeats)
 
 
-def run(batch_size: int) -> None:
+def run(batch_size: int, repeats: int = 9) -> None:
     objective, params, batch = setup(batch_size)
     n_params = sum(p.size for p in jax.tree.leaves(params))
     aggregators = {
@@ -77,7 +83,7 @@ def run(batch_size: int) -> None:
         fns[f"{name} separate"] = separate
         fns[f"{name} one jit"] = lambda fused=fused: fused(params, batch)
     block(fns["compose"]())
-    times = time_interleaved(fns, repeats=9, min_time=0.2)
+    times = time_interleaved(fns, repeats=repeats, min_time=0.2)
     base, base_jit = times["compose"], times["compose (in a jit)"]
     rows = []
     for name in aggregators:
