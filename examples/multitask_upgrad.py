@@ -54,7 +54,7 @@ def main():
             losses = "  ".join(f"{n} {r['value']:.4f}" for n, r in d["regularizers"].items())
             worst = min(min(row.values()) for row in d["grad_cosines"].values())
             residual = float(state[0].residual)  # UPGrad's KKT residual (exact solve)
-            print(f"step {step}: {losses}  worst cosine {worst:+.2f}  residual {residual:.0e}")
+            print(f"step {step}: {losses}  worst cosine {worst:+.2f}  residual {residual:.1e}")
     print(f"compose compiled {objective.trace_count} time(s)")
 
 
