@@ -228,6 +228,10 @@ def _property_violation(name: str, g: np.ndarray, d: np.ndarray) -> float:
 
 BOUND = {np.float32: 1e-3, np.float64: 1e-4}
 RESIDUAL = {np.float32: 1e-2, np.float64: 1e-9}
+# Relative violation of the defining property. Nash-MTL's check recovers alpha_i as
+# 1/<g_i, d>, which amplifies the float32 update's error (up to 4e-3 measured).
+PROPERTY = {(np.float64, name): 1e-9 for name in REFERENCES}
+PROPERTY |= {(np.float32, name): 1e-3 for name in REFERENCES} | {(np.float32, "nash_mtl"): 1e-2}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -243,7 +247,7 @@ def test_hard_cases_match_exact_solutions(n, name, dtype):
         ref = REFERENCES[name](g)
         err = np.linalg.norm(d - ref) / np.linalg.norm(ref)
         assert err <= BOUND[dtype], (case, err)
-        assert _property_violation(name, g, d) <= 10 * BOUND[dtype], case
+        assert _property_violation(name, g, d) <= PROPERTY[dtype, name], case
         assert r <= RESIDUAL[dtype], (case, r)
 
 
