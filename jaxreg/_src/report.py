@@ -67,7 +67,7 @@ def write_report(metrics_path: Path, summary: dict[str, Any], image: Path) -> Pa
     ax = axes[1, 0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, t in enumerate(terms):
-        c = colors[(i + 1) % len(colors)]
+        c = colors[i % len(colors)]  # as in the norms panel
         if space:
             cos = [r[f"param/cos/nll/{t}"] for r in measured]
             ax.plot(norm_steps, cos, color=c, label=f"cos(nll, {t})")
