@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "--diagnose-every",
         type=int,
         default=d.diagnose_every,
-        help="steps between parameter-space gradient diagnostics (about 3x a step each)",
+        help="steps between parameter-space gradient diagnostics (about 3x a step each; 0: off)",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--base-url", help="use this service instead of starting one")

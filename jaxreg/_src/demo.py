@@ -46,7 +46,7 @@ class DemoConfig:
     decay to 0 (at a constant 1e-3, held-out accuracies swung by up to 86 points between
     evaluations), 300 steps per KL weight, and 192 held-out examples per task.
     Parameter-space gradient norms and cosines (a reference-service extension costing
-    about 3x a step) are measured every ``diagnose_every`` steps.
+    about 3x a step) are measured every ``diagnose_every`` steps (0: never).
     """
 
     steps: int = 300
@@ -339,7 +339,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 target = training.adapter if isinstance(training, _TinkerModel) else training
                 # Parameter-space diagnostics cost one extra backward per term (about 3x a
                 # step): measured every ``diagnose_every`` steps and on the last.
-                diagnose = param_space and (step % cfg.diagnose_every == 0 or step + 1 == cfg.steps)
+                diagnose = (
+                    param_space
+                    and cfg.diagnose_every > 0
+                    and (step % cfg.diagnose_every == 0 or step + 1 == cfg.steps)
+                )
                 fut = jr.remote.forward_backward_custom(
                     target, batch, obj, weights=weights, param_diagnostics=diagnose
                 )
