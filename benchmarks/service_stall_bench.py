@@ -26,6 +26,7 @@ import numpy as np
 
 import jaxreg as jr
 from benchmarks.common import table
+from benchmarks.service_limits_bench import data
 from jaxreg._src.wire import Datum
 from jaxreg.service import Engine, Limits
 from jaxreg.service.app import create_app
@@ -80,22 +81,11 @@ def healthz_during_big_body(url: str, content: bytes) -> tuple[float, float]:
     return max(latencies), big
 
 
-def _data(b: int, t: int) -> list[Datum]:
-    rng = np.random.default_rng(0)
-    return [
-        Datum(
-            rng.integers(3, 20, t),
-            {"target_tokens": rng.integers(3, 20, t), "weights": np.ones(t, np.float32)},
-        )
-        for _ in range(b)
-    ]
-
-
 def small_behind_large(url: str) -> tuple[float, float]:
     """(latency of a tiny forward on model B, of the large backward on model A)."""
     with jr.remote.ServiceClient(url) as c:
         small, large = c.create_model(), c.create_model()
-        tiny, big = _data(1, 16), _data(4, 512)
+        tiny, big = data(1, 16), data(4, 512)
         small.forward(tiny).result()
         large.forward_backward(big).result()  # compiled: both timings are of running
         t0 = time.perf_counter()
