@@ -478,6 +478,13 @@ def test_async_api_matches_sync(server, client, objective):
     assert_trees_equal(params_of(training, server, "async")[0], params_of(sync, server, "sync")[0])
 
 
+def test_capabilities_of_an_unreachable_service_is_a_remote_error():
+    """Not a TypeError from the error path itself (a merge left an argument out)."""
+    unreachable = jr.remote.ServiceClient("http://127.0.0.1:9")
+    with unreachable, pytest.raises(jr.remote.RemoteError, match=r"capabilities.*after 1 attempt"):
+        unreachable.capabilities()
+
+
 def test_async_calls_from_successive_event_loops(server, client):
     """Each ``asyncio.run`` has its own loop; a closed loop's id can be reused by the next.
 

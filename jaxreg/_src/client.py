@@ -379,10 +379,11 @@ class ServiceClient:
         cached = getattr(self, "_capabilities", None)
         if cached is not None:
             return cached
+        started = time.monotonic()
         try:
             response = self._http.get("/api/v1/capabilities")
         except httpx.TransportError as e:
-            raise self._give_up("capabilities", {}, e, 1) from e
+            raise self._give_up("capabilities", {}, e, 1, time.monotonic() - started) from e
         if response.status_code in (404, 405):
             caps: dict[str, Any] = {"extensions": []}
         elif response.status_code >= 400:

@@ -378,7 +378,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 f"copy {final['copy']:.0%}, reverse {final['reverse']:.0%}"
             )
             entry = {"kl_weight": kl_weight, "evals": evals, "final": result.output.to_dict()}
-            if param_log:
+            if param_log and result.param_diagnostics is not None:
                 cos = [r["param/cos/nll/kl"] for r in param_log]
                 entry["final_params"] = result.param_diagnostics.to_dict()
                 entry["param_cos_nll_kl"] = [
