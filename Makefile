@@ -31,6 +31,13 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.remote_bench
 	$(PY) -m benchmarks.aggregators_bench
 	$(PY) -m benchmarks.host_bench
+	$(PY) -m benchmarks.grad_space_bench
+	$(PY) -m benchmarks.param_diagnostics_bench
+	$(PY) -m benchmarks.aggregators_accuracy
+	$(PY) -m benchmarks.tinker_bench
+	$(PY) -m benchmarks.service_limits_bench
+	$(PY) -m benchmarks.service_stall_bench
+	$(PY) -m benchmarks.service_load_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info runs jaxreg-states
