@@ -4,9 +4,10 @@ Run: ``python examples/remote_balance.py``. Starts the reference service, fine-t
 its model on the increment task with cross-entropy + KL to the base model + an entropy
 bonus, all exact over the vocabulary (``[T, K]`` multi-target logprobs), and lets
 ``jr.weighting.balance_grad_norms`` set the regularizers' weights every step so that KL
-carries 30% and entropy 5% of the summed weighted gradient norms (with respect to the
-logprobs), whatever the losses' scales. The objective compiles once: the weights are
-traced arguments.
+carries 30% and entropy 5% of the summed weighted gradient norms, whatever the losses'
+scales. The norms are taken in logit space (``grad_space="logits"``): with respect to the
+logprobs, the component along the probabilities, which cannot move the model, would
+dominate them. The objective compiles once: the weights are traced arguments.
 """
 
 import numpy as np
@@ -47,6 +48,7 @@ def main(steps: int = 30):
                 jr.Term("entropy", jr.regularizers.entropy, weight=0.01),
             ],
             track_grad_norms=True,
+            grad_space="logits",  # full-vocabulary targets: norms of what moves the model
         )
         weighting = jr.weighting.balance_grad_norms({"kl": 0.3, "entropy": 0.05}, decay=0.5)
         rng = np.random.default_rng(0)
@@ -58,8 +60,12 @@ def main(steps: int = 30):
             ).result()
             training.optim_step({"learning_rate": 1e-3}).result()
             out = result.output
-            state = weighting.init(out) if state is None else state
-            weights, state = weighting.update(out, state)
+            # At step 0 the policy is the reference model: the KL term sits at its minimum
+            # with a zero gradient (in logit space), and no weight can give it a share.
+            # Balance from the first step on which it pulls.
+            if step > 0:
+                state = weighting.init(out) if state is None else state
+                weights, state = weighting.update(out, state)
             if step % 5 == 0 or step == steps - 1:
                 d = out.to_dict()
                 norms = {n: r["grad_norm_weighted"] for n, r in d["regularizers"].items()}
