@@ -24,20 +24,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy jaxreg
 
+BENCHMARKS := compose_bench batch_bench service_bench remote_bench aggregators_bench \
+	host_bench grad_space_bench param_diagnostics_bench aggregators_accuracy tinker_bench \
+	service_limits_bench service_stall_bench service_load_bench
+
 bench: $(STAMP)
-	$(PY) -m benchmarks.compose_bench
-	$(PY) -m benchmarks.batch_bench
-	$(PY) -m benchmarks.service_bench
-	$(PY) -m benchmarks.remote_bench
-	$(PY) -m benchmarks.aggregators_bench
-	$(PY) -m benchmarks.host_bench
-	$(PY) -m benchmarks.grad_space_bench
-	$(PY) -m benchmarks.param_diagnostics_bench
-	$(PY) -m benchmarks.aggregators_accuracy
-	$(PY) -m benchmarks.tinker_bench
-	$(PY) -m benchmarks.service_limits_bench
-	$(PY) -m benchmarks.service_stall_bench
-	$(PY) -m benchmarks.service_load_bench
+	for b in $(BENCHMARKS); do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info runs jaxreg-states

@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxreg._src import guards, telemetry
 from jaxreg._src.host import HostTerm, merge_host_results, run_all
-from jaxreg._src.linalg import check_logprobs_input, cross_gram, to_logit_space, weighted_rows
+from jaxreg._src.linalg import cross_gram, to_logit_space, weighted_rows
 from jaxreg._src.output import CompositeOutput, Layout
 from jaxreg._src.terms import Term, TermError, check_weight, normalize_terms
 
@@ -230,7 +230,7 @@ class Objective:
     def _run(self, x, batch, w, step) -> CompositeOutput:
         self.trace_count += 1
         if self.grad_space == "logits":
-            check_logprobs_input(x)
+            _check_logprobs_input(x)
         if self._scheduled:
             weights = []
             for i, term in enumerate(self.terms):
@@ -437,6 +437,21 @@ def _tree_sq_norm(tree: Any) -> jax.Array:
         (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
         start=jnp.zeros((), jnp.float32),
     )
+
+
+def _check_logprobs_input(x: Any) -> None:
+    """Raises unless ``x`` is one floating array with a vocabulary axis (trace time)."""
+    if not isinstance(x, jax.Array | np.ndarray) or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TermError(
+            "grad_space='logits': x must be one floating array of log-probabilities over the "
+            f"whole vocabulary along its last axis; found {type(x).__name__} "
+            f"{getattr(x, 'dtype', '')}. Use grad_space='x' for parameter pytrees."
+        )
+    if x.ndim < 1 or x.shape[-1] < 2:
+        raise TermError(
+            "grad_space='logits': x must have a vocabulary axis (last) of size >= 2, e.g. "
+            f"[B, T, K] logprobs; found shape {tuple(x.shape)}."
+        )
 
 
 def _safe_sqrt(x: jax.Array) -> jax.Array:

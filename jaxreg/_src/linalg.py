@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # XLA:CPU runs a [n, K] x [K, m] product with tiny n, m and huge K several times slower
 # than the same work split into column blocks of this size (measured: 8 x 2^20 floats,
@@ -79,20 +78,3 @@ def to_logit_space(grad: Any, logprobs: jax.Array) -> Any:
     """
     p = jnp.exp(logprobs).astype(grad.dtype)
     return grad - p * jnp.sum(grad, axis=-1, keepdims=True)
-
-
-def check_logprobs_input(x: Any) -> None:
-    """Raises unless ``x`` is one floating array with a vocabulary axis (trace time)."""
-    from jaxreg._src.terms import TermError
-
-    if not isinstance(x, jax.Array | np.ndarray) or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TermError(
-            "grad_space='logits': x must be one floating array of log-probabilities over the "
-            f"whole vocabulary along its last axis; found {type(x).__name__} "
-            f"{getattr(x, 'dtype', '')}. Use grad_space='x' for parameter pytrees."
-        )
-    if x.ndim < 1 or x.shape[-1] < 2:
-        raise TermError(
-            "grad_space='logits': x must have a vocabulary axis (last) of size >= 2, e.g. "
-            f"[B, T, K] logprobs; found shape {tuple(x.shape)}."
-        )

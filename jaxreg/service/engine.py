@@ -72,6 +72,21 @@ _F32 = float(np.finfo(np.float32).max)
 EXTENSIONS = (diagnostics.EXTENSION,)
 
 
+def remember(
+    results: OrderedDict[str, concurrent.futures.Future],
+    rid: str,
+    fut: concurrent.futures.Future,
+    keep: int = _KEEP_RESULTS,
+) -> None:
+    """Records a request's future, forgetting the oldest finished ones beyond ``keep``."""
+    results[rid] = fut
+    while len(results) > keep:
+        old, f = next(iter(results.items()))
+        if not f.done():
+            break
+        del results[old]
+
+
 class ServiceError(Exception):
     """A request the service refuses; ``status`` is the HTTP status to answer with."""
 
@@ -244,12 +259,7 @@ class Engine:
     def _new_future(self) -> tuple[str, concurrent.futures.Future]:
         rid = uuid.uuid4().hex
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._results[rid] = fut
-        while len(self._results) > _KEEP_RESULTS:
-            old, f = next(iter(self._results.items()))
-            if not f.done():
-                break
-            del self._results[old]
+        remember(self._results, rid, fut)
         return rid, fut
 
     def create_model(self, body: Mapping[str, Any]) -> str:

@@ -57,7 +57,7 @@ from starlette.routing import Route
 from jaxreg._src.wire import WireError, decode_tensor
 from jaxreg.service import checkpoint, tasks, tinker_proto
 from jaxreg.service import lora as lora_lib
-from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps
+from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps, remember
 from jaxreg.service.sampling import Sampler
 
 logger = logging.getLogger("jaxreg.service")
@@ -242,12 +242,7 @@ class TinkerAPI:
     def _future(self, job_future: concurrent.futures.Future) -> str:
         rid = f"tk-{uuid.uuid4().hex}"
         with self._lock:
-            self._results[rid] = job_future
-            while len(self._results) > _KEEP:
-                old, f = next(iter(self._results.items()))
-                if not f.done():
-                    break
-                del self._results[old]
+            remember(self._results, rid, job_future, _KEEP)
         return rid
 
     def _done(self, result: dict[str, Any]) -> str:
