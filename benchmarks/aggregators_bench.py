@@ -61,18 +61,18 @@ def main() -> None:
 
 
 def load_revision(rev: str):
-    """``jaxreg._src.aggregators`` as of git revision ``rev``, as a separate module."""
+    """``jaxreg._src.optim.aggregators`` as of git revision ``rev``, as a separate module."""
     import subprocess
     import types
 
     source = subprocess.run(
-        ["git", "show", f"{rev}:jaxreg/_src/aggregators.py"],
+        ["git", "show", f"{rev}:jaxreg/_src/optim/aggregators.py"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
     module = types.ModuleType(f"aggregators_{rev}")
-    exec(compile(source, f"{rev}:jaxreg/_src/aggregators.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:jaxreg/_src/optim/aggregators.py", "exec"), module.__dict__)
     module.rev = rev
     return module
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import table
-from jaxreg._src import demo
+from jaxreg._src.demo import demo
 
 
 def run_seed(seed: int, args, root: Path) -> dict:

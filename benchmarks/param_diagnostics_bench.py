@@ -23,10 +23,10 @@ import numpy as np
 
 import jaxreg as jr
 from benchmarks.common import table
-from jaxreg._src.custom import _Step
-from jaxreg._src.demo import _multi_target
-from jaxreg._src.demo import objective as demo_objective
-from jaxreg._src.wire import Datum
+from jaxreg._src.demo.demo import _multi_target
+from jaxreg._src.demo.demo import objective as demo_objective
+from jaxreg._src.remote.custom import _Step
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service import start, tasks
 
 BATCH, REPLAY, ROUNDS = 16, 8, 12

@@ -20,9 +20,9 @@ import numpy as np
 
 import jaxreg as jr
 from benchmarks.common import table
-from jaxreg._src.client import TrainingClient
-from jaxreg._src.custom import _Step
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.client import TrainingClient
+from jaxreg._src.remote.custom import _Step
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service import start
 
 SIZES = [(8, 128), (64, 1024)]

@@ -22,8 +22,8 @@ import numpy as np
 
 import jaxreg as jr
 from benchmarks.common import table
-from jaxreg._src.client import _decode_outputs
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.client import _decode_outputs
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service import Limits, start
 
 SIZES = [(8, 128), (64, 1024)]

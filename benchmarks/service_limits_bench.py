@@ -25,7 +25,7 @@ import numpy as np
 
 import jaxreg as jr
 from benchmarks.common import table
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service.limits import work_bytes
 from jaxreg.service.model import ModelConfig
 

@@ -30,7 +30,7 @@ import numpy as np
 
 import jaxreg as jr
 from benchmarks.service_limits_bench import free_port, serve, status_kib
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.wire import Datum
 
 MIB = 1 << 20
 

@@ -27,7 +27,7 @@ import numpy as np
 import jaxreg as jr
 from benchmarks.common import table
 from benchmarks.service_limits_bench import data
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service import Engine, Limits
 from jaxreg.service.app import create_app
 from jaxreg.service.server import Server, _bind

@@ -25,8 +25,8 @@ import numpy as np
 
 import jaxreg as jr
 from benchmarks.common import table
-from jaxreg._src import demo
-from jaxreg._src.wire import Datum
+from jaxreg._src.demo import demo
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service import start, tasks
 
 

@@ -12,20 +12,21 @@ from jaxreg import remote as remote
 from jaxreg import telemetry as telemetry
 from jaxreg import transforms as transforms
 from jaxreg import weighting as weighting
-from jaxreg._src.batch import Batch as Batch
-from jaxreg._src.batch import BatchError as BatchError
-from jaxreg._src.batch import per_datum as per_datum
-from jaxreg._src.compose import Objective as Objective
-from jaxreg._src.compose import compose as compose
-from jaxreg._src.guards import NonFiniteError as NonFiniteError
-from jaxreg._src.guards import check_finite as check_finite
-from jaxreg._src.host import HostTerm as HostTerm
-from jaxreg._src.host import HostTermError as HostTermError
-from jaxreg._src.output import CompositeOutput as CompositeOutput
-from jaxreg._src.output import TermOutput as TermOutput
-from jaxreg._src.terms import MAX_TERMS as MAX_TERMS
-from jaxreg._src.terms import InputError as InputError
-from jaxreg._src.terms import Term as Term
-from jaxreg._src.terms import TermError as TermError
+from jaxreg._src.core.compose import Objective as Objective
+from jaxreg._src.core.compose import compose as compose
+from jaxreg._src.core.errors import JaxregError as JaxregError
+from jaxreg._src.core.guards import NonFiniteError as NonFiniteError
+from jaxreg._src.core.guards import check_finite as check_finite
+from jaxreg._src.core.host import HostTerm as HostTerm
+from jaxreg._src.core.host import HostTermError as HostTermError
+from jaxreg._src.core.output import CompositeOutput as CompositeOutput
+from jaxreg._src.core.output import TermOutput as TermOutput
+from jaxreg._src.core.term import MAX_TERMS as MAX_TERMS
+from jaxreg._src.core.term import InputError as InputError
+from jaxreg._src.core.term import Term as Term
+from jaxreg._src.core.term import TermError as TermError
+from jaxreg._src.terms.batch import Batch as Batch
+from jaxreg._src.terms.batch import BatchError as BatchError
+from jaxreg._src.terms.batch import per_datum as per_datum
 
 __version__ = "0.1.0"

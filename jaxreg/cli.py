@@ -10,7 +10,7 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from jaxreg._src.demo import main
+    from jaxreg._src.demo.demo import main
 
     return main(args)
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxreg", description="jaxreg command line")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from jaxreg._src.demo import DemoConfig
+    from jaxreg._src.demo.demo import DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="fine-tune the reference model with regularizers, end to end")

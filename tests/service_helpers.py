@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service import checkpoint, tasks
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxreg as jr
-from jaxreg._src.linalg import to_logit_space
+from jaxreg._src.core.linalg import to_logit_space
 
 B, T, K = 2, 3, 5
 

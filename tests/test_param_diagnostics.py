@@ -18,10 +18,10 @@ import pytest
 from service_helpers import assert_trees_equal, examples, params_of
 
 import jaxreg as jr
-from jaxreg._src.custom import _pack
-from jaxreg._src.demo import _multi_target
-from jaxreg._src.param_diagnostics import encode_field
-from jaxreg._src.wire import Datum
+from jaxreg._src.demo.demo import _multi_target
+from jaxreg._src.remote.custom import _pack
+from jaxreg._src.remote.param_diagnostics import encode_field
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service import checkpoint, tasks
 from jaxreg.service import model as model_lib
 

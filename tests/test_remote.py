@@ -21,7 +21,7 @@ import pytest
 from service_helpers import assert_trees_equal, datums, examples, params_of
 
 import jaxreg as jr
-from jaxreg._src.wire import Datum, decode_tensor
+from jaxreg._src.remote.wire import Datum, decode_tensor
 
 ADAM = {"learning_rate": 1e-3}
 

@@ -14,7 +14,7 @@ import pytest
 from service_helpers import assert_trees_equal, datums, examples, params_of
 
 import jaxreg as jr
-from jaxreg._src.wire import Datum, encode_tensor
+from jaxreg._src.remote.wire import Datum, encode_tensor
 from jaxreg.service import model as model_lib
 from jaxreg.service import start
 

@@ -20,7 +20,7 @@ import pytest
 from service_helpers import assert_trees_equal, datums, params_of
 
 import jaxreg as jr
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.wire import Datum
 from jaxreg.service import Engine, create_server, start
 from jaxreg.service import model as model_lib
 from jaxreg.service.limits import Limits, work_bytes

@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.linalg import cross_gram, weighted_rows
-from jaxreg._src.wire import WireError, decode_tensor
+from jaxreg._src.core.linalg import cross_gram, weighted_rows
+from jaxreg._src.remote.wire import WireError, decode_tensor
 from jaxreg.service import lora as lora_lib
 from jaxreg.service import model as model_lib
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxreg._src.wire import (
+from jaxreg._src.remote.wire import (
     ENCODINGS,
     Datum,
     Encoding,

@@ -54,7 +54,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from jaxreg._src.wire import WireError, decode_tensor
+from jaxreg._src.remote.wire import WireError, decode_tensor
 from jaxreg.service import checkpoint, tasks, tinker_proto
 from jaxreg.service import lora as lora_lib
 from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps, remember

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxreg._src.wire import Datum, WireError, decode_tensor
+from jaxreg._src.remote.wire import Datum, WireError, decode_tensor
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
 

@@ -26,20 +26,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxreg._src.batch import Batch, Bucket
-from jaxreg._src.client import APIFuture, TrainingClient
-from jaxreg._src.compose import Objective, compose
-from jaxreg._src.guards import check_finite
-from jaxreg._src.output import CompositeOutput
-from jaxreg._src.param_diagnostics import (
+from jaxreg._src.core.compose import Objective, compose
+from jaxreg._src.core.guards import check_finite
+from jaxreg._src.core.output import CompositeOutput
+from jaxreg._src.core.term import InputError
+from jaxreg._src.remote.client import APIFuture, TrainingClient
+from jaxreg._src.remote.param_diagnostics import (
     ParamDiagnostics,
     check_objective,
     parse_result,
     request_field,
     require_extension,
 )
-from jaxreg._src.terms import InputError
-from jaxreg._src.wire import Datum, to_datum
+from jaxreg._src.remote.wire import Datum, to_datum
+from jaxreg._src.terms.batch import Batch, Bucket
 
 logger = logging.getLogger("jaxreg.remote")
 
@@ -185,7 +185,7 @@ class _Step:
     def __init__(self, training, data, objective, weights, step, bucket, batch_bucket, param=False):
         self.param_diagnostics, self.param_field = param, None
         if not isinstance(training, TrainingClient):
-            from jaxreg._src.tinker import TinkerTrainingClient
+            from jaxreg._src.remote.tinker import TinkerTrainingClient
 
             training = TinkerTrainingClient.wrap(training)
         self.training = training

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.wire import Datum
 
 
 def _tinker_types():
@@ -142,7 +142,7 @@ class TinkerTrainingClient:
         """
         from tinker.lib.public_interfaces.training_client import _ReservedRequestChunk
 
-        from jaxreg._src.custom import CustomFuture, _executor
+        from jaxreg._src.remote.custom import CustomFuture, _executor
 
         client = self.client
         forward_data = self.forward_data(state.data, state.datums)

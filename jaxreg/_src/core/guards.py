@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxreg._src.terms import InputError
+from jaxreg._src.core.term import InputError
 
 
 class NonFiniteError(InputError, FloatingPointError):

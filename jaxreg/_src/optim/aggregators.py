@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from optax.experimental import aggregating
 
-from jaxreg._src import gram_solvers
-from jaxreg._src.linalg import cross_gram, weighted_rows
+from jaxreg._src.core.linalg import cross_gram, weighted_rows
+from jaxreg._src.optim import gram_solvers
 
 WeightFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -174,7 +174,7 @@ def mgda_weights(
 
     Solved exactly by an active-set (Lawson-Hanson) method on the scaled Gramian,
     stopping on the KKT conditions :math:`(Gw)_j \ge w^\top G w` with equality where
-    :math:`w_j > 0` (:func:`~jaxreg._src.gram_solvers.min_norm_simplex`).
+    :math:`w_j > 0` (:func:`~jaxreg._src.optim.gram_solvers.min_norm_simplex`).
 
     Args:
       g: the ``n x n`` Gramian.
@@ -218,7 +218,7 @@ def upgrad_weights(
     the weights are :math:`\frac1n \sum_i v_i` (TorchJD's ``UPGrad()``, without its
     ``reg_eps`` ridge). Each :math:`v_i` is solved exactly by an active-set
     non-negative least-squares method on the unit-diagonal Gramian, stopping on the KKT
-    conditions (:func:`~jaxreg._src.gram_solvers.upgrad_solve`).
+    conditions (:func:`~jaxreg._src.optim.gram_solvers.upgrad_solve`).
 
     Args:
       g: the ``n x n`` Gramian.
@@ -262,7 +262,7 @@ def cagrad_weights(
     The dual problem is solved exactly: at the optimum, :math:`w^*` is the min-norm
     point of the shifted gradients :math:`g_i + s g_0` with :math:`s = \|g_w\|/(c
     \|g_0\|)`, and on its support :math:`s` has a closed form
-    (:func:`~jaxreg._src.gram_solvers.cagrad_solve`); the solver alternates the two and
+    (:func:`~jaxreg._src.optim.gram_solvers.cagrad_solve`); the solver alternates the two and
     stops on the KKT conditions. Unlike the official code, no ``1e-8`` is added to the
     norms (they made the result depend on the gradients' scale). When
     :math:`g_0 = 0` the update is :math:`0`.
@@ -318,7 +318,7 @@ def nash_mtl_weights(
     :math:`f(\alpha) = \tfrac12 \alpha^\top G \alpha - \sum_i \log \alpha_i`, found
     here by Newton's method on the unit-diagonal Gramian (damped while the Newton
     decrement is at least 1/4, which keeps :math:`\alpha > 0`), stopping on the Newton
-    decrement (:func:`~jaxreg._src.gram_solvers.nash_solve`). The paper solves a
+    decrement (:func:`~jaxreg._src.optim.gram_solvers.nash_solve`). The paper solves a
     sequence of convex programs with CVXPY instead, on :math:`G / \|G\|_F`, so its
     :math:`\alpha` is :math:`\|G\|_F^{1/2}` times this one.
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.core.errors import InputError, TermError
+
 Schedule = Callable[[jax.Array], jax.Array]
 """An optax-style schedule: ``step -> weight`` (``optax.linear_schedule`` etc.)."""
 
@@ -20,21 +22,6 @@ TermFn = Callable[[Any, Any], Any]
 
 MAX_TERMS = 100
 """Most terms one objective may hold (the specification's security limit)."""
-
-
-class TermError(ValueError):
-    """A term, or what its function returned, is not valid.
-
-    The message always names the term, the field, what was expected and what was found.
-    """
-
-
-class InputError(ValueError):
-    """A term function was given inputs it cannot use.
-
-    Raised by the built-in terms (and usable by users' own); :class:`Term` re-raises it as
-    a :class:`TermError` prefixed with the term's name.
-    """
 
 
 def _describe(value: Any) -> str:

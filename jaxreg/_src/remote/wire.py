@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jaxreg._src.terms import InputError
+from jaxreg._src.core.term import InputError
 
 Encoding = Literal["json", "base64"]
 ENCODINGS = ("json", "base64")

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.linalg import to_logit_space
-from jaxreg._src.terms import Term, TermError
+from jaxreg._src.core.linalg import to_logit_space
+from jaxreg._src.core.term import Term, TermError
 
 MAX_TIMEOUT = 300.0
 """The longest per-term timeout allowed, in seconds (the specification's limit)."""
@@ -432,7 +432,7 @@ def merge_host_results(
     one, is added to ``grad`` with its weight; the totals and the total gradient norm
     are recomputed over everything.
     """
-    from jaxreg._src.output import CompositeOutput, Layout
+    from jaxreg._src.core.output import CompositeOutput, Layout
 
     by_name = {r.name: r for r in results}
     track = objective.track_grad_norms

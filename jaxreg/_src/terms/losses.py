@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxreg._src.batch import Batch
-from jaxreg._src.terms import InputError
-from jaxreg._src.tokens import (
+from jaxreg._src.core.term import InputError
+from jaxreg._src.terms.batch import Batch
+from jaxreg._src.terms.tokens import (
     check_tokens,
     clean,
     expand,

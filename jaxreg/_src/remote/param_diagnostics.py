@@ -39,16 +39,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxreg._src.guards import NonFiniteError
-from jaxreg._src.terms import TermError
-from jaxreg._src.wire import Encoding, encode_tensor
+from jaxreg._src.core.errors import JaxregError
+from jaxreg._src.core.guards import NonFiniteError
+from jaxreg._src.core.term import TermError
+from jaxreg._src.remote.wire import Encoding, encode_tensor
 
 EXTENSION = "param_grad_diagnostics"
 FIELD = "param_diagnostics"
 METRICS_PREFIX = "param/"
 
 
-class UnsupportedExtensionError(RuntimeError):
+class UnsupportedExtensionError(JaxregError, RuntimeError):
     """The service (or client) cannot do what a jaxreg extension was asked for."""
 
 
@@ -130,7 +131,7 @@ def require_extension(training: Any) -> None:
     Only jaxreg's own :class:`~jaxreg.remote.TrainingClient` can send the extension; the
     service must list ``param_grad_diagnostics`` in ``GET /api/v1/capabilities``.
     """
-    from jaxreg._src.client import TrainingClient
+    from jaxreg._src.remote.client import TrainingClient
 
     if not isinstance(training, TrainingClient):
         raise UnsupportedExtensionError(
@@ -207,7 +208,7 @@ def encode_field(field: Mapping[str, Any], encoding: Encoding | str) -> dict[str
 
 def parse_result(result: Mapping[str, Any], sent: Mapping[str, Any]) -> ParamDiagnostics:
     """The :class:`ParamDiagnostics` of a ``forward_backward`` result."""
-    from jaxreg._src.client import RemoteError
+    from jaxreg._src.remote.client import RemoteError
 
     field = result.get(FIELD)
     names = list(sent["term_names"])

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxreg._src.compose import compose
+from jaxreg._src.core.compose import compose
 
 
 class RegularizeState(NamedTuple):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxreg._src.output import CompositeOutput
+from jaxreg._src.core.output import CompositeOutput
 
 
 class Weighting(NamedTuple):

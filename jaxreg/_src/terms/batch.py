@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.terms import InputError
+from jaxreg._src.core.term import InputError
 
 Bucket = str | int | Sequence[int] | None
 

@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxreg._src.batch import Batch
-from jaxreg._src.terms import InputError
+from jaxreg._src.core.term import InputError
+from jaxreg._src.terms.batch import Batch
 
 REDUCTIONS = ("sum", "token_mean", "seq_mean")
 

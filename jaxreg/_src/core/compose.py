@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src import guards, telemetry
-from jaxreg._src.host import HostTerm, merge_host_results, run_all
-from jaxreg._src.linalg import cross_gram, to_logit_space, weighted_rows
-from jaxreg._src.output import CompositeOutput, Layout
-from jaxreg._src.terms import Term, TermError, check_weight, normalize_terms
+from jaxreg._src.core import guards, telemetry
+from jaxreg._src.core.host import HostTerm, merge_host_results, run_all
+from jaxreg._src.core.linalg import cross_gram, to_logit_space, weighted_rows
+from jaxreg._src.core.output import CompositeOutput, Layout
+from jaxreg._src.core.term import Term, TermError, check_weight, normalize_terms
 
 GradStrategy = Literal["auto", "per_term", "vmap"] | Sequence[Sequence[str]]
 GradSpace = Literal["x", "logits"]

@@ -34,8 +34,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from jaxreg._src import telemetry
-from jaxreg._src.wire import ENCODINGS, Datum, decode_tensor, to_datum
+from jaxreg._src.core import telemetry
+from jaxreg._src.core.errors import JaxregError
+from jaxreg._src.remote.wire import ENCODINGS, Datum, decode_tensor, to_datum
 
 logger = logging.getLogger("jaxreg.remote")
 
@@ -43,7 +44,7 @@ API_KEY_HEADER = "X-API-Key"
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class RemoteError(Exception):
+class RemoteError(JaxregError):
     """A request to the service failed; the message says which request and why.
 
     Attributes:
@@ -580,7 +581,7 @@ class TrainingClient:
         """Logprobs and ``loss:sum``; the gradient accumulates until :meth:`optim_step`.
 
         ``param_diagnostics``: the jaxreg-service extension field (see
-        :mod:`jaxreg._src.param_diagnostics`), sent only when given.
+        :mod:`jaxreg._src.remote.param_diagnostics`), sent only when given.
         """
         body = self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id)
         self._add_param_diagnostics(body, param_diagnostics)
@@ -588,7 +589,7 @@ class TrainingClient:
 
     def _add_param_diagnostics(self, body, field) -> None:
         if field is not None:
-            from jaxreg._src import param_diagnostics
+            from jaxreg._src.remote import param_diagnostics
 
             body[param_diagnostics.FIELD] = param_diagnostics.encode_field(
                 field, self.service.tensor_encoding

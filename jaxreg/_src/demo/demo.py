@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 import jaxreg as jr
-from jaxreg._src.wire import Datum
+from jaxreg._src.remote.wire import Datum
 
 TARGET = "I"  # the new task: increment every digit
 VOCAB_K = 32  # every token is a candidate: exact KL and entropy over the vocabulary
@@ -164,7 +164,7 @@ class _TinkerModel:
     """A ``tinker.TrainingClient`` with the jaxreg client calls the demo makes."""
 
     def __init__(self, client):
-        from jaxreg._src.tinker import TinkerTrainingClient
+        from jaxreg._src.remote.tinker import TinkerTrainingClient
 
         self.adapter = TinkerTrainingClient(client)
 
@@ -425,7 +425,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         )
     print(_format(rows))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    from jaxreg._src.report import write_report
+    from jaxreg._src.demo.report import write_report
 
     image = write_report(out / "metrics.jsonl", summary, out / "report.png")
     print(

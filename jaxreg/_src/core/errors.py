@@ -1,0 +1,37 @@
+"""The exception hierarchy: every error jaxreg raises on purpose is a :class:`JaxregError`."""
+
+from __future__ import annotations
+
+__all__ = ["InputError", "JaxregError", "TermError"]
+
+
+class JaxregError(Exception):
+    """Base class of the errors jaxreg raises on purpose.
+
+    Catch it to handle any of them; each subclass also derives from the built-in
+    exception that fits it (``ValueError``, ``RuntimeError``, ...), so existing
+    ``except ValueError`` handlers keep working.
+
+    Example:
+      >>> import jaxreg as jr
+      >>> try:
+      ...     jr.Term("", lambda x, b: x)
+      ... except jr.JaxregError as e:
+      ...     print(type(e).__name__)
+      TermError
+    """
+
+
+class TermError(JaxregError, ValueError):
+    """A term, or what its function returned, is not valid.
+
+    The message always names the term, the field, what was expected and what was found.
+    """
+
+
+class InputError(JaxregError, ValueError):
+    """A term function was given inputs it cannot use.
+
+    Raised by the built-in terms (and usable by users' own); :class:`Term` re-raises it as
+    a :class:`TermError` prefixed with the term's name.
+    """
