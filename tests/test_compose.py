@@ -401,3 +401,33 @@ def test_call_errors(tracked):
         tracked(X3, weights={"kl": 1.0})
     with pytest.raises(jr.TermError, match="Term 'sq': weight must be finite"):
         tracked(X3, weights={"sq": -1.0})
+
+
+def test_print_shows_a_labelled_table_and_the_base_weight_is_reported():
+    objective = jr.compose(
+        jr.Term("nll", lambda x, b: (jnp.sum(x), {"m": jnp.mean(x)})),
+        [jr.Term("sq", sum_sq, 0.1)],
+        track_grad_norms=True,
+    )
+    out = objective(X3)
+    text = str(out)
+    assert text == repr(out)
+    lines = text.splitlines()
+    assert lines[0].startswith("CompositeOutput(loss_total=7.4, regularizer_total=1.4")
+    assert lines[1].split() == [
+        "term",
+        "value",
+        "weight",
+        "contribution",
+        "grad_norm",
+        "grad_norm_weighted",
+        "metrics",
+    ]
+    assert lines[2].split()[:5] == ["nll", "(base)", "6", "1", "6"]
+    assert lines[2].endswith("m=2")
+    assert lines[3].split()[:4] == ["sq", "14", "0.1", "1.4"]
+    flat = out.flat()
+    assert flat["base_loss/weight"] == 1.0 and flat["base_loss/contribution"] == 6.0
+    seen = []
+    jax.jit(lambda x: seen.append(repr(objective(x))) or 0.0)(X3)
+    assert seen[0].startswith("CompositeOutput(terms=['nll', 'sq']")  # traced: no values
