@@ -54,7 +54,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from jaxreg._src.remote.wire import WireError, decode_tensor
+from jaxreg._src.remote.wire import API_KEY_HEADER, WireError, decode_tensor
 from jaxreg.service import checkpoint, tasks, tinker_proto
 from jaxreg.service import lora as lora_lib
 from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps, remember
@@ -62,7 +62,6 @@ from jaxreg.service.sampling import Sampler
 
 logger = logging.getLogger("jaxreg.service")
 
-API_KEY_HEADER = "X-API-Key"
 IDEMPOTENCY_HEADER = "x-idempotency-key"
 SDK_HEADER = "x-stainless-package-version"
 SHARED_PATHS = ("create_model", "get_info", "forward_backward", "optim_step", "retrieve_future")
