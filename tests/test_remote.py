@@ -652,6 +652,21 @@ def test_async_save_and_load_state(server, client):
     assert_trees_equal(params_of(training, server, "async_ckpt_after")[0], on_disk["params"])
 
 
+def test_loading_a_state_that_does_not_fit_names_it_and_changes_nothing(server, client):
+    from jaxreg.service import checkpoint
+
+    training = client.create_model()
+    before = params_of(training, server, "fit_before")[0]
+    tree, meta = checkpoint.load_tree(server.engine.state_dir / "fit_before.npz")
+    tree["params"] = jax.tree.map(lambda a: np.zeros((*a.shape, 2), a.dtype), tree["params"])
+    checkpoint.save_tree(server.engine.state_dir / "misfit.npz", tree, meta)
+    with pytest.raises(jr.remote.RemoteError, match=r"path: state 'misfit' does not fit") as e:
+        training.load_state("misfit").result()
+    assert e.value.category == "user"  # a 400 of the job that ran it
+    assert "expected float32[" in str(e.value)  # names the first array that does not fit
+    assert_trees_equal(params_of(training, server, "fit_after")[0], before)
+
+
 # ----------------------------------------------------------------- retries
 def test_retry_policy_decides_what_is_retried_and_how_long_to_wait():
     policy = jr.remote.RetryPolicy(max_retries=4, base=0.1, cap=0.5, seed=7, max_elapsed=10.0)

@@ -435,7 +435,7 @@ class TinkerAPI:
         info = self._model_info(m.model_id)
 
         def job():
-            tree = {"params": m.params, "opt_state": m.opt_state, "grad_acc": m.grad_acc}
+            tree = m.state_tree()
             meta = {
                 "step": m.step,
                 "n_accumulated": m.n_accumulated,
@@ -451,12 +451,7 @@ class TinkerAPI:
 
     def _load_job(self, m, file: Path, path: str, optimizer: bool):
         def job():
-            like = {"params": m.params, "opt_state": m.opt_state, "grad_acc": m.grad_acc}
-            try:
-                tree, meta = checkpoint.load_tree(file, like=like)
-            except ValueError as e:
-                raise ServiceError(400, f"path: {path!r} does not fit this model: {e}") from None
-            tree = jax.tree.map(jnp.asarray, tree)
+            tree, meta = m.read_state(file, repr(path))
             m.params = tree["params"]
             if optimizer:
                 m.opt_state, m.grad_acc = tree["opt_state"], tree["grad_acc"]

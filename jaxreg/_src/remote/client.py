@@ -39,6 +39,7 @@ from jaxreg._src.remote.transport import (
     describe,
     gave_up,
     http_error,
+    request_error,
 )
 from jaxreg._src.remote.wire import (
     API_KEY_HEADER,
@@ -54,14 +55,8 @@ logger = logging.getLogger("jaxreg.remote")
 
 def _waiting_failed(endpoint, body, request_id, error: RemoteError) -> RemoteError:
     """A failure of ``retrieve_future``, told as a failure of the call it waited for."""
-    return RemoteError(
-        f"{describe(endpoint, body)}: waiting for its result (request {request_id}) "
-        f"failed: {error}",
-        endpoint=endpoint,
-        status=error.status,
-        model_id=body.get("model_id"),
-        seq_id=body.get("seq_id"),
-    )
+    what = f": waiting for its result (request {request_id}) failed: {error}"
+    return request_error(endpoint, body, what, status=error.status)
 
 
 class ServiceClient:
@@ -78,10 +73,11 @@ class ServiceClient:
       transport, async_transport: httpx transports (for tests and fault injection).
 
     Example:
-      >>> client = ServiceClient("http://127.0.0.1:8000")
-      >>> training = client.create_model()
-      >>> training.forward_backward(data, "cross_entropy").result()
-      >>> training.optim_step({"learning_rate": 1e-3}).result()
+      >>> from jaxreg.remote import ServiceClient
+      >>> client = ServiceClient("http://127.0.0.1:8000")  # connects on first use
+      >>> training = client.create_model()  # doctest: +SKIP
+      >>> training.forward_backward(data, "cross_entropy").result()  # doctest: +SKIP
+      >>> training.optim_step({"learning_rate": 1e-3}).result()  # doctest: +SKIP
     """
 
     def __init__(
@@ -159,14 +155,9 @@ class ServiceClient:
 
     def _check_result(self, endpoint, body, result) -> dict[str, Any]:
         if result.get("type") == "request_failed":
-            raise RemoteError(
-                f"{describe(endpoint, body)} failed on the service "
-                f"({result.get('category')} error): {result.get('error')}",
-                endpoint=endpoint,
-                model_id=body.get("model_id"),
-                seq_id=body.get("seq_id"),
-                category=result.get("category"),
-            )
+            category = result.get("category")
+            what = f" failed on the service ({category} error): {result.get('error')}"
+            raise request_error(endpoint, body, what, category=category)
         return result
 
     def wait(

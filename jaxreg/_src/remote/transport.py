@@ -64,31 +64,44 @@ def describe(endpoint: str, body: Mapping[str, Any]) -> str:
     return f"{endpoint}" + (f" ({', '.join(parts)})" if parts else "")
 
 
+def request_error(
+    endpoint: str,
+    body: Mapping[str, Any],
+    what: str,
+    *,
+    status: int | None = None,
+    category: str | None = None,
+) -> RemoteError:
+    """A :class:`RemoteError` about one request: the message is the request as
+    :func:`describe` names it followed by ``what``; it carries the model and ``seq_id``."""
+    return RemoteError(
+        f"{describe(endpoint, body)}{what}",
+        endpoint=endpoint,
+        status=status,
+        model_id=body.get("model_id"),
+        seq_id=body.get("seq_id"),
+        category=category,
+    )
+
+
 def http_error(endpoint: str, body: Mapping[str, Any], response: httpx.Response) -> RemoteError:
     """The error for an HTTP error answer, with the service's reason."""
     try:
         reason = response.json().get("error", response.text)
     except (ValueError, AttributeError):
         reason = response.text[:500]
-    return RemoteError(
-        f"{describe(endpoint, body)} failed: HTTP {response.status_code}: {reason}",
-        endpoint=endpoint,
-        status=response.status_code,
-        model_id=body.get("model_id"),
-        seq_id=body.get("seq_id"),
-    )
+    status = response.status_code
+    return request_error(endpoint, body, f" failed: HTTP {status}: {reason}", status=status)
 
 
 def gave_up(
     endpoint: str, body: Mapping[str, Any], error: Exception, attempts: int, elapsed: float
 ) -> RemoteError:
     """The error for a request that failed to reach the service ``attempts`` times."""
-    return RemoteError(
-        f"{describe(endpoint, body)} failed after {attempts} attempts over "
-        f"{elapsed:.1f}s: {type(error).__name__}: {error}",
-        endpoint=endpoint,
-        model_id=body.get("model_id"),
-        seq_id=body.get("seq_id"),
+    return request_error(
+        endpoint,
+        body,
+        f" failed after {attempts} attempts over {elapsed:.1f}s: {type(error).__name__}: {error}",
     )
 
 
