@@ -37,6 +37,7 @@ import numpy as np
 from jaxreg._src.core import telemetry
 from jaxreg._src.core.linalg import to_logit_space
 from jaxreg._src.core.output import CompositeOutput, pack
+from jaxreg._src.core.pools import LazySingleton
 from jaxreg._src.core.term import Term, TermError
 
 MAX_TIMEOUT = 300.0
@@ -301,38 +302,37 @@ class HostThreads:
             inbox.put(None)
 
 
-_THREADS: HostThreads | None = None
-_PROCESSES: concurrent.futures.ProcessPoolExecutor | None = None
-_LOOP: asyncio.AbstractEventLoop | None = None
-_POOL_LOCK = threading.Lock()
+def _start_processes() -> concurrent.futures.ProcessPoolExecutor:
+    # spawn: forking a process that runs XLA threads is unsafe
+    pool = concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn"))
+    # Registered after concurrent.futures' own exit hook, so run before it (they run
+    # last-in first-out): a hung worker is terminated instead of joined.
+    threading._register_atexit(_terminate_processes)  # type: ignore[attr-defined]
+    return pool
+
+
+def _start_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="jaxreg-host-loop", daemon=True).start()
+    return loop
+
+
+_THREADS = LazySingleton(HostThreads)
+_PROCESSES = LazySingleton(_start_processes)
+_LOOP = LazySingleton(_start_loop)
 
 
 def _threads() -> HostThreads:
-    global _THREADS
-    with _POOL_LOCK:
-        if _THREADS is None:
-            _THREADS = HostThreads()
-        return _THREADS
+    return _THREADS.get()
 
 
 def _processes() -> concurrent.futures.ProcessPoolExecutor:
-    global _PROCESSES
-    with _POOL_LOCK:
-        if _PROCESSES is None:  # spawn: forking a process that runs XLA threads is unsafe
-            _PROCESSES = concurrent.futures.ProcessPoolExecutor(
-                mp_context=multiprocessing.get_context("spawn")
-            )
-            # Registered after concurrent.futures' own exit hook, so run before it (they
-            # run last-in first-out): a hung worker is terminated instead of joined.
-            threading._register_atexit(_terminate_processes)  # type: ignore[attr-defined]
-        return _PROCESSES
+    return _PROCESSES.get()
 
 
 def _terminate_processes() -> None:
     """Ends the process pool's workers at exit without waiting for hung host terms."""
-    global _PROCESSES
-    with _POOL_LOCK:
-        pool, _PROCESSES = _PROCESSES, None
+    pool = _PROCESSES.take()
     if pool is None:
         return
     processes = list((getattr(pool, "_processes", None) or {}).values())
@@ -344,26 +344,19 @@ def _terminate_processes() -> None:
 
 def _loop() -> asyncio.AbstractEventLoop:
     """A private event loop on its own thread, for async host terms."""
-    global _LOOP
-    with _POOL_LOCK:
-        if _LOOP is None:
-            _LOOP = asyncio.new_event_loop()
-            threading.Thread(target=_LOOP.run_forever, name="jaxreg-host-loop", daemon=True).start()
-        return _LOOP
+    return _LOOP.get()
 
 
 @atexit.register
 def _shutdown() -> None:
     """Stops the pools and the event loop before the interpreter tears modules down."""
-    global _THREADS, _PROCESSES, _LOOP
-    with _POOL_LOCK:
-        if _PROCESSES is not None:
-            _PROCESSES.shutdown(wait=False, cancel_futures=True)
-        if _THREADS is not None:
-            _THREADS.shutdown(wait=False, cancel_futures=True)
-        if _LOOP is not None:
-            _LOOP.call_soon_threadsafe(_LOOP.stop)
-        _THREADS = _PROCESSES = _LOOP = None
+    processes, threads, loop = _PROCESSES.take(), _THREADS.take(), _LOOP.take()
+    if processes is not None:
+        processes.shutdown(wait=False, cancel_futures=True)
+    if threads is not None:
+        threads.shutdown(wait=False, cancel_futures=True)
+    if loop is not None:
+        loop.call_soon_threadsafe(loop.stop)
 
 
 def submit(term: HostTerm, x: np.ndarray, batch: Any, data: Any) -> concurrent.futures.Future:
