@@ -245,11 +245,17 @@ def _candidate_logprobs(x: jax.Array, mask: jax.Array, renormalize: bool) -> jax
     return jax.nn.log_softmax(x, axis=-1) if renormalize else x
 
 
+def _weighted_log(p: jax.Array, log_term: jax.Array) -> jax.Array:
+    """``p * log_term`` with ``0 log 0 = 0``: classes of probability 0 (logits of -inf,
+    e.g. masked classes) add nothing, and no NaN reaches the value or the gradient."""
+    return p * jnp.where(p > 0, log_term, jnp.zeros((), log_term.dtype))
+
+
 def _entropy_per_token(x: jax.Array, mask: jax.Array, renormalize: bool) -> jax.Array:
     if x.ndim == 2:
         return -clean(x, mask)
     logp = _candidate_logprobs(x, mask, renormalize)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return -jnp.sum(_weighted_log(jnp.exp(logp), logp), axis=-1)
 
 
 @term_function
@@ -323,8 +329,8 @@ def _kl_per_token(
         logp = _candidate_logprobs(x, mask, renormalize)
         logq = _candidate_logprobs(ref, mask, renormalize)
         p, q = jnp.exp(logp), jnp.exp(logq)
-        forward = jnp.sum(q * (logq - logp), axis=-1)
-        reverse = jnp.sum(p * (logp - logq), axis=-1)
+        forward = jnp.sum(_weighted_log(q, logq - logp), axis=-1)
+        reverse = jnp.sum(_weighted_log(p, logp - logq), axis=-1)
     else:
         # Tokens sampled from the policy; log ratio r - x, clipped for stability.
         log_ratio = jnp.clip(clean(ref, mask) - clean(x, mask), -clip, clip)
