@@ -52,7 +52,7 @@ def test_sampling_logprobs_key_and_the_old_name(fn, ref):
     assert "batch.inputs['logprobs'] is there" in message
     assert "sampling_logprobs='logprobs'" in message
     # ... also through compose (a TermError naming the term) ...
-    with pytest.raises(jr.TermError, match="Term 'rl': .*'sampling_logprobs'"):
+    with pytest.raises(jr.TermError, match=r"Term 'rl': .*'sampling_logprobs'"):
         jr.compose(jr.Term("rl", fn))(x, old)
     # ... and the option reads any name.
     assert float(fn(sampling_logprobs="logprobs")(x, old)[0]) == pytest.approx(ref(), rel=1e-5)

@@ -187,15 +187,11 @@ def test_mask_callable_excludes_biases_and_scales():
     diffs = [p["dense"]["w"] * 0.5, p["out"]["w"] * 0.5]
     l2, m2 = R.l2(mask=_weights_only)(_as_jax(p))
     assert float(l2) == pytest.approx(sum(np.sum(k**2) for k in kernels), rel=1e-5)
-    assert float(m2["norm"]) == pytest.approx(
-        np.sqrt(sum(np.sum(k**2) for k in kernels)), rel=1e-5
-    )
+    assert float(m2["norm"]) == pytest.approx(np.sqrt(sum(np.sum(k**2) for k in kernels)), rel=1e-5)
     l1, m1 = R.l1(mask=_weights_only)(_as_jax(p))
     assert float(l1) == pytest.approx(sum(np.sum(np.abs(k)) for k in kernels), rel=1e-5)
     assert float(m1["max_abs"]) == pytest.approx(max(np.abs(k).max() for k in kernels), rel=1e-6)
-    en, parts = R.elastic_net(l1_ratio=0.3, center=_as_jax(center), mask=_weights_only)(
-        _as_jax(p)
-    )
+    en, parts = R.elastic_net(l1_ratio=0.3, center=_as_jax(center), mask=_weights_only)(_as_jax(p))
     a = sum(np.sum(np.abs(d)) for d in diffs)
     b = sum(np.sum(d**2) for d in diffs)
     assert float(en) == pytest.approx(0.3 * a + 0.7 * b, rel=1e-5)
@@ -239,7 +235,9 @@ def test_integer_leaves_are_skipped_under_jax_grad():
 
     value, grad = jax.value_and_grad(penalty)(floats)  # no allow_int anywhere
     flat = np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in floats.values()])
-    expected = np.sum(flat**2) + np.sum(np.abs(flat)) + 0.5 * (np.sum(np.abs(flat)) + np.sum(flat**2))
+    expected = (
+        np.sum(flat**2) + np.sum(np.abs(flat)) + 0.5 * (np.sum(np.abs(flat)) + np.sum(flat**2))
+    )
     assert float(value) == pytest.approx(expected, rel=1e-6)
     for k, a in floats.items():
         a64 = np.asarray(a, np.float64)

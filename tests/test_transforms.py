@@ -236,7 +236,8 @@ def test_integer_parameter_leaves_pass_through_the_optax_path():
         updates, state = update(grads, state, params)
     a, w = np.asarray(params["a"], np.float64), np.asarray(params["z"]["w"], np.float64)
     np.testing.assert_allclose(
-        np.asarray(updates["a"]), -0.1 * (np.array([0.1, 0.2]) + 0.1 * a + 0.1 * np.sign(a)),
+        np.asarray(updates["a"]),
+        -0.1 * (np.array([0.1, 0.2]) + 0.1 * a + 0.1 * np.sign(a)),
         rtol=1e-6,
     )
     np.testing.assert_allclose(

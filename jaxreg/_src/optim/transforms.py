@@ -291,7 +291,9 @@ def regularize(
         if not now:
             return state.misplaced, now, predicted
         telling, matches = [], []
-        for p_now, p_prev, p_pred in zip(now, state.probe_params, state.probe_predicted):
+        for p_now, p_prev, p_pred in zip(
+            now, state.probe_params, state.probe_predicted, strict=True
+        ):
             moved = p_pred != p_prev  # the old updates would have changed these elements
             close = jnp.abs(p_now - p_pred) <= 1e-3 * jnp.abs(p_pred - p_prev)
             telling.append(jnp.any(moved))
@@ -350,9 +352,7 @@ def _find_states(state: Any) -> list[RegularizeState]:
     return [s for s in found if isinstance(s, RegularizeState)]
 
 
-def metrics(
-    state: Any, names: Sequence[str] | None = None
-) -> dict[str, dict[str, float]]:
+def metrics(state: Any, names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """``{name: {"value", "weight", "contribution", "grad_norm"}}`` from a state (host).
 
     Args:

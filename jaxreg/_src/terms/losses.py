@@ -18,6 +18,7 @@ from jaxreg._src.terms.tokens import (
     token_mean,
 )
 
+
 def _check_sampling_key(name: str, batch: Batch, key: str) -> None:
     """A clear error when the sampling policy's logprobs sit under the old key ``logprobs``."""
     if isinstance(batch, Batch) and key not in batch.inputs and "logprobs" in batch.inputs:

@@ -54,9 +54,7 @@ def _selection(name: str, x: Any, mask: Any, n: int) -> list[bool]:
     if callable(mask):
         mask = mask(x)
     try:
-        spread = jax.tree.map(
-            lambda m, sub: jax.tree.map(lambda _: _flag(name, m), sub), mask, x
-        )
+        spread = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: _flag(name, m), sub), mask, x)
     except (ValueError, TypeError) as e:
         if isinstance(e, InputError):
             raise
@@ -131,7 +129,6 @@ def _penalised_leaves(
 
 def _sum(leaves: list[jax.Array], fn, dtype) -> jax.Array:
     return sum((jnp.sum(fn(a)).astype(dtype) for a in leaves), start=jnp.zeros((), dtype))
-
 
 
 @term_function
