@@ -232,8 +232,15 @@ def per_datum(
         non-empty datums.
 
     Example:
-      >>> term = jr.Term("nll", jr.per_datum(lambda lp, inp: -jnp.sum(inp["weights"] * lp)))
-      ... # doctest: +SKIP
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> nll = jr.per_datum(lambda lp, inp: -jnp.sum(inp["weights"] * lp))
+      >>> x, batch = jr.Batch.from_ragged(
+      ...     [np.array([-1.0, -2.0]), np.array([-0.5])], {"weights": [np.ones(2), np.ones(1)]}
+      ... )
+      >>> float(nll(x, batch)[0])
+      3.5
     """
     if reduction not in ("sum", "mean"):
         raise BatchError(f"per_datum: reduction must be 'sum' or 'mean'; found {reduction!r}.")

@@ -73,8 +73,8 @@ def cross_entropy(x: jax.Array, batch: Batch, *, reduction: str = "sum", weights
       >>> import jaxreg as jr
       >>> x, batch = jr.Batch.from_ragged([np.log([0.5, 0.25]), np.log([0.5])])
       >>> loss, metrics = jr.losses.cross_entropy(x, batch)
-      >>> round(float(loss), 4), round(float(metrics["nll_per_token"]), 4)  # 3 log 2, log 2
-      (2.0794, 0.6931)
+      >>> round(float(loss), 4), round(float(metrics["nll_per_token"]), 4)  # 4 log 2, / 3
+      (2.7726, 0.9242)
     """
     mask = check_tokens("cross_entropy", x, batch)
     w = _weights("cross_entropy", x, batch, mask, weights)
