@@ -252,18 +252,22 @@ def regularize(
             split = _Split(batch, others, treedef, positions)
             out = split_objective((treedef, positions))(floats, split, step=state.step)
             grads = list(out.grad)
-        new = list(incoming)
+        new, emitted = list(incoming), {}
         for i, g in zip(positions, grads, strict=True):
             if _is_float(new[i]):
+                # The probe is sliced from the addends, not from the sum: slicing the sum
+                # would keep XLA from fusing it into the next transform (a full extra pass).
+                emitted[i] = _probe(new[i]) + _probe(g).astype(new[i].dtype)
                 new[i] = new[i] + g.astype(new[i].dtype)
             else:  # no incoming update for this leaf (None, or float0 from allow_int)
+                emitted[i] = _probe(g)
                 new[i] = g
         terms = [out.regularizers[name] for name in names]
 
         def stack(field):
             return jnp.stack([jnp.asarray(getattr(t, field)).astype(jnp.float32) for t in terms])
 
-        misplaced, probe_params, probe_predicted = _check_order(state, leaves, new, positions)
+        misplaced, probe_params, probe_predicted = _check_order(state, leaves, emitted, positions)
         norms = stack("grad_norm") if track_grad_norms else state.grad_norm
         new_state = RegularizeState(
             state.step + 1,
@@ -280,14 +284,11 @@ def regularize(
             _warn_if_misplaced(misplaced, names)
         return treedef.unflatten(new), new_state
 
-    def _check_order(state, leaves, new, positions):
+    def _check_order(state, leaves, emitted, positions):
         if not check_order:
             return state.misplaced, (), ()
         now = tuple(_probe(leaves[i]) for i in positions)
-        predicted = tuple(
-            _probe(_applied(leaves[i], new[i])) if _is_float(new[i]) else _probe(leaves[i])
-            for i in positions
-        )
+        predicted = tuple(_applied(now[k], emitted[i]) for k, i in enumerate(positions))
         if not now:
             return state.misplaced, now, predicted
         telling, matches = [], []
