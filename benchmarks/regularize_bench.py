@@ -53,7 +53,7 @@ def main(argv=None) -> None:
             with jax.numpy_dtype_promotion("standard"):
                 state = opt.init(params)
                 update = jax.jit(opt.update)
-                fns[name] = lambda update=update, state=state: update(grads, state, params)
+                fns[name] = lambda u=update, s=state, g=grads, p=params: u(g, s, p)
         with jax.numpy_dtype_promotion("standard"):
             t = time_interleaved(fns, repeats=5 if args.quick else 15)
         rows.append(
