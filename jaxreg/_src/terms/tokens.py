@@ -28,8 +28,10 @@ batch (``x`` is the current policy's logprobs).
 class TermFunction:
     """A built-in term function that can be used directly or configured first.
 
-    ``fn(x, batch)`` evaluates it with its current options; calling it with options only
-    (``fn(reduction="token_mean")`` or ``kl("ref_logprobs")``) returns a configured copy.
+    ``fn(x, batch)``, or ``fn(x)`` when ``x`` is an array or a pytree (``l2(params)``,
+    ``entropy(logits)``), evaluates it with its current options; calling it with options
+    only (``fn(reduction="token_mean")``, ``kl("ref_logprobs")``, ``elastic_net(0.3)``:
+    names, numbers and keywords) returns a configured copy.
     """
 
     def __init__(self, impl: Callable[..., Any], **options: Any):
@@ -52,7 +54,7 @@ class TermFunction:
         return f"{self._impl.__name__}({opts})"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if args and _is_data(args[0]):
+        if args and (_is_data(args[0]) or (len(args) >= 2 and not isinstance(args[0], str))):
             return self._impl(*args, **{**self._options, **kwargs})
         if len(args) > len(self._params):
             raise TypeError(f"{self._impl.__name__}: too many options; it takes {self._params}.")
