@@ -29,4 +29,30 @@ from jaxreg._src.terms.batch import Batch as Batch
 from jaxreg._src.terms.batch import BatchError as BatchError
 from jaxreg._src.terms.batch import per_datum as per_datum
 
+__all__ = [
+    "Batch",
+    "BatchError",
+    "CompositeOutput",
+    "HostTerm",
+    "HostTermError",
+    "InputError",
+    "JaxregError",
+    "MAX_TERMS",
+    "NonFiniteError",
+    "Objective",
+    "Term",
+    "TermError",
+    "TermOutput",
+    "aggregators",
+    "check_finite",
+    "compose",
+    "losses",
+    "per_datum",
+    "regularizers",
+    "remote",
+    "telemetry",
+    "transforms",
+    "weighting",
+]
+
 __version__ = "0.1.0"

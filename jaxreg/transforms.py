@@ -3,3 +3,9 @@
 from jaxreg._src.optim.transforms import RegularizeState as RegularizeState
 from jaxreg._src.optim.transforms import metrics as metrics
 from jaxreg._src.optim.transforms import regularize as regularize
+
+__all__ = [
+    "RegularizeState",
+    "metrics",
+    "regularize",
+]

@@ -47,6 +47,7 @@ EVENTS: tuple[Event, ...] = (
     ("jaxreg", "term", "exception"),
     ("jaxreg", "remote", "request", "stop"),
 )
+"""The names of the events jaxreg emits (see the module docstring for their contents)."""
 
 _handlers: dict[str, tuple[frozenset[Event], Handler]] = {}
 _lock = threading.Lock()
