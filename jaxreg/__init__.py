@@ -14,6 +14,7 @@ from jaxreg import transforms as transforms
 from jaxreg import weighting as weighting
 from jaxreg._src.core.compose import Objective as Objective
 from jaxreg._src.core.compose import compose as compose
+from jaxreg._src.core.errors import ConfigError as ConfigError
 from jaxreg._src.core.errors import JaxregError as JaxregError
 from jaxreg._src.core.errors import NotComputedError as NotComputedError
 from jaxreg._src.core.guards import NonFiniteError as NonFiniteError
@@ -29,5 +30,33 @@ from jaxreg._src.core.term import TermError as TermError
 from jaxreg._src.terms.batch import Batch as Batch
 from jaxreg._src.terms.batch import BatchError as BatchError
 from jaxreg._src.terms.batch import per_datum as per_datum
+
+__all__ = [
+    "Batch",
+    "BatchError",
+    "CompositeOutput",
+    "ConfigError",
+    "HostTerm",
+    "HostTermError",
+    "InputError",
+    "JaxregError",
+    "MAX_TERMS",
+    "NotComputedError",
+    "NonFiniteError",
+    "Objective",
+    "Term",
+    "TermError",
+    "TermOutput",
+    "aggregators",
+    "check_finite",
+    "compose",
+    "losses",
+    "per_datum",
+    "regularizers",
+    "remote",
+    "telemetry",
+    "transforms",
+    "weighting",
+]
 
 __version__ = "0.1.0"

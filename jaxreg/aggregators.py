@@ -1,10 +1,22 @@
-"""Aggregators of per-term gradients (``optax.experimental.aggregating.Aggregator``)."""
+"""Aggregators of per-term gradients (``optax.experimental.aggregating.Aggregator``).
 
-from jaxreg._src.optim.aggregators import WeightingState as WeightingState
+Each aggregator is built from three steps, public too: :func:`gramian` ``(stacked) ->
+G``; a Gramian weight function ``<method>_weights(gramian, *, <options>,
+with_residual=False) -> weights`` (the Gramian is the only positional argument, the
+options are keyword-only with the aggregator's names and defaults, ``with_residual=True``
+returns ``(weights, residual)``, and PCGrad's randomness is a required ``key=``, used and
+not returned); and :func:`apply_weights` ``(weights, stacked) -> w^T J``.
+:func:`from_gramian_weights` turns any ``fn(gramian, key) -> (weights, residual)``
+(:data:`GramianWeightFn`) into an aggregator whose state is :class:`AggregatorState`.
+Adaptive weights of the loss terms are :mod:`jaxreg.weighting`.
+"""
+
+from jaxreg._src.optim.aggregators import AggregatorState as AggregatorState
+from jaxreg._src.optim.aggregators import GramianWeightFn as GramianWeightFn
+from jaxreg._src.optim.aggregators import apply_weights as apply_weights
 from jaxreg._src.optim.aggregators import cagrad as cagrad
 from jaxreg._src.optim.aggregators import cagrad_weights as cagrad_weights
-from jaxreg._src.optim.aggregators import combine as combine
-from jaxreg._src.optim.aggregators import from_weighting as from_weighting
+from jaxreg._src.optim.aggregators import from_gramian_weights as from_gramian_weights
 from jaxreg._src.optim.aggregators import gramian as gramian
 from jaxreg._src.optim.aggregators import mgda as mgda
 from jaxreg._src.optim.aggregators import mgda_weights as mgda_weights
@@ -15,3 +27,22 @@ from jaxreg._src.optim.aggregators import pcgrad_weights as pcgrad_weights
 from jaxreg._src.optim.aggregators import upgrad as upgrad
 from jaxreg._src.optim.aggregators import upgrad_weights as upgrad_weights
 from jaxreg._src.optim.aggregators import weighted_sum as weighted_sum
+
+__all__ = [
+    "AggregatorState",
+    "GramianWeightFn",
+    "apply_weights",
+    "cagrad",
+    "cagrad_weights",
+    "from_gramian_weights",
+    "gramian",
+    "mgda",
+    "mgda_weights",
+    "nash_mtl",
+    "nash_mtl_weights",
+    "pcgrad",
+    "pcgrad_weights",
+    "upgrad",
+    "upgrad_weights",
+    "weighted_sum",
+]

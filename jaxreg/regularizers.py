@@ -9,3 +9,15 @@ from jaxreg._src.terms.regularizers import l1 as l1
 from jaxreg._src.terms.regularizers import l2 as l2
 from jaxreg._src.terms.regularizers import length_penalty as length_penalty
 from jaxreg._src.terms.regularizers import smoothness as smoothness
+
+__all__ = [
+    "confidence_penalty",
+    "consistency",
+    "elastic_net",
+    "entropy",
+    "kl",
+    "l1",
+    "l2",
+    "length_penalty",
+    "smoothness",
+]

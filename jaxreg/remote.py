@@ -32,3 +32,29 @@ from jaxreg._src.remote.wire import WireError as WireError
 from jaxreg._src.remote.wire import decode_tensor as decode_tensor
 from jaxreg._src.remote.wire import encode_tensor as encode_tensor
 from jaxreg._src.remote.wire import to_datum as to_datum
+
+__all__ = [
+    "APIFuture",
+    "CustomFuture",
+    "CustomResult",
+    "Datum",
+    "NonFiniteError",
+    "ParamDiagnostics",
+    "RemoteError",
+    "ResultFuture",
+    "RetryPolicy",
+    "ServiceClient",
+    "SupportsSkipSeq",
+    "TinkerTrainingClient",
+    "TrainingClient",
+    "TrainingClientLike",
+    "UnsupportedExtensionError",
+    "WireError",
+    "check_finite",
+    "decode_tensor",
+    "encode_tensor",
+    "forward_backward_custom",
+    "forward_backward_custom_async",
+    "to_datum",
+    "to_tinker_datum",
+]

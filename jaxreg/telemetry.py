@@ -7,3 +7,13 @@ from jaxreg._src.core.telemetry import attach_logger as attach_logger
 from jaxreg._src.core.telemetry import detach as detach
 from jaxreg._src.core.telemetry import execute as execute
 from jaxreg._src.core.telemetry import handlers as handlers
+
+__all__ = [
+    "EVENTS",
+    "JSONLinesWriter",
+    "attach",
+    "attach_logger",
+    "detach",
+    "execute",
+    "handlers",
+]

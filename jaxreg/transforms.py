@@ -6,3 +6,12 @@ from jaxreg._src.optim.transforms import TransformError as TransformError
 from jaxreg._src.optim.transforms import metrics as metrics
 from jaxreg._src.optim.transforms import regularize as regularize
 from jaxreg._src.optim.transforms import regularized as regularized
+
+__all__ = [
+    "RegularizeOrderWarning",
+    "RegularizeState",
+    "TransformError",
+    "metrics",
+    "regularize",
+    "regularized",
+]

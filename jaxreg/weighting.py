@@ -1,8 +1,27 @@
-"""Adaptive term weighting: ``init(out)``, ``update(out, state) -> (weights, state)``."""
+"""Adaptive loss-term weighting: ``init(out)``, ``update(out, state) -> (weights, state)``."""
 
+from jaxreg._src.optim.weighting import BalanceGradNormsState as BalanceGradNormsState
+from jaxreg._src.optim.weighting import DWAState as DWAState
+from jaxreg._src.optim.weighting import FAMOState as FAMOState
+from jaxreg._src.optim.weighting import GradNormState as GradNormState
+from jaxreg._src.optim.weighting import UncertaintyState as UncertaintyState
 from jaxreg._src.optim.weighting import Weighting as Weighting
 from jaxreg._src.optim.weighting import balance_grad_norms as balance_grad_norms
 from jaxreg._src.optim.weighting import dwa as dwa
 from jaxreg._src.optim.weighting import famo as famo
 from jaxreg._src.optim.weighting import gradnorm as gradnorm
 from jaxreg._src.optim.weighting import uncertainty as uncertainty
+
+__all__ = [
+    "BalanceGradNormsState",
+    "DWAState",
+    "FAMOState",
+    "GradNormState",
+    "UncertaintyState",
+    "Weighting",
+    "balance_grad_norms",
+    "dwa",
+    "famo",
+    "gradnorm",
+    "uncertainty",
+]

@@ -336,7 +336,7 @@ def test_state_keeps_the_residual_and_old_calls_work():
     _, new_state = jax.eval_shape(method.update, g, state)
     assert jax.tree.structure(state) == jax.tree.structure(new_state)  # scan-compatible
     assert new_state.residual.dtype == state.residual.dtype == jnp.float32
-    assert isinstance(agg.WeightingState(jax.random.key(0)), agg.WeightingState)
+    assert isinstance(agg.AggregatorState(jax.random.key(0)), agg.AggregatorState)
     for make in (lambda: agg.mgda(250), lambda: agg.cagrad(0.5, 1, 500)):
         assert make().init(g[0]).residual.dtype == jnp.float32
     with pytest.raises(ValueError, match="nash_mtl: ridge must be >= 0, found -1"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InputError", "JaxregError", "NotComputedError", "TermError"]
+__all__ = ["ConfigError", "InputError", "JaxregError", "NotComputedError", "TermError"]
 
 
 class JaxregError(Exception):
@@ -43,4 +43,13 @@ class NotComputedError(JaxregError, AttributeError):
     The message names the flag of :func:`~jaxreg.compose` that computes it (for
     example ``track_grad_norms=True`` for ``grad_norm``). It is an ``AttributeError``,
     so ``getattr(out, "grad_cosines", None)`` still returns ``None``.
+    """
+
+
+class ConfigError(JaxregError, ValueError):
+    """An option given to a jaxreg constructor or function is out of its range.
+
+    For example an aggregator's ``iterations`` or ``c``, a telemetry event name, a
+    retry policy's bounds. The message names the option, the expected and the found
+    value.
     """

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.core.errors import NotComputedError
+from jaxreg._src.core.errors import InputError, NotComputedError
 
 __all__ = ["CompositeOutput", "Layout", "TermOutput", "format_table", "pack"]
 
@@ -511,7 +511,7 @@ def _host(scalars: Any) -> list[float]:
     """The packed scalars as Python floats."""
     array = np.asarray(jax.device_get(scalars))
     if array.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"to_dict() needs the output of one call; found scalars of shape {array.shape} "
             "(a vmapped output? index it first, e.g. jax.tree.map(lambda a: a[0], out), "
             "or use out.as_arrays())."

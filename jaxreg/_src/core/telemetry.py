@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxreg._src.core import guards
+from jaxreg._src.core.errors import ConfigError
 
 logger = logging.getLogger("jaxreg.telemetry")
 
@@ -49,6 +50,7 @@ EVENTS: tuple[Event, ...] = (
     ("jaxreg", "term", "exception"),
     ("jaxreg", "remote", "request", "stop"),
 )
+"""The names of the events jaxreg emits (see the module docstring for their contents)."""
 
 _handlers: dict[str, tuple[frozenset[Event], Handler]] = {}
 _lock = threading.Lock()
@@ -61,12 +63,12 @@ def attach(handler_id: str, events: Event | Iterable[Event], fn: Handler) -> Non
     names = frozenset(tuple(e) for e in events)
     unknown = names - set(EVENTS)
     if unknown:
-        raise ValueError(f"telemetry.attach: unknown events {sorted(unknown)}; known: {EVENTS}")
+        raise ConfigError(f"telemetry.attach: unknown events {sorted(unknown)}; known: {EVENTS}")
     if not callable(fn):
         raise TypeError(f"telemetry.attach: handler must be callable, found {type(fn).__name__}")
     with _lock:
         if handler_id in _handlers:
-            raise ValueError(f"telemetry.attach: handler id {handler_id!r} is already attached")
+            raise ConfigError(f"telemetry.attach: handler id {handler_id!r} is already attached")
         _handlers[handler_id] = (names, fn)
 
 

@@ -1,37 +1,89 @@
-"""Aggregators: combine stacked per-term gradients into one update direction.
+r"""Aggregators: combine stacked per-term gradients into one update direction.
 
 Each aggregator is an ``optax.experimental.aggregating.Aggregator``: its ``update``
 takes the per-term gradients stacked on a leading axis (``[n, *param_shape]`` leaves,
 as ``compose(..., term_grads=True)`` returns them in ``out.term_grads``) and returns
 one update shaped like the parameters, so it chains with ``optax.chain`` /
-``aggregating.process``. Every method here needs only the Gramian
-:math:`G = J J^\\top` of the ``n`` gradients (``n x n``): the weights are solved on
-``G`` and the update is :math:`w^\\top J`, as TorchJD's weightings do — one pass
-over the parameters to form ``G`` and one to combine. Jit the update together with the
-objective (one training step): XLA then reads each term's gradient where it was
-computed, without building the stacked array.
+``aggregating.process``. Jit the update together with the objective (one training
+step): XLA then reads each term's gradient where it was computed, without building the
+stacked array.
+
+Every method here needs only the Gramian :math:`G = J J^\top` of the ``n`` gradients
+(``n x n``), as TorchJD's weightings do: one pass over the parameters to form ``G``,
+a small solve for the weights ``w``, and one pass to form the update :math:`w^\top J`.
+The three steps are public, and one convention holds for each:
+
+* :func:`gramian` ``(stacked) -> G``.
+* The Gramian weight functions ``<method>_weights(gramian, *, <options>,
+  with_residual=False) -> weights``: :func:`pcgrad_weights`, :func:`mgda_weights`,
+  :func:`upgrad_weights`, :func:`cagrad_weights`, :func:`nash_mtl_weights`. The
+  Gramian is the only positional argument; the options are keyword-only, with the
+  names and defaults of the aggregator of the same name; ``with_residual=True``
+  returns ``(weights, residual)``, the residual of the method's optimality conditions
+  (0 for PCGrad, which solves no problem). Randomness comes in as a required
+  ``key=``, which is used and not returned, as ``jax.random`` functions do.
+* :func:`apply_weights` ``(weights, stacked) ->`` :math:`w^\top J`.
+
+:func:`from_gramian_weights` makes an aggregator from any :data:`GramianWeightFn`
+``fn(gramian, key) -> (weights, residual)``; the aggregators here are built with it
+and share its state, :class:`AggregatorState`. (Adaptive weights on the *losses*, such
+as GradNorm or FAMO, are a different thing: :mod:`jaxreg.weighting`.)
 
 Example:
-  >>> out = objective(params, batch)                 # compose(..., term_grads=True)
+  >>> import jax.numpy as jnp
+  >>> import jaxreg as jr
+  >>> term_grads = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}  # 2 terms, stacked
   >>> agg = jr.aggregators.upgrad()
-  >>> state = agg.init(params)
-  >>> update, state = agg.update(out.term_grads, state)
+  >>> update, state = agg.update(term_grads, agg.init(None))
+  >>> print(update["w"])
+  [0.25 0.75]
+  >>> g = jr.aggregators.gramian(term_grads)  # the same in three steps
+  >>> w = jr.aggregators.upgrad_weights(g)
+  >>> print(w, jr.aggregators.apply_weights(w, term_grads)["w"])
+  [1.   0.75] [0.25 0.75]
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from optax.experimental import aggregating
 
+from jaxreg._src.core.errors import ConfigError
 from jaxreg._src.core.linalg import cross_gram, weighted_rows
 from jaxreg._src.optim import gram_solvers
 
-WeightFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+__all__ = [
+    "AggregatorState",
+    "GramianWeightFn",
+    "apply_weights",
+    "cagrad",
+    "cagrad_weights",
+    "from_gramian_weights",
+    "gramian",
+    "mgda",
+    "mgda_weights",
+    "nash_mtl",
+    "nash_mtl_weights",
+    "pcgrad",
+    "pcgrad_weights",
+    "upgrad",
+    "upgrad_weights",
+    "weighted_sum",
+]
+
+GramianWeightFn: TypeAlias = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
+"""``fn(gramian, key) -> (weights, residual)``: a weight rule on the ``n x n`` Gramian.
+
+``key`` is a fresh PRNG key each step (ignore it if the rule is deterministic);
+``weights`` has shape ``[n]``; ``residual`` is a scalar (``0.0`` when there is no
+optimality condition to report), kept as float32 in :class:`AggregatorState`. See
+:func:`from_gramian_weights`.
+"""
 
 
 # Up to this many pairwise reductions (pairs of terms x leaves), the Gramian is one
@@ -46,7 +98,22 @@ _PAIRWISE_MAX = 384
 
 
 def gramian(stacked: Any) -> jax.Array:
-    r"""The Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of stacked gradients."""
+    r"""The Gramian :math:`G_{ij} = \langle g_i, g_j \rangle` of stacked gradients.
+
+    Args:
+      stacked: a pytree whose leaves are ``[n, ...]``: row ``i`` of every leaf together
+        is gradient :math:`g_i`.
+
+    Returns:
+      The ``n x n`` Gramian, in the widest float dtype among the leaves and float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> print(jr.aggregators.gramian({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}))
+      [[ 1. -1.]
+       [-1.  2.]]
+    """
     # The widest float among the leaves and float32 (no promotion: strict mode allows none).
     dtypes = [jnp.dtype(jnp.float32), *(jnp.dtype(x.dtype) for x in jax.tree.leaves(stacked))]
     acc = max(dtypes, key=lambda t: jnp.finfo(t).bits)
@@ -66,20 +133,47 @@ def gramian(stacked: Any) -> jax.Array:
     return sum((cross_gram(f, f) for f in flat), start=jnp.zeros((n, n), acc))
 
 
-def combine(weights: jax.Array, stacked: Any) -> Any:
-    r"""The update :math:`\sum_i w_i g_i` (a pytree shaped like one gradient)."""
+def apply_weights(weights: jax.Array, stacked: Any) -> Any:
+    r"""The update :math:`w^\top J = \sum_i w_i g_i` from weights and stacked gradients.
+
+    Args:
+      weights: ``[n]``, e.g. from a Gramian weight function (``*_weights``).
+      stacked: a pytree of ``[n, ...]`` leaves (row ``i`` is gradient :math:`g_i`).
+
+    Returns:
+      A pytree shaped like one gradient (the leaves without their leading axis), in the
+      leaves' dtypes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> stacked = {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}
+      >>> print(jr.aggregators.apply_weights(jnp.array([1.0, 0.75]), stacked)["w"])
+      [0.25 0.75]
+    """
     return jax.tree.map(lambda g: weighted_rows(weights, g), stacked)
 
 
-class WeightingState(NamedTuple):
-    """State of a Gramian weighting.
+class AggregatorState(NamedTuple):
+    """The state of every aggregator of :mod:`jaxreg.aggregators`.
+
+    ``init`` returns it and ``update`` returns the next one; it has the same structure
+    and dtypes on every step, so it can be carried through ``lax.scan``.
 
     Attributes:
-      key: a PRNG key (used by PCGrad's random order).
-      residual: float32 residual of the last weight problem's optimality conditions
-        (0 for the methods without one; see each method for its definition). Solved
-        problems read 1e-12 or less in float64; in float32, about 1e-7 on well
-        conditioned gradients and up to about 1e-3 on nearly dependent ones.
+      key: the PRNG key; each ``update`` splits it and hands one half to the weight
+        function (PCGrad's random visiting order; unused by the other methods).
+      residual: float32 scalar, the residual of the last weight problem's optimality
+        conditions (0 for the methods without one; see each ``*_weights`` function for
+        its definition). Solved problems read 1e-12 or less in float64; in float32,
+        about 1e-7 on well conditioned gradients and up to about 1e-3 on nearly
+        dependent ones.
+
+    Example:
+      >>> import jaxreg as jr
+      >>> state = jr.aggregators.mgda().init(None)
+      >>> state.residual.dtype, state.residual.shape
+      (dtype('float32'), ())
     """
 
     key: jax.Array
@@ -91,42 +185,84 @@ def _solve_dtype(g: jax.Array) -> jax.Array:
     return g.astype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
-def from_weighting(weighting: WeightFn, seed: int = 0) -> aggregating.Aggregator:
-    """An ``Aggregator`` from a function ``(G, key) -> (weights, key)`` on the Gramian.
+def from_gramian_weights(fn: GramianWeightFn, seed: int = 0) -> aggregating.Aggregator:
+    r"""An ``Aggregator`` from a weight rule on the Gramian.
 
-    The function may also return ``(weights, key, residual)``; the residual is kept in
-    the state (:class:`WeightingState`).
+    Each ``update(stacked, state)`` forms :math:`G` (:func:`gramian`), splits the
+    state's key, calls ``fn(G, key)`` for ``(weights, residual)`` (a
+    :data:`GramianWeightFn`) and returns :math:`w^\top J` (:func:`apply_weights`) with
+    the next :class:`AggregatorState`.
+
+    Args:
+      fn: ``fn(gramian, key) -> (weights, residual)``.
+      seed: the seed of the state's PRNG key.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> def normalised(g, key):  # each gradient scaled to unit norm, then summed
+      ...     return 1.0 / jnp.sqrt(jnp.diagonal(g)), 0.0
+      >>> agg = jr.aggregators.from_gramian_weights(normalised)
+      >>> update, state = agg.update({"w": jnp.array([[3.0, 0.0], [0.0, -2.0]])}, agg.init(None))
+      >>> print(update["w"])
+      [ 1. -1.]
     """
 
     def init(params):
         del params
-        return WeightingState(jax.random.key(seed), jnp.zeros((), jnp.float32))
+        return AggregatorState(jax.random.key(seed), jnp.zeros((), jnp.float32))
 
     def update(stacked, state, params=None, **extra):
         del params, extra
-        result = weighting(gramian(stacked), state.key)
-        w, key = result[0], result[1]
-        residual = result[2] if len(result) > 2 else jnp.zeros((), jnp.float32)
-        return combine(w, stacked), WeightingState(key, jnp.asarray(residual, jnp.float32))
+        key, sub = jax.random.split(state.key)
+        weights, residual = fn(gramian(stacked), sub)
+        return apply_weights(weights, stacked), AggregatorState(
+            key, jnp.asarray(residual, jnp.float32)
+        )
 
     return aggregating.Aggregator(init, update)
+
+
+def _iterations(iterations: int | None, name: str) -> int | None:
+    if iterations is not None and iterations < 1:
+        raise ConfigError(
+            f"{name}: iterations must be a positive int or None, found {iterations!r}"
+        )
+    return iterations
+
+
+def _zero_residual(weights: jax.Array) -> jax.Array:
+    return jnp.zeros((), weights.dtype)
 
 
 # --------------------------------------------------------------------- the methods
 
 
 def weighted_sum(weights: Any = None) -> aggregating.Aggregator:
-    r"""Plain weighted sum :math:`\sum_i w_i g_i` (``weights=None``: all ones)."""
+    r"""The weighted sum :math:`\sum_i w_i g_i` with fixed weights (``None``: all ones).
 
-    def weighting(g, key):
+    No weight problem is solved (the state's ``residual`` stays 0); this is the plain
+    objective's gradient, as a baseline for the other aggregators.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> agg = jr.aggregators.weighted_sum([0.5, 0.5])
+      >>> update, _ = agg.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, agg.init(None))
+      >>> print(update["w"])
+      [0.  0.5]
+    """
+
+    def fixed(g, key):
+        del key
         n = g.shape[0]
         w = jnp.ones((n,), g.dtype) if weights is None else jnp.asarray(weights, g.dtype)
-        return w, key
+        return w, _zero_residual(w)
 
-    return from_weighting(weighting)
+    return from_gramian_weights(fixed)
 
 
-def pcgrad_weights(g: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def pcgrad_weights(gramian: jax.Array, *, key: jax.Array, with_residual: bool = False) -> Any:
     r"""PCGrad's weights on the Gramian (Yu et al. 2020, "Gradient Surgery").
 
     For each task :math:`i`, visiting the others in a random order, project
@@ -134,10 +270,24 @@ def pcgrad_weights(g: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     :math:`g_i^{pc} \leftarrow g_i^{pc} - \frac{g_i^{pc}\cdot g_j}{\|g_j\|^2} g_j` if
     :math:`g_i^{pc}\cdot g_j < 0`. The update is :math:`\sum_i g_i^{pc}`. Tracked as
     coefficients :math:`g_i^{pc} = C_i J`, so only :math:`G` is needed.
+
+    Args:
+      gramian: the ``n x n`` Gramian.
+      key: the PRNG key of the visiting orders (used, not returned: split it yourself
+        for the next call, as with ``jax.random``).
+      with_residual: also return a residual, always 0 (no problem is solved).
+
+    Example:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> g = jnp.array([[1.0, -1.0], [-1.0, 2.0]])
+      >>> print(jr.aggregators.pcgrad_weights(g, key=jax.random.key(0)))
+      [2.  1.5]
     """
+    g = gramian
     n = g.shape[0]
-    key, sub = jax.random.split(key)
-    orders = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(sub, n))
+    orders = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n))
     eye = jnp.eye(n, dtype=g.dtype)
 
     def project(i, order):
@@ -149,40 +299,56 @@ def pcgrad_weights(g: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
         return jax.lax.fori_loop(0, n, body, eye[i])
 
-    coefficients = jax.vmap(project)(jnp.arange(n), orders)
-    return coefficients.sum(0), key
+    weights = jax.vmap(project)(jnp.arange(n), orders).sum(0)
+    return (weights, _zero_residual(weights)) if with_residual else weights
 
 
 def pcgrad(seed: int = 0) -> aggregating.Aggregator:
     """PCGrad (Yu et al. 2020): project away conflicting components, then sum.
 
     See :func:`pcgrad_weights`. The visiting order is random (``seed``), as published.
+    The state's ``residual`` is 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> agg = jr.aggregators.pcgrad(seed=0)
+      >>> update, _ = agg.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, agg.init(None))
+      >>> print(update["w"])
+      [0.5 1.5]
     """
-    return from_weighting(pcgrad_weights, seed=seed)
-
-
-def _iterations(iterations: int | None, name: str) -> int | None:
-    if iterations is not None and iterations < 1:
-        raise ValueError(f"{name}: iterations must be a positive int or None, found {iterations!r}")
-    return iterations
+    return from_gramian_weights(
+        lambda g, key: pcgrad_weights(g, key=key, with_residual=True), seed=seed
+    )
 
 
 def mgda_weights(
-    g: jax.Array, iterations: int | None = None, *, with_residual: bool = False
+    gramian: jax.Array, *, iterations: int | None = None, with_residual: bool = False
 ) -> Any:
     r"""MGDA's weights: :math:`w^* = \arg\min_{w \in \Delta_n} w^\top G w`.
 
     Solved exactly by an active-set (Lawson-Hanson) method on the scaled Gramian,
     stopping on the KKT conditions :math:`(Gw)_j \ge w^\top G w` with equality where
-    :math:`w_j > 0` (:func:`~jaxreg._src.optim.gram_solvers.min_norm_simplex`).
+    :math:`w_j > 0` (:func:`~jaxreg._src.optim.gram_solvers.min_norm_simplex`); for two
+    tasks, the closed form.
 
     Args:
-      g: the ``n x n`` Gramian.
+      gramian: the ``n x n`` Gramian.
       iterations: the active-set iteration guard (default ``6 n + 10``; each iteration
         frees one variable, so about ``n`` are used).
-      with_residual: also return the KKT residual of the scaled problem.
+      with_residual: also return the KKT residual
+        :math:`\max_j |\min(w_j, \frac{\langle g_j, d\rangle - \|d\|^2}{\|g_j\|\|d\|})|`,
+        :math:`d = w^\top J`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> g = jnp.array([[1.0, -1.0], [-1.0, 2.0]])
+      >>> [round(float(v), 6) for v in jr.aggregators.mgda_weights(g)]
+      [0.6, 0.4]
     """
-    w, residual = gram_solvers.min_norm_simplex(_solve_dtype(g), iterations)
+    iterations = _iterations(iterations, "mgda")
+    w, residual = gram_solvers.min_norm_simplex(_solve_dtype(gramian), iterations)
     return (w, residual) if with_residual else w
 
 
@@ -194,20 +360,23 @@ def mgda(iterations: int | None = None) -> aggregating.Aggregator:
     direction of every term (zero at a Pareto-stationary point). ``iterations`` is the
     solver's iteration guard (it stops on the KKT conditions). The state's ``residual``
     is the KKT residual.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> agg = jr.aggregators.mgda()
+      >>> update, _ = agg.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, agg.init(None))
+      >>> [round(float(v), 6) for v in update["w"]]
+      [0.2, 0.4]
     """
     iterations = _iterations(iterations, "mgda")
-    return from_weighting(
-        lambda g, key: _with_key(mgda_weights(g, iterations, with_residual=True), key)
+    return from_gramian_weights(
+        lambda g, key: mgda_weights(g, iterations=iterations, with_residual=True)
     )
 
 
-def _with_key(solved: tuple[jax.Array, jax.Array], key: jax.Array):
-    w, residual = solved
-    return w, key, residual
-
-
 def upgrad_weights(
-    g: jax.Array, iterations: int | None = None, *, with_residual: bool = False
+    gramian: jax.Array, *, iterations: int | None = None, with_residual: bool = False
 ) -> Any:
     r"""UPGrad's weights (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective
     Optimization"): project each :math:`g_i` onto the dual cone
@@ -221,11 +390,19 @@ def upgrad_weights(
     conditions (:func:`~jaxreg._src.optim.gram_solvers.upgrad_solve`).
 
     Args:
-      g: the ``n x n`` Gramian.
+      gramian: the ``n x n`` Gramian.
       iterations: the active-set iteration guard per projection (default ``6 n + 10``).
       with_residual: also return the largest KKT residual of the ``n`` projections.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> g = jnp.array([[1.0, -1.0], [-1.0, 2.0]])
+      >>> print(jr.aggregators.upgrad_weights(g))
+      [1.   0.75]
     """
-    w, residual = gram_solvers.upgrad_solve(_solve_dtype(g), iterations)
+    iterations = _iterations(iterations, "upgrad")
+    w, residual = gram_solvers.upgrad_solve(_solve_dtype(gramian), iterations)
     return (w, residual) if with_residual else w
 
 
@@ -236,19 +413,34 @@ def upgrad(iterations: int | None = None) -> aggregating.Aggregator:
     gets worse to first order), and equals the mean when nothing conflicts. Solved
     exactly (:func:`upgrad_weights`); ``iterations`` is the iteration guard. The state's
     ``residual`` is the largest KKT residual of the projections.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> agg = jr.aggregators.upgrad()
+      >>> update, _ = agg.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, agg.init(None))
+      >>> print(update["w"])
+      [0.25 0.75]
     """
     iterations = _iterations(iterations, "upgrad")
-    return from_weighting(
-        lambda g, key: _with_key(upgrad_weights(g, iterations, with_residual=True), key)
+    return from_gramian_weights(
+        lambda g, key: upgrad_weights(g, iterations=iterations, with_residual=True)
     )
 
 
+def _check_cagrad(c: float, rescale: int) -> None:
+    if rescale not in (0, 1, 2):
+        raise ConfigError(f"cagrad: rescale must be 0, 1 or 2, found {rescale!r}")
+    if not 0 <= c < 1:
+        raise ConfigError(f"cagrad: c must be in [0, 1), found {c!r}")
+
+
 def cagrad_weights(
-    g: jax.Array,
+    gramian: jax.Array,
+    *,
     c: float = 0.5,
     rescale: int = 1,
     iterations: int | None = None,
-    *,
     with_residual: bool = False,
 ) -> Any:
     r"""CAGrad's weights (Liu et al. 2021, "Conflict-Averse Gradient Descent").
@@ -268,14 +460,23 @@ def cagrad_weights(
     :math:`g_0 = 0` the update is :math:`0`.
 
     Args:
-      g: the ``n x n`` Gramian.
+      gramian: the ``n x n`` Gramian.
       c: the radius ``c`` in [0, 1) around the mean gradient.
       rescale: 0, 1 or 2 (see above).
       iterations: the outer iteration guard (default 20; about 2 are used).
       with_residual: also return the KKT residual of the dual problem.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> g = jnp.array([[1.0, -1.0], [-1.0, 2.0]])
+      >>> print(jr.aggregators.cagrad_weights(g, c=0.0))  # c = 0: the mean
+      [0.5 0.5]
     """
-    n = g.shape[0]
-    gd = _solve_dtype(g)
+    _check_cagrad(c, rescale)
+    iterations = _iterations(iterations, "cagrad")
+    n = gramian.shape[0]
+    gd = _solve_dtype(gramian)
     w, s, residual = gram_solvers.cagrad_solve(gd, c, iterations)
     mean = jnp.full((n,), 1.0 / n, gd.dtype)
     # d = g0 + (c |g0| / |g_w|) g_w and s = |g_w| / (c |g0|).
@@ -293,22 +494,34 @@ def cagrad(
     See :func:`cagrad_weights`. ``c`` in [0, 1) trades the mean's progress for the
     worst term's (``c = 0`` is the mean). The state's ``residual`` is the KKT residual
     of the dual problem.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> agg = jr.aggregators.cagrad(c=0.0)
+      >>> update, _ = agg.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, agg.init(None))
+      >>> print(update["w"])
+      [0.  0.5]
     """
-    if rescale not in (0, 1, 2):
-        raise ValueError(f"cagrad: rescale must be 0, 1 or 2, found {rescale!r}")
-    if not 0 <= c < 1:
-        raise ValueError(f"cagrad: c must be in [0, 1), found {c!r}")
+    _check_cagrad(c, rescale)
     iterations = _iterations(iterations, "cagrad")
-    return from_weighting(
-        lambda g, key: _with_key(cagrad_weights(g, c, rescale, iterations, with_residual=True), key)
+    return from_gramian_weights(
+        lambda g, key: cagrad_weights(
+            g, c=c, rescale=rescale, iterations=iterations, with_residual=True
+        )
     )
 
 
+def _check_ridge(ridge: float) -> None:
+    if ridge < 0:
+        raise ConfigError(f"nash_mtl: ridge must be >= 0, found {ridge!r}")
+
+
 def nash_mtl_weights(
-    g: jax.Array,
+    gramian: jax.Array,
+    *,
     iterations: int | None = None,
     ridge: float = 0.0,
-    *,
     with_residual: bool = False,
 ) -> Any:
     r"""Nash-MTL's weights (Navon et al. 2022, "Multi-Task Learning as a Bargaining Game").
@@ -327,7 +540,7 @@ def nash_mtl_weights(
     and the residual is ``inf``. Then :math:`\|\sum_i \alpha_i g_i\|^2 = n` exactly.
 
     Args:
-      g: the ``n x n`` Gramian.
+      gramian: the ``n x n`` Gramian.
       iterations: the Newton iteration guard (default 100; 5-10 are typical).
       ridge: adds ``ridge * G_ii`` to each diagonal entry. Off by default: it biases
         the result (two tasks at cosine ``c`` get :math:`\sqrt{(1 + c)/(1 + c +
@@ -335,10 +548,18 @@ def nash_mtl_weights(
         up to 0.44 on nearly dependent gradients, ``docs/optax.md``). It only keeps
         the weights finite near Pareto-stationary points.
       with_residual: also return :math:`\max_i |\alpha_i (G\alpha)_i - 1|`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> g = jnp.array([[1.0, -1.0], [-1.0, 2.0]])  # cosine -1/sqrt(2)
+      >>> alpha = jr.aggregators.nash_mtl_weights(g)  # 1 / (|g_i| sqrt(1 + cos))
+      >>> [round(float(a), 4) for a in alpha]
+      [1.8478, 1.3066]
     """
-    if ridge < 0:
-        raise ValueError(f"nash_mtl: ridge must be >= 0, found {ridge!r}")
-    alpha, residual = gram_solvers.nash_solve(_solve_dtype(g), iterations, ridge)
+    _check_ridge(ridge)
+    iterations = _iterations(iterations, "nash_mtl")
+    alpha, residual = gram_solvers.nash_solve(_solve_dtype(gramian), iterations, ridge)
     return (alpha, residual) if with_residual else alpha
 
 
@@ -349,10 +570,17 @@ def nash_mtl(iterations: int | None = None, ridge: float = 0.0) -> aggregating.A
     gradients' scale (:math:`\alpha \propto 1/\|g\|`): pair it with a scale-free
     optimizer such as Adam. The state's ``residual`` is
     :math:`\max_i |\alpha_i (G\alpha)_i - 1|`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> agg = jr.aggregators.nash_mtl()
+      >>> update, _ = agg.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, agg.init(None))
+      >>> round(float(jnp.sum(update["w"] ** 2)), 5)  # n = 2
+      2.0
     """
     iterations = _iterations(iterations, "nash_mtl")
-    if ridge < 0:
-        raise ValueError(f"nash_mtl: ridge must be >= 0, found {ridge!r}")
-    return from_weighting(
-        lambda g, key: _with_key(nash_mtl_weights(g, iterations, ridge, with_residual=True), key)
+    _check_ridge(ridge)
+    return from_gramian_weights(
+        lambda g, key: nash_mtl_weights(g, iterations=iterations, ridge=ridge, with_residual=True)
     )

@@ -74,9 +74,10 @@ class RegularizeState(NamedTuple):
         updates this transform returned the step before, i.e. no transform after it
         scaled them: it sits after the optimizer (see :func:`regularize`). 0 when the
         order is right (and when ``check_order=False``).
-      probe_params, probe_predicted: the first :data:`PROBE_SIZE` elements of each
-        floating parameter leaf, and what they become if this transform's updates are
-        applied unchanged (the order check's memory; a few numbers per leaf).
+      probe_params: the first ``PROBE_SIZE`` elements of each floating parameter leaf
+        (the order check's memory; a few numbers per leaf).
+      probe_predicted: what ``probe_params`` become if this transform's updates are
+        applied unchanged.
       names: the terms' names (static).
     """
 

@@ -1,4 +1,10 @@
-"""Adaptive term weighting: stateful rules that read an output and set the next weights.
+r"""Adaptive term weighting: stateful rules that read an output and set the next weights.
+
+In jaxreg, a *weighting* always means this: the weights of the loss terms of a composed
+objective, adapted during training (GradNorm, uncertainty weighting, DWA, FAMO,
+:func:`balance_grad_norms`). The weights that gradient aggregators solve for on a
+Gramian are a different thing, in :mod:`jaxreg.aggregators` (``*_weights``,
+``from_gramian_weights``).
 
 A weighting is a :class:`Weighting` ``(init, update)`` in the optax style:
 
@@ -7,15 +13,29 @@ A weighting is a :class:`Weighting` ``(init, update)`` in the optax style:
   is a ``{name: scalar array}`` dict for the next call,
   ``objective(x, batch, weights=weights)`` — a traced argument, so it never recompiles.
 
-Everything is ``jax.numpy``: ``update`` can live inside the user's jitted step.
+Each rule's state is a ``NamedTuple`` of arrays (:class:`BalanceGradNormsState`,
+:class:`GradNormState`, :class:`UncertaintyState`, :class:`DWAState`,
+:class:`FAMOState`), with the same structure on every step. Everything is
+``jax.numpy``: ``update`` can live inside the user's jitted step.
 
 Example:
-  >>> weighting = jr.weighting.balance_grad_norms({"kl": 0.2, "entropy": 0.05})
-  >>> out = objective(x, batch)
+  >>> import jax.numpy as jnp
+  >>> import jaxreg as jr
+  >>> objective = jr.compose(
+  ...     jr.Term("fit", lambda x, batch: jnp.sum((x - 1.0) ** 2)),
+  ...     [jr.Term("l2", jr.regularizers.l2, weight=1.0)],
+  ...     track_grad_norms=True,
+  ... )
+  >>> weighting = jr.weighting.balance_grad_norms({"l2": 0.25}, decay=0.0)
+  >>> x = jnp.full(3, 2.0)
+  >>> out = objective(x, None)
   >>> state = weighting.init(out)
-  >>> for batch in data:
-  ...     weights, state = weighting.update(out, state)
-  ...     out = objective(x, batch, weights=weights)
+  >>> weights, state = weighting.update(out, state)
+  >>> out = objective(x, None, weights=weights)
+  >>> t = out.terms
+  >>> share = t["l2"].weight * t["l2"].grad_norm
+  >>> round(float(share / (share + t["fit"].weight * t["fit"].grad_norm)), 4)
+  0.25
 """
 
 from __future__ import annotations
@@ -27,11 +47,39 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxreg._src.core.errors import ConfigError
 from jaxreg._src.core.output import CompositeOutput
+
+__all__ = [
+    "BalanceGradNormsState",
+    "DWAState",
+    "FAMOState",
+    "GradNormState",
+    "UncertaintyState",
+    "Weighting",
+    "balance_grad_norms",
+    "dwa",
+    "famo",
+    "gradnorm",
+    "uncertainty",
+]
 
 
 class Weighting(NamedTuple):
-    """A pair of pure functions ``init(out) -> state`` and ``update(out, state)``."""
+    """An adaptive weighting of loss terms: a pair of pure functions, as optax's transforms.
+
+    Attributes:
+      init: ``init(out) -> state``, from a first :class:`~jaxreg.CompositeOutput`.
+      update: ``update(out, state) -> (weights, state)``, with ``weights`` a
+        ``{term name: scalar array}`` dict for the objective's next call
+        (``objective(x, batch, weights=weights)``).
+
+    Example:
+      >>> import jaxreg as jr
+      >>> weighting = jr.weighting.dwa(temperature=2.0)
+      >>> isinstance(weighting, jr.weighting.Weighting)
+      True
+    """
 
     init: Callable[[CompositeOutput], Any]
     update: Callable[[CompositeOutput, Any], tuple[dict[str, jax.Array], Any]]
@@ -43,7 +91,7 @@ def _names(out: CompositeOutput, names: Sequence[str] | None) -> tuple[str, ...]
         return tuple(all_names)
     unknown = [n for n in names if n not in all_names]
     if unknown:
-        raise ValueError(f"weighting: unknown term(s) {unknown}; the terms are {list(all_names)}")
+        raise ConfigError(f"weighting: unknown term(s) {unknown}; the terms are {list(all_names)}")
     return tuple(names)
 
 
@@ -53,7 +101,7 @@ def _field(out: CompositeOutput, names, field: str) -> jax.Array:
     for n in names:
         v = getattr(terms[n], field)
         if v is None:
-            raise ValueError(
+            raise ConfigError(
                 f"weighting: term {n!r} has no {field}; compose with track_grad_norms=True"
             )
         values.append(jnp.asarray(v, jnp.float32))
@@ -67,9 +115,18 @@ def _as_dict(names, w) -> dict[str, jax.Array]:
 # ------------------------------------------------------------- balance_grad_norms
 
 
-class BalanceState(NamedTuple):
+class BalanceGradNormsState(NamedTuple):
+    r"""The state of :func:`balance_grad_norms`.
+
+    Attributes:
+      step: int32 scalar, the number of updates so far.
+      norms: float32 ``[n]``, the exponential moving average of every term's unweighted
+        gradient norm, in the order of ``out.term_names`` (not yet bias-corrected:
+        ``update`` divides by :math:`1 - \mathrm{decay}^{\mathrm{step}}`).
+    """
+
     step: jax.Array
-    norms: jax.Array  # bias-corrected EMA of the unweighted grad norms, all terms
+    norms: jax.Array
 
 
 def balance_grad_norms(shares: Mapping[str, float], *, decay: float = 0.9) -> Weighting:
@@ -87,20 +144,27 @@ def balance_grad_norms(shares: Mapping[str, float], *, decay: float = 0.9) -> We
     Args:
       shares: ``{name: share}``, shares in (0, 1).
       decay: EMA decay of the norms (0: use each step's norms as they are).
+
+    Returns:
+      A :class:`Weighting` whose state is a :class:`BalanceGradNormsState`.
     """
     for name, s in shares.items():
         if not 0 < s < 1:
-            raise ValueError(f"balance_grad_norms: share of {name!r} must be in (0, 1), found {s}")
+            raise ConfigError(f"balance_grad_norms: share of {name!r} must be in (0, 1), found {s}")
     total_share = sum(shares.values())
     if total_share > 1 + 1e-6:
-        raise ValueError(f"balance_grad_norms: shares sum to {total_share} > 1")
+        raise ConfigError(f"balance_grad_norms: shares sum to {total_share} > 1")
 
     def init(out):
         names = out.term_names
         missing = [n for n in shares if n not in names]
         if missing:
-            raise ValueError(f"balance_grad_norms: unknown term(s) {missing}; terms: {list(names)}")
-        return BalanceState(jnp.zeros((), jnp.int32), jnp.zeros((len(names),), jnp.float32))
+            raise ConfigError(
+                f"balance_grad_norms: unknown term(s) {missing}; terms: {list(names)}"
+            )
+        return BalanceGradNormsState(
+            jnp.zeros((), jnp.int32), jnp.zeros((len(names),), jnp.float32)
+        )
 
     def update(out, state):
         names = out.term_names
@@ -118,7 +182,7 @@ def balance_grad_norms(shares: Mapping[str, float], *, decay: float = 0.9) -> We
             total = others / (1.0 - total_share)
         safe = jnp.where(avg > 0, avg, 1.0)
         new = jnp.where(in_s & (avg > 0), s * total / safe, weights)
-        return _as_dict(names, new), BalanceState(count, ema)
+        return _as_dict(names, new), BalanceGradNormsState(count, ema)
 
     return Weighting(init, update)
 
@@ -127,8 +191,17 @@ def balance_grad_norms(shares: Mapping[str, float], *, decay: float = 0.9) -> We
 
 
 class GradNormState(NamedTuple):
+    """The state of :func:`gradnorm`.
+
+    Attributes:
+      weights: float32 ``[n]``, the current weights of the weighted terms (in the order
+        of ``names``, or of ``out.term_names``).
+      initial: float32 ``[n]``, each term's value :math:`L_i(0)` when ``init`` was
+        called, the reference of the training rates.
+    """
+
     weights: jax.Array
-    initial: jax.Array  # L_i(0)
+    initial: jax.Array
 
 
 def gradnorm(
@@ -143,6 +216,9 @@ def gradnorm(
     weights, which are then clipped at 0 and renormalised to their initial sum.
     Here :math:`\|\nabla L_i\|` is the gradient norm with respect to ``x`` (the paper
     uses the last shared layer).
+
+    Returns:
+      A :class:`Weighting` whose state is a :class:`GradNormState`.
     """
 
     def init(out):
@@ -169,6 +245,13 @@ def gradnorm(
 
 
 class UncertaintyState(NamedTuple):
+    r"""The state of :func:`uncertainty`.
+
+    Attributes:
+      log_var: float32 ``[n]``, the learned :math:`s_i = \log\sigma_i^2` (the weights
+        are :math:`e^{-s_i}`); zeros after ``init``.
+    """
+
     log_var: jax.Array
 
 
@@ -178,6 +261,9 @@ def uncertainty(names: Sequence[str] | None = None, *, learning_rate: float = 0.
     Learns :math:`s_i = \log\sigma_i^2` by gradient descent on
     :math:`\sum_i e^{-s_i} L_i + s_i` and weights each loss by :math:`e^{-s_i}` (the
     stationary point is :math:`s_i = \log L_i`: each weighted loss tends to 1).
+
+    Returns:
+      A :class:`Weighting` whose state is an :class:`UncertaintyState`.
     """
 
     def init(out):
@@ -197,8 +283,16 @@ def uncertainty(names: Sequence[str] | None = None, *, learning_rate: float = 0.
 
 
 class DWAState(NamedTuple):
+    """The state of :func:`dwa`.
+
+    Attributes:
+      step: int32 scalar, the number of updates so far.
+      previous: float32 ``[2, n]``, the last two values of each term,
+        :math:`L(t-1)` then :math:`L(t-2)` (ones after ``init``).
+    """
+
     step: jax.Array
-    previous: jax.Array  # [2, n]: L(t-1), L(t-2)
+    previous: jax.Array
 
 
 def dwa(names: Sequence[str] | None = None, *, temperature: float = 2.0) -> Weighting:
@@ -207,6 +301,9 @@ def dwa(names: Sequence[str] | None = None, *, temperature: float = 2.0) -> Weig
     :math:`w_i(t) = n\,\frac{\exp(r_i/T)}{\sum_j \exp(r_j/T)}` with
     :math:`r_i = L_i(t-1)/L_i(t-2)`: terms whose loss falls slowly get more weight.
     Weights are 1 until two losses have been seen.
+
+    Returns:
+      A :class:`Weighting` whose state is a :class:`DWAState`.
     """
 
     def init(out):
@@ -230,9 +327,20 @@ def dwa(names: Sequence[str] | None = None, *, temperature: float = 2.0) -> Weig
 
 
 class FAMOState(NamedTuple):
+    r"""The state of :func:`famo`.
+
+    Attributes:
+      logits: float32 ``[n]``, the logits :math:`\xi` of the task distribution
+        :math:`z = \mathrm{softmax}(\xi)`.
+      opt_state: the state of the AdamW optimizer that moves the logits.
+      previous: float32 ``[n]``, :math:`D_i(t-1) = L_i - L_i^* + 10^{-8}` at the last
+        update (ones after ``init``).
+      step: int32 scalar, the number of updates so far.
+    """
+
     logits: jax.Array
     opt_state: Any
-    previous: jax.Array  # D(t-1)
+    previous: jax.Array
     step: jax.Array
 
 
@@ -252,6 +360,9 @@ def famo(
     :math:`\delta_i = \log D_i(t-1) - \log D_i(t)`,
     :math:`\xi \leftarrow \mathrm{AdamW}(\xi, J_{\mathrm{softmax}}(\xi)^\top\delta)`
     with learning rate ``learning_rate`` and weight decay ``gamma``, as the official code.
+
+    Returns:
+      A :class:`Weighting` whose state is a :class:`FAMOState`.
     """
     opt = optax.adamw(learning_rate, weight_decay=gamma)
 

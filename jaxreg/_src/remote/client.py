@@ -32,6 +32,7 @@ from typing import Any, cast
 import httpx
 import numpy as np
 
+from jaxreg._src.core.errors import ConfigError
 from jaxreg._src.remote.transport import (
     Exchange,
     RemoteError,
@@ -93,7 +94,7 @@ class ServiceClient:
         async_transport: httpx.AsyncBaseTransport | None = None,
     ):
         if tensor_encoding not in ENCODINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"tensor_encoding: expected one of {ENCODINGS}, found {tensor_encoding!r}"
             )
         self.base_url = base_url.rstrip("/")

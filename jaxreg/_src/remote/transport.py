@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import httpx
 
 from jaxreg._src.core import telemetry
-from jaxreg._src.core.errors import JaxregError
+from jaxreg._src.core.errors import ConfigError, JaxregError
 
 logger = logging.getLogger("jaxreg.remote")
 
@@ -144,9 +144,9 @@ class RetryPolicy:
         max_elapsed: float = 30.0,
     ):
         if max_retries is not None and max_retries < 0:
-            raise ValueError(f"max_retries: expected >= 0 or None, found {max_retries!r}")
+            raise ConfigError(f"max_retries: expected >= 0 or None, found {max_retries!r}")
         if not max_elapsed >= 0:
-            raise ValueError(f"max_elapsed: expected seconds >= 0, found {max_elapsed!r}")
+            raise ConfigError(f"max_elapsed: expected seconds >= 0, found {max_elapsed!r}")
         self.max_retries, self.base, self.cap = max_retries, base, cap
         self.max_elapsed = max_elapsed
         self._rng = random.Random(seed)
