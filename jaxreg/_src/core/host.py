@@ -53,7 +53,9 @@ class HostTerm(Term):
     """A term computed by Python on the host; see the module docstring.
 
     Args:
-      name, fn, weight: as :class:`jaxreg.Term` (``fn(x, batch, data)`` here).
+      name: as :class:`jaxreg.Term`.
+      fn: ``fn(x, batch, data)``, see above.
+      weight: as :class:`jaxreg.Term` (a number; not a schedule).
       gradient: ``fn`` also returns its gradient with respect to ``x``; without it the
         term adds to ``loss_total`` and the metrics but not to ``grad``, and its output
         says ``differentiable: false``.
@@ -68,9 +70,20 @@ class HostTerm(Term):
         metric not declared here is an error rather than silently dropped.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import jaxreg as jr
       >>> def validator(x, batch, data):            # e.g. an HTTP call per datum
-      ...     return float(np.mean([check(d) for d in data]))
-      >>> jr.HostTerm("validator", validator, weight=0.1, timeout=5.0)
+      ...     passed = np.mean([len(d) > 2 for d in data])
+      ...     return 1.0 - float(passed), {"passed": float(passed)}
+      >>> objective = jr.compose(
+      ...     jr.Term("l2", lambda x, batch: jnp.sum(x**2)),
+      ...     [jr.HostTerm("validator", validator, weight=0.1, timeout=5.0)],
+      ... )
+      >>> out = objective(jnp.ones(3), data=["abc", "de"])
+      >>> m = out.to_dict()["regularizers"]["validator"]
+      >>> m["value"], m["contribution"], m["custom"], m["differentiable"]
+      (0.5, 0.05, {'passed': 0.5}, False)
     """
 
     gradient: bool = False

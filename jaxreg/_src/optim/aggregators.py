@@ -12,10 +12,24 @@ objective (one training step): XLA then reads each term's gradient where it was
 computed, without building the stacked array.
 
 Example:
-  >>> out = objective(params, batch)                 # compose(..., term_grads=True)
+  >>> import jax.numpy as jnp
+  >>> import jaxreg as jr
+  >>> objective = jr.compose(
+  ...     jr.Term("fit", lambda p, batch: jnp.sum(p)),
+  ...     [jr.Term("anchor", lambda p, batch: -p[0])],
+  ...     term_grads=True,
+  ... )
+  >>> params = jnp.array([1.0, 2.0])
+  >>> out = objective(params)
+  >>> out.term_grads.tolist()                        # conflicting: <g_0, g_1> < 0
+  [[1.0, 1.0], [-1.0, 0.0]]
   >>> agg = jr.aggregators.upgrad()
   >>> state = agg.init(params)
   >>> update, state = agg.update(out.term_grads, state)
+  >>> update.tolist()                                # mean of the projections
+  [-0.25, 0.75]
+  >>> (out.term_grads @ update).tolist()             # it conflicts with neither
+  [0.5, 0.25]
 """
 
 from __future__ import annotations

@@ -51,10 +51,21 @@ def regularize(
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import jaxreg as jr
+      >>> wd = 0.5
       >>> opt = optax.chain(
       ...     jr.transforms.regularize([jr.Term("l2", jr.regularizers.l2, weight=wd / 2)]),
-      ...     optax.adam(1e-3),
-      ... )   # the same updates as optax.chain(optax.add_decayed_weights(wd), adam)
+      ...     optax.sgd(1.0),
+      ... )   # the same updates as optax.chain(optax.add_decayed_weights(wd), sgd)
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.zeros(2)}, state, params)
+      >>> updates["w"].tolist()                          # -lr * wd * w
+      [-0.5, 1.0]
+      >>> jr.transforms.metrics(state[0], ["l2"])["l2"]["value"]   # sum(w ** 2)
+      5.0
     """
     objective = compose(None, terms, track_grad_norms=track_grad_norms)
     n = len(objective.names)

@@ -10,12 +10,27 @@ A weighting is a :class:`Weighting` ``(init, update)`` in the optax style:
 Everything is ``jax.numpy``: ``update`` can live inside the user's jitted step.
 
 Example:
-  >>> weighting = jr.weighting.balance_grad_norms({"kl": 0.2, "entropy": 0.05})
-  >>> out = objective(x, batch)
+  >>> import jax.numpy as jnp
+  >>> import jaxreg as jr
+  >>> objective = jr.compose(
+  ...     jr.Term("fit", lambda x, batch: 3 * x[0]),      # |grad| = 3
+  ...     [jr.Term("pen", lambda x, batch: x[1] ** 2)],   # |grad| = 4 at x[1] = 2
+  ...     track_grad_norms=True,
+  ... )
+  >>> weighting = jr.weighting.balance_grad_norms({"pen": 0.2})
+  >>> x = jnp.array([0.0, 2.0])
+  >>> out = objective(x)
   >>> state = weighting.init(out)
-  >>> for batch in data:
+  >>> for step in range(3):
   ...     weights, state = weighting.update(out, state)
-  ...     out = objective(x, batch, weights=weights)
+  ...     out = objective(x, weights=weights)      # traced weights: no recompilation
+  >>> round(float(weights["pen"]), 4)              # 0.2 * (3 / 0.8) / 4
+  0.1875
+  >>> pen = out.regularizers["pen"]                # 20% of the weighted grad norms
+  >>> round(float(pen.grad_norm_weighted / (3 + pen.grad_norm_weighted)), 4)
+  0.2
+  >>> objective.trace_count
+  1
 """
 
 from __future__ import annotations

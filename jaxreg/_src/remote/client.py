@@ -51,7 +51,8 @@ class RemoteError(JaxregError):
       endpoint: e.g. ``"forward_backward"``.
       status: the HTTP status, or ``None`` for a transport failure or a request that
         failed while running (``category`` then says whose fault it was).
-      model_id, seq_id: the request's model and sequence number, when it had them.
+      model_id: the request's model, when it had one.
+      seq_id: the request's sequence number, when it had one.
     """
 
     def __init__(
@@ -125,7 +126,8 @@ class RetryPolicy:
 
     Args:
       max_retries: the most retries (``None``: bounded by ``max_elapsed`` only).
-      base, cap: the backoff's first and largest wait, in seconds.
+      base: the backoff's first wait, in seconds.
+      cap: the backoff's largest wait, in seconds.
       seed: for reproducible jitter.
       max_elapsed: seconds from the first attempt after which no retry starts.
 
@@ -170,7 +172,8 @@ class ServiceClient:
       tensor_encoding: ``"base64"`` (compact, the default) or ``"json"`` lists, for
         tensors sent and received.
       poll_timeout: how long the service may hold one ``retrieve_future`` call.
-      transport, async_transport: httpx transports (for tests and fault injection).
+      transport: an httpx transport (for tests and fault injection).
+      async_transport: an httpx async transport (for tests and fault injection).
 
     Example:
       >>> client = ServiceClient("http://127.0.0.1:8000")

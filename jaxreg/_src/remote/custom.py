@@ -261,9 +261,10 @@ def forward_backward_custom(
         ``loss_fn_inputs`` field reaches the objective as ``batch.inputs[name]``.
       objective: from :func:`jaxreg.compose`. Or give ``base=`` / ``regularizers=`` and
         any ``compose`` option (``track_grad_norms=True``, ...) instead.
-      weights, step: passed to the objective (no recompilation when they change).
-      bucket, batch_bucket: padding of lengths and batch size (see
-        :meth:`jaxreg.Batch.from_ragged`).
+      weights: passed to the objective (no recompilation when they change).
+      step: passed to the objective (no recompilation when it changes).
+      bucket: padding of lengths (see :meth:`jaxreg.Batch.from_ragged`).
+      batch_bucket: padding of the batch size (see :meth:`jaxreg.Batch.from_ragged`).
       param_diagnostics: also measure each term's gradient **w.r.t. the model's
         parameters** on the service (norms, cosines; ``result.param_diagnostics``). A
         jaxreg-service extension: needs the objective's ``term_grads=True`` (set

@@ -116,7 +116,8 @@ def ppo(
     Args:
       x: the current policy's logprobs of the sampled tokens, ``[B, T]``.
       batch: with ``inputs[sampling_logprobs]`` and ``inputs[advantages]``.
-      clip_low, clip_high: :math:`\epsilon_l, \epsilon_h` (Tinker's thresholds 0.2/0.2).
+      clip_low: :math:`\epsilon_l` (Tinker's threshold 0.2).
+      clip_high: :math:`\epsilon_h` (Tinker's threshold 0.2).
       reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``.
 
     Returns:
