@@ -1,8 +1,9 @@
-"""Doctest support (``pytest`` runs the examples in ``jaxreg``'s docstrings).
+"""Fixtures shared by the tests and the doctests (``pytest`` runs both).
 
-An example that talks to a training service reads ``service_url``: the URL of a real
-reference service (``jaxreg.service.start``) on a free 127.0.0.1 port, started on the
-first such example and stopped at the end of the session.
+``server`` is one reference service (``jaxreg.service.start``) on a free 127.0.0.1 port
+for the whole session, started when first needed. A docstring example that talks to a
+training service reads ``service_url``: this service's URL, put into the namespace of
+the doctests that use it.
 """
 
 import doctest
@@ -11,13 +12,16 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def doctest_service(tmp_path_factory):
-    """The reference service the doctests that read ``service_url`` talk to."""
-    from jaxreg.service import start
+def server(tmp_path_factory):
+    """One reference service for the whole session (compiled programs are shared).
 
-    server = start(state_dir=tmp_path_factory.mktemp("doctest-states"))
-    yield server
-    server.stop()
+    The tests create many models and delete few: allow more than the default 64.
+    """
+    from jaxreg.service import Limits, start
+
+    srv = start(state_dir=tmp_path_factory.mktemp("states"), limits=Limits(max_models=1024))
+    yield srv
+    srv.stop()
 
 
 def _uses(item, name: str) -> bool:
@@ -27,6 +31,6 @@ def _uses(item, name: str) -> bool:
 
 @pytest.fixture(autouse=True)
 def _doctest_service_url(request, doctest_namespace):
-    """Puts ``service_url`` into the namespace of the doctests that use it (only those)."""
+    """Gives the doctests that read ``service_url`` the session's service (only those)."""
     if _uses(request.node, "service_url"):
-        doctest_namespace["service_url"] = request.getfixturevalue("doctest_service").url
+        doctest_namespace["service_url"] = request.getfixturevalue("server").url

@@ -1,7 +1,8 @@
 """Remote training: clients for a training service and ``forward_backward_custom``.
 
-See :mod:`jaxreg._src.remote.custom` for how a composed objective is linearised into the
-service's cross-entropy loss, and :mod:`jaxreg._src.remote.client` for the transport.
+See [`forward_backward_custom`][jaxreg.remote.forward_backward_custom] for how a composed
+objective is linearised into the service's cross-entropy loss, and
+[`ServiceClient`][jaxreg.remote.ServiceClient] for the transport.
 """
 
 from jaxreg._src.core.guards import NonFiniteError as NonFiniteError

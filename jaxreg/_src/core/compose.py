@@ -31,9 +31,9 @@ AUTO_VMAP_MAX_ELEMENTS = 1 << 14
 class Objective:
     """A composed objective: ``objective(x, batch, *, weights=None, step=None)``.
 
-    Built by :func:`compose`. Calling it runs one compiled XLA program per
+    Built by [`compose`][jaxreg.compose]. Calling it runs one compiled XLA program per
     ``(term structure, input shapes)``; weights and schedule steps are traced arrays, so
-    changing them never recompiles (:attr:`trace_count` counts the traces).
+    changing them never recompiles (``trace_count`` counts the traces).
     """
 
     def __init__(
@@ -116,7 +116,7 @@ class Objective:
         Args:
           x: the differentiated input: an array (e.g. logprobs ``[B, T]``) or any pytree
             (e.g. model parameters).
-          batch: anything else the terms read (a :class:`jaxreg.Batch`, a dict, ...).
+          batch: anything else the terms read (a [`jaxreg.Batch`][jaxreg.Batch], a dict, ...).
           weights: per-call weights ``{name: weight}`` overriding the terms' own (or their
             schedules) for the named terms; Python floats or traced arrays.
           step: the step at which schedules are evaluated (an int or int array; default 0).
@@ -124,7 +124,7 @@ class Objective:
             as their third argument; JAX terms never see it.
 
         Returns:
-          A :class:`CompositeOutput`.
+          A [`CompositeOutput`][jaxreg.CompositeOutput].
         """
         if not (self.host_terms or self.check_finite or telemetry.has_handlers()):
             return self._call_jitted(x, batch, weights, step)  # the common, thin path
@@ -458,7 +458,7 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
     """``sqrt(max(x, 0))`` with a finite derivative at 0; NaN stays NaN.
 
     A squared norm that is NaN (a NaN in some gradient) must give a NaN norm, so that
-    :func:`jaxreg.check_finite` names the term instead of reporting a norm of 0.
+    [`jaxreg.check_finite`][jaxreg.check_finite] names the term instead of reporting a norm of 0.
     """
     positive = x > 0
     root = jnp.sqrt(jnp.where(positive, x, 1))
@@ -521,9 +521,9 @@ def compose(
     with no extra backward pass.
 
     Args:
-      base: the base loss: a :class:`Term` (its weight is normally 1), a plain callable
+      base: the base loss: a [`Term`][jaxreg.Term] (its weight is normally 1), a plain callable
         ``fn(x, batch)`` (named ``"base"``), or ``None``.
-      regularizers: :class:`Term` objects, or SDK-style dicts ``{"name", "fn", "weight"}``.
+      regularizers: [`Term`][jaxreg.Term] objects, or SDK-style dicts ``{"name", "fn", "weight"}``.
       track_grad_norms: report each term's gradient norm and the total gradient norm.
       term_grads: return each term's unweighted gradient, stacked (``out.term_grads``).
       grad_conflicts: return the pairwise cosine matrix of the terms' gradients.
@@ -537,9 +537,10 @@ def compose(
         ``vmap``-ed over the cotangent basis (materialises the ``[n, ...]`` Jacobian).
         A list of groups of names, e.g. ``[("ce", "entropy")]``: one ``vmap``-ed VJP per
         group (terms not listed get their own), for terms sharing an expensive model.
-      check_finite: after each (untraced) call, raise :class:`jaxreg.NonFiniteError`
-        naming the terms whose value, gradient or metrics are not finite. It brings the
-        scalars to the host once per call (a sync); the remote path always checks.
+      check_finite: after each (untraced) call, raise
+        [`jaxreg.NonFiniteError`][jaxreg.NonFiniteError] naming the terms whose value, gradient or
+        metrics are not finite. It brings the scalars to the host once per call (a sync); the remote
+        path always checks.
       grad_space: the space every reported gradient is in. ``"x"`` (default): gradients
         with respect to ``x`` itself. ``"logits"``: ``x`` is an array of log-probabilities
         over the **whole** vocabulary along its last axis (``[B, T, K]`` from ``[T, K]``
@@ -558,8 +559,8 @@ def compose(
         which the projection needs, are unknown; keep ``"x"`` then.
 
     Returns:
-      An :class:`Objective`, called as ``objective(x, batch, *, weights=None, step=None)``
-      and returning a :class:`CompositeOutput`.
+      An [`Objective`][jaxreg.Objective], called as ``objective(x, batch, *, weights=None,
+      step=None)`` and returning a [`CompositeOutput`][jaxreg.CompositeOutput].
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The exception hierarchy: every error jaxreg raises on purpose is a :class:`JaxregError`."""
+"""The exception hierarchy: every error jaxreg raises on purpose is a ``JaxregError``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,6 @@ class TermError(JaxregError, ValueError):
 class InputError(JaxregError, ValueError):
     """A term function was given inputs it cannot use.
 
-    Raised by the built-in terms (and usable by users' own); :class:`Term` re-raises it as
-    a :class:`TermError` prefixed with the term's name.
+    Raised by the built-in terms (and usable by users' own); [`Term`][jaxreg.Term] re-raises it as
+    a [`TermError`][jaxreg.TermError] prefixed with the term's name.
     """

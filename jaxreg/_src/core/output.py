@@ -89,18 +89,32 @@ class CompositeOutput:
       scalars: every scalar result, packed in one vector (its last axis; leading axes
         appear under ``jax.vmap``); read it through the properties below.
       grad_cosines: ``[n, n]`` cosine similarities between the terms' gradients (order:
-        :attr:`term_names`) when ``grad_conflicts`` was set, else ``None``.
+        [`term_names`][jaxreg.CompositeOutput.term_names]) when ``grad_conflicts`` was set, else
+        ``None``.
       term_grads: each term's own unweighted gradient, stacked on a leading axis of
-        size ``n`` (order: :attr:`term_names`), when ``term_grads`` was set, else ``None``.
+        size ``n`` (order: [`term_names`][jaxreg.CompositeOutput.term_names]), when ``term_grads``
+        was set, else ``None``.
       layout: where each scalar lives in ``scalars`` (static).
       errors: ``(name, message)`` of the host terms that failed and were skipped
         (``on_error="skip"``); they are left out of the loss and listed by ``to_dict``.
 
     Example:
-      >>> out = objective(x, batch)              # doctest: +SKIP
-      >>> out.loss_total, out.grad               # doctest: +SKIP
-      >>> out.regularizers["kl"].contribution    # doctest: +SKIP
-      >>> out.to_dict()["loss_total"]            # doctest: +SKIP
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> objective = jr.compose(
+      ...     jr.Term("fit", lambda x, batch: jnp.sum((x - 1.0) ** 2)),
+      ...     [jr.Term("l1", lambda x, batch: jnp.sum(jnp.abs(x)), weight=0.5)],
+      ...     track_grad_norms=True,
+      ... )
+      >>> out = objective(jnp.array([3.0, -1.0]))
+      >>> float(out.loss_total), out.grad.tolist()        # 8 + 0.5 * 4; 2 (x - 1) + 0.5 sign(x)
+      (10.0, [4.5, -4.5])
+      >>> float(out.regularizers["l1"].contribution)
+      2.0
+      >>> out.to_dict()["regularizers"]["l1"]["grad_norm"]   # |sign(x)| = sqrt(2)
+      1.4142135
+      >>> out.flat()["base_loss/value"]
+      8.0
     """
 
     grad: Any
@@ -167,7 +181,7 @@ class CompositeOutput:
 
     @property
     def base_loss(self) -> TermOutput | None:
-        """The base term's :class:`TermOutput`, or ``None`` without a base."""
+        """The base term's [`TermOutput`][jaxreg.TermOutput], or ``None`` without a base."""
         return self._term(0) if self.layout.has_base else None
 
     @property

@@ -128,7 +128,7 @@ def attach_logger(
 
 class JSONLinesWriter:
     """Appends every event as one JSON line ``{"event", "measurements", "metadata",
-    "time"}`` to a file; attach with :meth:`attach`, stop with :meth:`close`."""
+    "time"}`` to a file; attach with [`attach`][jaxreg.telemetry.attach], stop with ``close``."""
 
     def __init__(
         self, path: str | Path, handler_id: str = "jaxreg-jsonl", events: Iterable[Event] = EVENTS

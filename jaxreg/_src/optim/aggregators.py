@@ -109,7 +109,7 @@ def from_weighting(weighting: WeightFn, seed: int = 0) -> aggregating.Aggregator
     """An ``Aggregator`` from a function ``(G, key) -> (weights, key)`` on the Gramian.
 
     The function may also return ``(weights, key, residual)``; the residual is kept in
-    the state (:class:`WeightingState`).
+    the state ([`WeightingState`][jaxreg.aggregators.WeightingState]).
     """
 
     def init(params):
@@ -170,7 +170,8 @@ def pcgrad_weights(g: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
 def pcgrad(seed: int = 0) -> aggregating.Aggregator:
     """PCGrad (Yu et al. 2020): project away conflicting components, then sum.
 
-    See :func:`pcgrad_weights`. The visiting order is random (``seed``), as published.
+    See [`pcgrad_weights`][jaxreg.aggregators.pcgrad_weights]. The visiting order is random
+    (``seed``), as published.
     """
     return from_weighting(pcgrad_weights, seed=seed)
 
@@ -188,7 +189,7 @@ def mgda_weights(
 
     Solved exactly by an active-set (Lawson-Hanson) method on the scaled Gramian,
     stopping on the KKT conditions :math:`(Gw)_j \ge w^\top G w` with equality where
-    :math:`w_j > 0` (:func:`~jaxreg._src.optim.gram_solvers.min_norm_simplex`).
+    :math:`w_j > 0` (``min_norm_simplex``).
 
     Args:
       g: the ``n x n`` Gramian.
@@ -204,9 +205,9 @@ def mgda(iterations: int | None = None) -> aggregating.Aggregator:
     r"""MGDA (Désidéri 2012; Sener & Koltun 2018): the min-norm point of the convex hull.
 
     :math:`w^* = \arg\min_{w \in \Delta_n} \|w^\top J\|^2`, solved exactly on the
-    Gramian (:func:`mgda_weights`); the update is :math:`{w^*}^\top J`, a common descent
-    direction of every term (zero at a Pareto-stationary point). ``iterations`` is the
-    solver's iteration guard (it stops on the KKT conditions). The state's ``residual``
+    Gramian ([`mgda_weights`][jaxreg.aggregators.mgda_weights]); the update is :math:`{w^*}^\top J`,
+    a common descent direction of every term (zero at a Pareto-stationary point). ``iterations`` is
+    the solver's iteration guard (it stops on the KKT conditions). The state's ``residual``
     is the KKT residual.
     """
     iterations = _iterations(iterations, "mgda")
@@ -232,7 +233,7 @@ def upgrad_weights(
     the weights are :math:`\frac1n \sum_i v_i` (TorchJD's ``UPGrad()``, without its
     ``reg_eps`` ridge). Each :math:`v_i` is solved exactly by an active-set
     non-negative least-squares method on the unit-diagonal Gramian, stopping on the KKT
-    conditions (:func:`~jaxreg._src.optim.gram_solvers.upgrad_solve`).
+    conditions (``upgrad_solve``).
 
     Args:
       g: the ``n x n`` Gramian.
@@ -248,8 +249,8 @@ def upgrad(iterations: int | None = None) -> aggregating.Aggregator:
 
     The result has a non-negative inner product with every term's gradient (no term
     gets worse to first order), and equals the mean when nothing conflicts. Solved
-    exactly (:func:`upgrad_weights`); ``iterations`` is the iteration guard. The state's
-    ``residual`` is the largest KKT residual of the projections.
+    exactly ([`upgrad_weights`][jaxreg.aggregators.upgrad_weights]); ``iterations`` is the iteration
+    guard. The state's ``residual`` is the largest KKT residual of the projections.
     """
     iterations = _iterations(iterations, "upgrad")
     return from_weighting(
@@ -276,7 +277,7 @@ def cagrad_weights(
     The dual problem is solved exactly: at the optimum, :math:`w^*` is the min-norm
     point of the shifted gradients :math:`g_i + s g_0` with :math:`s = \|g_w\|/(c
     \|g_0\|)`, and on its support :math:`s` has a closed form
-    (:func:`~jaxreg._src.optim.gram_solvers.cagrad_solve`); the solver alternates the two and
+    (``cagrad_solve``); the solver alternates the two and
     stops on the KKT conditions. Unlike the official code, no ``1e-8`` is added to the
     norms (they made the result depend on the gradients' scale). When
     :math:`g_0 = 0` the update is :math:`0`.
@@ -304,9 +305,9 @@ def cagrad(
 ) -> aggregating.Aggregator:
     """CAGrad (Liu et al. 2021): the best worst-case improvement near the mean gradient.
 
-    See :func:`cagrad_weights`. ``c`` in [0, 1) trades the mean's progress for the
-    worst term's (``c = 0`` is the mean). The state's ``residual`` is the KKT residual
-    of the dual problem.
+    See [`cagrad_weights`][jaxreg.aggregators.cagrad_weights]. ``c`` in [0, 1) trades the mean's
+    progress for the worst term's (``c = 0`` is the mean). The state's ``residual`` is the KKT
+    residual of the dual problem.
     """
     if rescale not in (0, 1, 2):
         raise ValueError(f"cagrad: rescale must be 0, 1 or 2, found {rescale!r}")
@@ -332,7 +333,7 @@ def nash_mtl_weights(
     :math:`f(\alpha) = \tfrac12 \alpha^\top G \alpha - \sum_i \log \alpha_i`, found
     here by Newton's method on the unit-diagonal Gramian (damped while the Newton
     decrement is at least 1/4, which keeps :math:`\alpha > 0`), stopping on the Newton
-    decrement (:func:`~jaxreg._src.optim.gram_solvers.nash_solve`). The paper solves a
+    decrement (``nash_solve``). The paper solves a
     sequence of convex programs with CVXPY instead, on :math:`G / \|G\|_F`, so its
     :math:`\alpha` is :math:`\|G\|_F^{1/2}` times this one.
 
@@ -359,9 +360,9 @@ def nash_mtl_weights(
 def nash_mtl(iterations: int | None = None, ridge: float = 0.0) -> aggregating.Aggregator:
     r"""Nash-MTL (Navon et al. 2022): the Nash bargaining solution among the terms.
 
-    See :func:`nash_mtl_weights`. The update has norm :math:`\sqrt n` whatever the
-    gradients' scale (:math:`\alpha \propto 1/\|g\|`): pair it with a scale-free
-    optimizer such as Adam. The state's ``residual`` is
+    See [`nash_mtl_weights`][jaxreg.aggregators.nash_mtl_weights]. The update has norm
+    :math:`\sqrt n` whatever the gradients' scale (:math:`\alpha \propto 1/\|g\|`): pair it
+    with a scale-free optimizer such as Adam. The state's ``residual`` is
     :math:`\max_i |\alpha_i (G\alpha)_i - 1|`.
     """
     iterations = _iterations(iterations, "nash_mtl")

@@ -13,7 +13,7 @@ from jaxreg._src.core.compose import compose
 
 
 class RegularizeState(NamedTuple):
-    """What :func:`regularize` measured on its last update, one entry per term (in order).
+    """What ``regularize`` measured on its last update, one entry per term (in order).
 
     Attributes:
       step: the number of updates so far (the step its schedules are evaluated at).
@@ -37,7 +37,7 @@ def regularize(
 
     .. math:: u \leftarrow u + \sum_i w_i \nabla_\theta r_i(\theta)
 
-    The terms are :class:`jaxreg.Term` s (or ``{"name", "fn", "weight"}`` dicts) whose
+    The terms are [`jaxreg.Term`][jaxreg.Term] s (or ``{"name", "fn", "weight"}`` dicts) whose
     function takes the parameters: ``fn(params, batch)`` with ``batch`` the ``batch=``
     extra argument of ``update`` (``None`` if not given). Weights may be optax schedules,
     evaluated at the transform's own step count. The state keeps each term's last value,

@@ -1,8 +1,8 @@
 """Adaptive term weighting: stateful rules that read an output and set the next weights.
 
-A weighting is a :class:`Weighting` ``(init, update)`` in the optax style:
+A weighting is a [`Weighting`][jaxreg.weighting.Weighting] ``(init, update)`` in the optax style:
 
-* ``state = weighting.init(out)`` from a first :class:`~jaxreg.CompositeOutput`;
+* ``state = weighting.init(out)`` from a first [`CompositeOutput`][jaxreg.CompositeOutput];
 * ``weights, state = weighting.update(out, state)`` after each step, where ``weights``
   is a ``{name: scalar array}`` dict for the next call,
   ``objective(x, batch, weights=weights)`` — a traced argument, so it never recompiles.

@@ -1,10 +1,11 @@
 """HTTP clients for the reference service and any service speaking its (Tinker's) protocol.
 
-:class:`ServiceClient` owns the connection pool (httpx, sync and async); its
-:meth:`~ServiceClient.create_model` returns a :class:`TrainingClient` bound to one
-model, with the same methods as the official SDK's ``TrainingClient``: ``forward``,
-``forward_backward``, ``optim_step``, ``save_state``, ``load_state``, each returning a
-future (``.result()``), and ``*_async`` variants returning awaitable futures.
+[`ServiceClient`][jaxreg.remote.ServiceClient] owns the connection pool (httpx, sync and async); its
+[`create_model`][jaxreg.remote.ServiceClient.create_model] returns a
+[`TrainingClient`][jaxreg.remote.TrainingClient] bound to one model, with the same methods as the
+official SDK's ``TrainingClient``: ``forward``, ``forward_backward``, ``optim_step``,
+``save_state``, ``load_state``, each returning a future (``.result()``), and ``*_async`` variants
+returning awaitable futures.
 
 Every work request carries a ``seq_id`` taken from the client's counter when the call
 is made, so the service applies a model's requests in call order even when they
@@ -12,7 +13,7 @@ arrive out of order, and a retried request (same ``seq_id``) is never applied tw
 That makes retrying safe: connection errors, timeouts, 429 and 5xx answers are
 retried with exponential backoff and jitter (``Retry-After`` is honoured) for up to
 30 s by default, long enough for a restarted service to come back; any other error
-raises :class:`RemoteError` naming the call, the model, the ``seq_id`` and the
+raises [`RemoteError`][jaxreg.remote.RemoteError] naming the call, the model, the ``seq_id`` and the
 service's reason.
 """
 
@@ -132,7 +133,15 @@ class RetryPolicy:
       max_elapsed: seconds from the first attempt after which no retry starts.
 
     Example:
-      >>> ServiceClient(url, retry=RetryPolicy(max_elapsed=120.0))   # a slow restart
+      >>> import jaxreg as jr
+      >>> retry = jr.remote.RetryPolicy(max_elapsed=120.0, seed=0)   # a slow restart
+      >>> with jr.remote.ServiceClient(service_url, retry=retry) as client:
+      ...     client.healthz()
+      {'status': 'ok'}
+      >>> 0 <= retry.delay(3) <= min(retry.cap, retry.base * 2**3)   # full jitter
+      True
+      >>> retry.delay(0, retry_after="1.5")                          # Retry-After wins
+      1.5
     """
 
     def __init__(
@@ -168,7 +177,7 @@ class ServiceClient:
       base_url: e.g. ``"http://127.0.0.1:8000"``.
       api_key: sent in the ``X-API-Key`` header; never logged nor shown in ``repr``.
       timeout: seconds for one HTTP exchange.
-      retry: the :class:`RetryPolicy` for connection errors, 429 and 5xx.
+      retry: the [`RetryPolicy`][jaxreg.remote.RetryPolicy] for connection errors, 429 and 5xx.
       tensor_encoding: ``"base64"`` (compact, the default) or ``"json"`` lists, for
         tensors sent and received.
       poll_timeout: how long the service may hold one ``retrieve_future`` call.
@@ -176,10 +185,18 @@ class ServiceClient:
       async_transport: an httpx async transport (for tests and fault injection).
 
     Example:
-      >>> client = ServiceClient("http://127.0.0.1:8000")
-      >>> training = client.create_model()
-      >>> training.forward_backward(data, "cross_entropy").result()
-      >>> training.optim_step({"learning_rate": 1e-3}).result()
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> tokens = np.arange(1, 13)                  # a datum of 12 tokens
+      >>> inputs = {"target_tokens": tokens + 1, "weights": np.ones(12, np.float32)}
+      >>> data = [jr.remote.Datum(tokens, inputs)] * 3
+      >>> with jr.remote.ServiceClient(service_url) as client:   # "http://127.0.0.1:8000"
+      ...     training = client.create_model()
+      ...     fb = training.forward_backward(data, "cross_entropy").result()
+      ...     step = training.optim_step({"learning_rate": 1e-3}).result()
+      ...     training.delete()
+      >>> fb["loss_fn_outputs"][0]["logprobs"].shape, step["metrics"]["step"]
+      ((12,), 1)
     """
 
     def __init__(
@@ -309,7 +326,7 @@ class ServiceClient:
         return self._ahttp[loop]
 
     async def post_async(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """The ``async`` form of :meth:`post`."""
+        """The ``async`` form of [`post`][jaxreg.remote.ServiceClient.post]."""
         content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         http = self._async_http()
         started, first = time.perf_counter(), time.monotonic()
@@ -473,7 +490,7 @@ def _decode_outputs(result: dict[str, Any]) -> dict[str, Any]:
 class TrainingClient:
     """A client bound to one model: Tinker's ``TrainingClient`` methods over HTTP.
 
-    Data may be jaxreg :class:`~jaxreg.remote.Datum` objects, official
+    Data may be jaxreg [`Datum`][jaxreg.remote.Datum] objects, official
     ``tinker.types.Datum`` objects or Tinker-shaped dicts.
     """
 
@@ -581,10 +598,10 @@ class TrainingClient:
         seq_id: int | None = None,
         param_diagnostics: Mapping[str, Any] | None = None,
     ) -> APIFuture:
-        """Logprobs and ``loss:sum``; the gradient accumulates until :meth:`optim_step`.
+        """Logprobs and ``loss:sum``; the gradient accumulates until ``optim_step``.
 
         ``param_diagnostics``: the jaxreg-service extension field (see
-        :mod:`jaxreg._src.remote.param_diagnostics`), sent only when given.
+        [`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics]), sent only when given.
         """
         body = self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id)
         self._add_param_diagnostics(body, param_diagnostics)
@@ -613,7 +630,7 @@ class TrainingClient:
         return self.submit("load_state", self._body("load_state", seq_id, path=path))
 
     def skip_seq(self, seq_id: int) -> APIFuture:
-        """Releases a reserved ``seq_id`` (see :mod:`jaxreg.service.app`)."""
+        """Releases a reserved ``seq_id`` (see ``jaxreg.service.app``)."""
         return self.submit("skip_seq", self._body("skip_seq", seq_id))
 
     async def forward_async(

@@ -1,6 +1,7 @@
 """Adapter for the official ``tinker`` SDK (``pip install 'jaxreg[tinker]'``).
 
-Wraps a ``tinker.TrainingClient`` so that :func:`jaxreg.remote.forward_backward_custom`
+Wraps a ``tinker.TrainingClient`` so that
+[`jaxreg.remote.forward_backward_custom`][jaxreg.remote.forward_backward_custom]
 can drive it: a Tinker user adds regularizers by changing one call::
 
   result = jr.remote.forward_backward_custom(tinker_training_client, data,
@@ -69,7 +70,7 @@ def _to_dict(output: Any) -> dict[str, Any]:
 
 
 class TinkerTrainingClient:
-    """The :class:`~jaxreg.remote.TrainingClient` interface over a ``tinker.TrainingClient``."""
+    """The ``TrainingClient`` interface over a ``tinker.TrainingClient``."""
 
     def __init__(self, client: Any):
         self.client = client

@@ -32,12 +32,13 @@ class Batch:
       inputs: padded per-token arrays named like Tinker's ``loss_fn_inputs``
         (``target_tokens``, ``weights``, ``advantages``, ``logprobs`` for the sampling
         policy, ``ref_logprobs``, ...), each ``[B, T]`` or ``[B, T, K]``.
-      num_datums: how many leading rows are real datums when :meth:`from_ragged` padded
-        the batch dimension (``batch_bucket``); ``None`` means all rows.
+      num_datums: how many leading rows are real datums when
+        [`from_ragged`][jaxreg.Batch.from_ragged] padded the batch dimension (``batch_bucket``);
+        ``None`` means all rows.
 
     Logprobs ``x`` are ``[B, T]``, or ``[B, T, K]`` for multi-target data; the mask stays
     ``[B, T]``. Build one from per-datum arrays of different lengths with
-    :meth:`from_ragged`, and go back with :meth:`unpad`.
+    [`from_ragged`][jaxreg.Batch.from_ragged], and go back with [`unpad`][jaxreg.Batch.unpad].
 
     Example:
       >>> import numpy as np
@@ -68,7 +69,7 @@ class Batch:
         """Splits a padded ``[B, T, ...]`` array back into per-datum NumPy arrays.
 
         Padded datums (rows added by ``batch_bucket``) are dropped, so the result has one
-        entry per datum given to :meth:`from_ragged`.
+        entry per datum given to [`from_ragged`][jaxreg.Batch.from_ragged].
         """
         array = np.asarray(array)
         mask = np.asarray(self.mask)
@@ -107,7 +108,8 @@ class Batch:
           dtype: the floating dtype of the padded logprobs and floating inputs.
 
         Returns:
-          ``(x, batch)``: padded logprobs ``[B, T]`` or ``[B, T, K]`` and the :class:`Batch`.
+          ``(x, batch)``: padded logprobs ``[B, T]`` or ``[B, T, K]`` and the
+          [`Batch`][jaxreg.Batch].
         """
         n = len(logprobs)
         arrays = [np.asarray(a) for a in logprobs]
@@ -200,8 +202,18 @@ def per_datum(
         non-empty datums.
 
     Example:
-      >>> term = jr.Term("nll", jr.per_datum(lambda lp, inp: -jnp.sum(inp["weights"] * lp)))
-      ... # doctest: +SKIP
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> def nll(logprobs, inputs):         # one datum, Tinker style; padding holds 0
+      ...     return -jnp.sum(inputs["weights"] * logprobs)
+      >>> x, batch = jr.Batch.from_ragged(
+      ...     [np.float32([-1.0, -2.0]), np.float32([-0.5])],
+      ...     {"weights": [np.float32([1.0, 0.0]), np.float32([2.0])]},
+      ... )
+      >>> out = jr.compose(jr.Term("nll", jr.per_datum(nll)))(x, batch)
+      >>> float(out.loss_total)              # summed over datums: 1 + 1
+      2.0
     """
     if reduction not in ("sum", "mean"):
         raise BatchError(f"per_datum: reduction must be 'sum' or 'mean'; found {reduction!r}.")

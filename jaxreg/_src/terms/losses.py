@@ -39,7 +39,7 @@ def cross_entropy(x: jax.Array, batch: Batch, *, reduction: str = "sum", weights
 
     Args:
       x: logprobs of the target tokens, ``[B, T]`` or ``[B, T, K]``.
-      batch: a :class:`jaxreg.Batch`; ``batch.inputs[weights]`` (shaped like ``x``) holds
+      batch: a [`jaxreg.Batch`][jaxreg.Batch]; ``batch.inputs[weights]`` (shaped like ``x``) holds
         the per-token weights; without it every real token has weight 1.
       reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``.
       weights: the name of the weights input.
@@ -48,7 +48,19 @@ def cross_entropy(x: jax.Array, batch: Batch, *, reduction: str = "sum", weights
       ``(loss, {"nll_per_token"})``: the loss and the weighted NLL per real token.
 
     Example:
-      >>> nll = jr.Term("nll", jr.losses.cross_entropy)  # doctest: +SKIP
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> x, batch = jr.Batch.from_ragged(
+      ...     [np.float32([-1.0, -2.0]), np.float32([-0.5])],
+      ...     {"weights": [np.float32([1.0, 0.0]), np.float32([2.0])]},
+      ... )
+      >>> loss, metrics = jr.losses.cross_entropy(x, batch)   # -(1 * -1 + 0 * -2 + 2 * -0.5)
+      >>> float(loss)
+      2.0
+      >>> loss, _ = jr.losses.cross_entropy(reduction="token_mean")(x, batch)  # 3 real tokens
+      >>> round(float(loss), 4)
+      0.6667
+      >>> nll = jr.Term("nll", jr.losses.cross_entropy)      # a term of jr.compose
     """
     mask = check_tokens("cross_entropy", x, batch)
     w = _weights("cross_entropy", x, batch, mask, weights)

@@ -69,7 +69,7 @@ def l1(x: Any, batch: Any = None, *, center: Any = None):
 
     Args:
       x: any pytree (parameters), or token logprobs ``[B, T(, K)]`` with a
-        :class:`jaxreg.Batch`, whose padded positions are then left out.
+        [`jaxreg.Batch`][jaxreg.Batch], whose padded positions are then left out.
       batch: unused except for the mask (and ``center`` when it names an input).
       center: ``None`` (0), a scalar, a pytree shaped like ``x``, or the name of a batch
         input.
@@ -88,7 +88,7 @@ def l2(x: Any, batch: Any = None, *, center: Any = None):
     r"""Squared L2 penalty :math:`\sum (x - c)^2` (no 1/2: weight ``wd / 2`` is decay ``wd``).
 
     Args:
-      x: any pytree (parameters), or token logprobs with a :class:`jaxreg.Batch`.
+      x: any pytree (parameters), or token logprobs with a [`jaxreg.Batch`][jaxreg.Batch].
       center: ``None`` (0), a scalar, a pytree shaped like ``x`` (e.g. the initial
         parameters, for L2-SP), or the name of a batch input.
 
@@ -106,7 +106,7 @@ def elastic_net(x: Any, batch: Any = None, *, l1_ratio: float = 0.5, center: Any
 
     Args:
       l1_ratio: :math:`\alpha \in [0, 1]`.
-      center: as for :func:`l2`.
+      center: as for [`l2`][jaxreg.regularizers.l2].
 
     Returns:
       ``(loss, {"l1", "l2"})``, the two unmixed parts.
@@ -240,7 +240,21 @@ def kl(
       ``(loss, {"mean", "max", "min"})``: per-token KL statistics over real tokens.
 
     Example:
-      >>> jr.Term("kl", jr.regularizers.kl("ref_logprobs"), weight=0.1)  # doctest: +SKIP
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> x, batch = jr.Batch.from_ragged(            # the policy's logprobs, 2 datums
+      ...     [np.log(np.float32([0.5, 0.25])), np.log(np.float32([0.5]))],
+      ...     {"ref_logprobs": [np.log(np.float32([0.25, 0.25])), np.log(np.float32([0.5]))]},
+      ... )
+      >>> loss, metrics = jr.regularizers.kl(x, batch, estimator="k1")   # -l = [log 2, 0, 0]
+      >>> round(float(loss), 4), round(float(metrics["max"]), 4)         # token mean, max
+      (0.231, 0.6931)
+      >>> objective = jr.compose(
+      ...     jr.Term("nll", jr.losses.cross_entropy),
+      ...     [jr.Term("kl", jr.regularizers.kl("ref_logprobs"), weight=0.1)],   # k3
+      ... )
+      >>> round(objective(x, batch).to_dict()["regularizers"]["kl"]["value"], 4)
+      0.0644
     """
     if direction not in DIRECTIONS:
         raise InputError(f"kl: direction must be one of {DIRECTIONS}; found {direction!r}.")
@@ -278,7 +292,7 @@ def consistency(
     With ``other=None`` the views are adjacent datums (rows ``2i`` and ``2i + 1``, both
     differentiated); otherwise ``x`` is compared with ``batch.inputs[other]`` (held fixed).
     ``kind="mse"``: :math:`(a - b)^2` per token (summed over ``K``); ``kind="kl"``: the
-    symmetric KL of :func:`kl` between the views.
+    symmetric KL of [`kl`][jaxreg.regularizers.kl] between the views.
 
     Returns:
       ``(loss, {"max"})``: the largest per-token discrepancy.

@@ -58,7 +58,7 @@ class TermFunction:
 
 
 def term_function(impl: Callable[..., Any]) -> TermFunction:
-    """Decorator: makes ``impl(x, batch, *, options...)`` a :class:`TermFunction`."""
+    """Decorator: makes ``impl(x, batch, *, options...)`` a ``TermFunction``."""
     return TermFunction(impl)
 
 
