@@ -7,6 +7,7 @@ tables measured side by side in one run (see ``benchmarks/RESULTS.md``).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 
@@ -16,6 +17,7 @@ import numpy as np
 
 import jaxreg as jr
 from benchmarks.common import table, time_interleaved
+from jaxreg._src.core import program
 
 R = jr.regularizers
 SIZES = [(8, 512), (32, 2048), (64, 8192)]
@@ -265,7 +267,7 @@ def bench_memory() -> list[list[str]]:
     floor = peak_bytes(jax.value_and_grad(floor_fn), x, batch)
     rows = [["floor", f"{floor / 2**20:.1f}", "1.00"]]
     for name, obj in [("compose + norms (per_term)", norms), ("compose + norms (vmap)", vmapped)]:
-        peak = peak_bytes(obj._run, x, batch, w, None)
+        peak = peak_bytes(functools.partial(program.run, obj.plan), x, batch, w, None)
         rows.append([name, f"{peak / 2**20:.1f}", f"{peak / floor:.2f}"])
     return rows
 

@@ -15,6 +15,7 @@ from jaxreg import weighting as weighting
 from jaxreg._src.core.compose import Objective as Objective
 from jaxreg._src.core.compose import compose as compose
 from jaxreg._src.core.errors import JaxregError as JaxregError
+from jaxreg._src.core.errors import NotComputedError as NotComputedError
 from jaxreg._src.core.guards import NonFiniteError as NonFiniteError
 from jaxreg._src.core.guards import check_finite as check_finite
 from jaxreg._src.core.host import HostTerm as HostTerm

@@ -1,6 +1,7 @@
 """compose: acceptance numbers, float64 references, compile counts, transformations, errors."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,12 @@ def test_base_only_mean():
     assert d["loss_total"] == pytest.approx(2.0)
     assert d["regularizer_total"] == 0.0
     assert d["regularizers"] == {}
-    assert d["base_loss"] == {"value": pytest.approx(2.0), "custom": {}}
+    assert d["base_loss"] == {
+        "value": pytest.approx(2.0),
+        "weight": 1.0,
+        "contribution": pytest.approx(2.0),
+        "custom": {},
+    }
 
 
 def test_constant_terms_totals_and_contributions():
@@ -102,7 +108,14 @@ def test_schema_keys():
         "grad_norm",
         "grad_norm_weighted",
     }
-    assert set(d["base_loss"]) == {"value", "custom", "grad_norm"}
+    assert set(d["base_loss"]) == {
+        "value",
+        "weight",
+        "contribution",
+        "custom",
+        "grad_norm",
+        "grad_norm_weighted",
+    }
     assert all(isinstance(v, float) for v in tracked.flat().values())
     flat = tracked.flat(prefix="train/")
     assert flat["train/regularizers/sq/grad_norm"] == pytest.approx(2 * math.sqrt(14), rel=1e-6)
@@ -184,8 +197,27 @@ def test_plain_path_matches_tracked_path(full_objective):
     plain = jr.compose(REF_TERMS[0], REF_TERMS[1:])(x)
     tracked = full_objective(x)
     np.testing.assert_allclose(plain.grad, tracked.grad, rtol=1e-5, atol=1e-6)
-    assert plain.total_grad_norm is None and plain.grad_cosines is None
-    assert plain.term_grads is None and plain.regularizers["sin"].grad_norm is None
+    assert not (plain.has_grad_norms or plain.has_grad_cosines or plain.has_term_grads)
+
+
+def test_uncomputed_quantities_name_the_flag_to_set():
+    # Before: None (or an IndexError inside an aggregator), surfacing far from the cause.
+    out = jr.compose(None, [jr.Term("a", sum_sq), jr.Term("b", sum_sq)])(X3)
+    cases = [
+        (lambda: out.total_grad_norm, "track_grad_norms=True"),
+        (lambda: out.regularizers["a"].grad_norm, "track_grad_norms=True"),
+        (lambda: out.regularizers["a"].grad_norm_weighted, "track_grad_norms=True"),
+        (lambda: out.grad_cosines, "grad_conflicts=True"),
+        (lambda: out.term_grads, "term_grads=True"),
+        (lambda: out.base_loss, "no base loss"),
+    ]
+    for read, flag in cases:
+        with pytest.raises(jr.NotComputedError, match=re.escape(flag)):
+            read()
+    agg = jr.aggregators.upgrad()
+    with pytest.raises(jr.NotComputedError, match="term_grads=True"):
+        agg.update(out.term_grads, agg.init(X3))
+    assert getattr(out, "grad_cosines", None) is None  # still an AttributeError
 
 
 def test_pytree_input_global_norms():
@@ -369,3 +401,33 @@ def test_call_errors(tracked):
         tracked(X3, weights={"kl": 1.0})
     with pytest.raises(jr.TermError, match="Term 'sq': weight must be finite"):
         tracked(X3, weights={"sq": -1.0})
+
+
+def test_print_shows_a_labelled_table_and_the_base_weight_is_reported():
+    objective = jr.compose(
+        jr.Term("nll", lambda x, b: (jnp.sum(x), {"m": jnp.mean(x)})),
+        [jr.Term("sq", sum_sq, 0.1)],
+        track_grad_norms=True,
+    )
+    out = objective(X3)
+    text = str(out)
+    assert text == repr(out)
+    lines = text.splitlines()
+    assert lines[0].startswith("CompositeOutput(loss_total=7.4, regularizer_total=1.4")
+    assert lines[1].split() == [
+        "term",
+        "value",
+        "weight",
+        "contribution",
+        "grad_norm",
+        "grad_norm_weighted",
+        "metrics",
+    ]
+    assert lines[2].split()[:5] == ["nll", "(base)", "6", "1", "6"]
+    assert lines[2].endswith("m=2")
+    assert lines[3].split()[:4] == ["sq", "14", "0.1", "1.4"]
+    flat = out.flat()
+    assert flat["base_loss/weight"] == 1.0 and flat["base_loss/contribution"] == 6.0
+    seen = []
+    jax.jit(lambda x: seen.append(repr(objective(x))) or 0.0)(X3)
+    assert seen[0].startswith("CompositeOutput(terms=['nll', 'sq']")  # traced: no values

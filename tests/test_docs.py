@@ -146,9 +146,10 @@ def test_compose_signatures_and_output_fields():
     attributes = {f.name for f in dataclasses.fields(jr.CompositeOutput)}
     attributes |= {n for n in dir(jr.CompositeOutput) if not n.startswith("_")}
     assert fields <= attributes, fields - attributes
-    (term_output,) = [row[1] for row in rows if row[0].startswith("`base_loss`")]
-    _, params = _call(term_output.strip("`"))
-    assert [p for p, _ in params] == [f.name for f in dataclasses.fields(jr.TermOutput)]
+    (term_output,) = [c for row in rows for c in re.findall(r"`(TermOutput\(.*?\))`", row[1])]
+    _, params = _call(term_output)
+    fields = [f.name.lstrip("_") for f in dataclasses.fields(jr.TermOutput)]
+    assert [p for p, _ in params] == fields
 
 
 def test_remote_service_client_signature():

@@ -517,3 +517,277 @@ def test_no_recompilation_across_random_lengths(server, client):
         result = jr.remote.forward_backward_custom(training, data, objective).result()
         shapes.add(np.asarray(result.output.grad).shape)
     assert objective.trace_count == len(shapes) <= 4
+
+
+# ----------------------------------------------------------------- the declared interface
+class _Minimal:
+    """Only ``forward`` and ``forward_backward``, as an official tinker client has."""
+
+    def forward(self, data, loss_fn):
+        raise AssertionError("not called")
+
+    def forward_backward(self, data, loss_fn):
+        raise AssertionError("not called")
+
+
+def test_training_clients_have_the_declared_interface(client):
+    from jaxreg._src.remote.protocol import SubmitsCustomSteps
+
+    ours = client.training_client("model-never-used")  # sends nothing
+    sdk = jr.remote.TinkerTrainingClient(_Minimal())
+    typed: list[jr.remote.TrainingClientLike] = [ours, sdk]  # checked by mypy as well
+    for training in typed:
+        assert isinstance(training, jr.remote.TrainingClientLike)
+    assert ours.synchronous is False
+    assert sdk.synchronous is True  # no SDK id reservation: run in the caller's thread
+    # Optional capabilities: only ours releases seq_ids, only the adapter submits steps.
+    assert isinstance(ours, jr.remote.SupportsSkipSeq)
+    assert not isinstance(sdk, jr.remote.SupportsSkipSeq)
+    assert isinstance(sdk, SubmitsCustomSteps) and not isinstance(ours, SubmitsCustomSteps)
+    future = jr.remote.APIFuture(ours, "forward", {"seq_id": 0}, "request-0")
+    assert isinstance(future, jr.remote.ResultFuture)
+    # An official-SDK-like client lacks the interface (it gets wrapped); so does a
+    # client missing any one member.
+    assert not isinstance(_Minimal(), jr.remote.TrainingClientLike)
+    assert isinstance(_Recording(ours), jr.remote.TrainingClientLike)
+    members = [
+        "synchronous",
+        "reserve_seq_ids",
+        "forward",
+        "forward_backward",
+        "forward_async",
+        "forward_backward_async",
+    ]
+    for name in members:
+        partial = type("Partial", (), {k: v for k, v in vars(_Recording).items() if k != name})
+        assert not isinstance(partial(ours), jr.remote.TrainingClientLike), name
+
+
+class _Recording:
+    """A third-party client with the declared interface and no ``skip_seq``: delegates to
+    a jaxreg ``TrainingClient`` and records what it is asked."""
+
+    synchronous = True
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def reserve_seq_ids(self, n=1):
+        return self.inner.reserve_seq_ids(n)
+
+    def forward(self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None):
+        self.calls.append(("forward", seq_id, isinstance(data[0], Datum)))
+        return self.inner.forward(data, loss_fn, loss_fn_config, seq_id=seq_id)
+
+    def forward_backward(self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None):
+        self.calls.append(("forward_backward", seq_id, isinstance(data[0], Datum)))
+        return self.inner.forward_backward(data, loss_fn, loss_fn_config, seq_id=seq_id)
+
+    async def forward_async(
+        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
+    ):
+        self.calls.append(("forward_async", seq_id, isinstance(data[0], Datum)))
+        return await self.inner.forward_async(data, loss_fn, loss_fn_config, seq_id=seq_id)
+
+    async def forward_backward_async(
+        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
+    ):
+        self.calls.append(("forward_backward_async", seq_id, isinstance(data[0], Datum)))
+        return await self.inner.forward_backward_async(data, loss_fn, loss_fn_config, seq_id=seq_id)
+
+
+def test_a_client_with_the_interface_is_driven_as_it_is(server, client):
+    """Not wrapped as if it were the official SDK (which sends tinker datums and reads
+    attributes of the SDK's output types)."""
+    data = datums("I", 2, seed=24)
+    builtin = client.create_model()
+    builtin.forward_backward(data)
+    builtin.optim_step(ADAM).result()
+    training = client.create_model()
+    recording = _Recording(training)
+    assert isinstance(recording, jr.remote.TrainingClientLike)
+    future = jr.remote.forward_backward_custom(recording, data, base=jr.losses.cross_entropy)
+    assert future.done()  # synchronous: run in the caller's thread
+    assert recording.calls == [("forward", 0, True), ("forward_backward", 1, True)]  # jaxreg Datums
+    assert future.seq_ids == (0, 1)
+    training.optim_step(ADAM).result()
+    assert_trees_equal(
+        params_of(training, server, "iface")[0], params_of(builtin, server, "iface_ref")[0]
+    )
+
+
+# ----------------------------------------------------------------- async save/load
+def test_async_save_and_load_state(server, client):
+    """``save_state_async``/``load_state_async``, submitted without waiting in between:
+    the service applies them in call order, and loading restores the saved model."""
+    from jaxreg.service import checkpoint
+
+    data = datums("I", 2, seed=25)
+    training = client.create_model()
+
+    async def main():
+        await training.forward_backward_async(data)
+        await training.optim_step_async(ADAM)
+        saved = await training.save_state_async("async_ckpt")
+        at_save = await training.forward_async(data)
+        await training.forward_backward_async(data)
+        await training.optim_step_async(ADAM)
+        moved = await training.forward_async(data)
+        loaded = await training.load_state_async("jaxreg://async_ckpt")
+        after_load = await training.forward_async(data)
+        results = [await f for f in (saved, at_save, moved, loaded, after_load)]
+        await training.service.aclose()
+        return results
+
+    saved, at_save, moved, loaded, after_load = asyncio.run(main())
+    assert saved == {"type": "save_state", "path": "jaxreg://async_ckpt", "step": 1}
+    assert loaded == {"type": "load_state", "path": "jaxreg://async_ckpt", "step": 1}
+    assert training.get_info()["step"] == 1
+    logprobs = [[o["logprobs"] for o in r["loss_fn_outputs"]] for r in (at_save, moved, after_load)]
+    assert not all(np.array_equal(a, b) for a, b in zip(logprobs[0], logprobs[1], strict=True))
+    for a, b in zip(logprobs[0], logprobs[2], strict=True):
+        np.testing.assert_array_equal(a, b)
+    on_disk, meta = checkpoint.load_tree(server.engine.state_dir / "async_ckpt.npz")
+    assert meta["step"] == 1
+    assert_trees_equal(params_of(training, server, "async_ckpt_after")[0], on_disk["params"])
+
+
+def test_loading_a_state_that_does_not_fit_names_it_and_changes_nothing(server, client):
+    from jaxreg.service import checkpoint
+
+    training = client.create_model()
+    before = params_of(training, server, "fit_before")[0]
+    tree, meta = checkpoint.load_tree(server.engine.state_dir / "fit_before.npz")
+    tree["params"] = jax.tree.map(lambda a: np.zeros((*a.shape, 2), a.dtype), tree["params"])
+    checkpoint.save_tree(server.engine.state_dir / "misfit.npz", tree, meta)
+    with pytest.raises(jr.remote.RemoteError, match=r"path: state 'misfit' does not fit") as e:
+        training.load_state("misfit").result()
+    assert e.value.category == "user"  # a 400 of the job that ran it
+    assert "expected float32[" in str(e.value)  # names the first array that does not fit
+    assert_trees_equal(params_of(training, server, "fit_after")[0], before)
+
+
+# ----------------------------------------------------------------- retries
+def test_retry_policy_decides_what_is_retried_and_how_long_to_wait():
+    policy = jr.remote.RetryPolicy(max_retries=4, base=0.1, cap=0.5, seed=7, max_elapsed=10.0)
+    reference = random.Random(7)  # full jitter: uniform(0, min(cap, base * 2**attempt))
+    busy = httpx.Response(503)
+    for attempt, bound in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.5)]:  # 0.8 capped at 0.5
+        assert policy.next_delay(attempt, busy, 0.0) == reference.uniform(0, bound)
+    assert policy.next_delay(4, busy, 0.0) is None  # max_retries used up
+    # Retry-After is honoured, capped at cap, floored at 0; unparsable: jitter instead.
+    for header, expected in [("0.25", 0.25), ("60", 0.5), ("-3", 0.0)]:
+        answer = httpx.Response(429, headers={"Retry-After": header})
+        assert policy.next_delay(0, answer, 0.0) == expected
+    garbled = httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    assert policy.next_delay(0, garbled, 0.0) == reference.uniform(0, 0.1)
+    # The last wait ends at the window's end; none starts after it.
+    assert policy.next_delay(0, httpx.Response(429, headers={"Retry-After": "0.4"}), 9.9) == (
+        pytest.approx(0.1)
+    )
+    assert policy.next_delay(0, busy, 10.0) is None
+    # What is retried: RETRY_STATUS and transport failures; not other answers or errors.
+    for status in (408, 425, 429, 500, 502, 503, 504):
+        assert policy.retryable(httpx.Response(status))
+    for status in (400, 401, 404, 409, 413, 422, 501):
+        assert not policy.retryable(httpx.Response(status))
+        assert policy.next_delay(0, httpx.Response(status), 0.0) is None
+    assert policy.retryable(httpx.ConnectError("refused"))
+    assert policy.retryable(httpx.ReadTimeout("slow"))
+    assert not policy.retryable(ValueError("not a transport error"))  # type: ignore[arg-type]
+    unbounded = jr.remote.RetryPolicy(seed=1)  # max_retries=None: the window only
+    assert unbounded.next_delay(1000, busy, 29.0) is not None
+
+
+def test_sync_and_async_posts_retry_the_same_way():
+    """One retry loop for both paths: the same script of failures gives the same
+    attempts, answer, telemetry and errors."""
+    from jaxreg._src.core import telemetry
+
+    script = [
+        lambda r: httpx.ConnectError("refused", request=r),
+        lambda r: httpx.Response(503, json={"error": "busy"}),
+        lambda r: httpx.Response(429, headers={"Retry-After": "0"}),
+        lambda r: httpx.Response(200, json={"echo": json.loads(r.content)}),
+        lambda r: httpx.Response(503, json={"error": "busy"}),
+        lambda r: httpx.Response(400, json={"error": "seq_id: expected an int"}),
+    ]
+
+    def scripted():
+        calls = iter(script)
+        seen = []
+
+        def handle(request):
+            seen.append(request.url.path)
+            out = next(calls)(request)
+            if isinstance(out, Exception):
+                raise out
+            return out
+
+        return handle, seen
+
+    def run(post):
+        retries = []
+        telemetry.attach(
+            "test-retry",
+            ("jaxreg", "remote", "request", "stop"),
+            lambda e, m, md: retries.append(m["retries"]),
+        )
+        try:
+            answer = post("forward", {"model_id": "m", "seq_id": 3})
+            with pytest.raises(jr.remote.RemoteError) as e:
+                post("forward", {"model_id": "m", "seq_id": 4})
+        finally:
+            telemetry.detach("test-retry")
+        return answer, retries, e.value
+
+    policy = dict(base=0.001, cap=0.001, seed=0)
+    handle, seen_sync = scripted()
+    with jr.remote.ServiceClient(
+        "http://test", transport=httpx.MockTransport(handle), retry=jr.remote.RetryPolicy(**policy)
+    ) as c:
+        sync = run(c.post)
+    handle, seen_async = scripted()
+    c = jr.remote.ServiceClient(
+        "http://test",
+        async_transport=httpx.MockTransport(handle),
+        retry=jr.remote.RetryPolicy(**policy),
+    )
+
+    async def post_async(endpoint, body):
+        return await c.post_async(endpoint, body)
+
+    def post(endpoint, body):
+        return asyncio.run(post_async(endpoint, body))
+
+    asynchronous = run(post)
+    for (answer, retries, error), seen in [(sync, seen_sync), (asynchronous, seen_async)]:
+        assert answer == {"echo": {"model_id": "m", "seq_id": 3}}
+        assert retries == [3]
+        assert seen == ["/api/v1/forward"] * 6
+        assert error.status == 400 and error.seq_id == 4 and error.endpoint == "forward"
+        assert "forward (model m, seq_id 4) failed: HTTP 400: seq_id: expected an int" in str(error)
+
+
+def test_retries_give_up_after_max_retries_on_both_paths():
+    def refuse(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    retry = dict(max_retries=2, base=0.001, cap=0.001)
+    with (
+        jr.remote.ServiceClient(
+            "http://test",
+            transport=httpx.MockTransport(refuse),
+            retry=jr.remote.RetryPolicy(**retry),
+        ) as c,
+        pytest.raises(jr.remote.RemoteError, match=r"get_info \(model m\) failed after 3 "),
+    ):
+        c.post("get_info", {"model_id": "m"})
+    c = jr.remote.ServiceClient(
+        "http://test",
+        async_transport=httpx.MockTransport(refuse),
+        retry=jr.remote.RetryPolicy(**retry),
+    )
+    with pytest.raises(jr.remote.RemoteError, match=r"get_info \(model m\) failed after 3 ") as e:
+        asyncio.run(c.post_async("get_info", {"model_id": "m"}))
+    assert isinstance(e.value.__cause__, httpx.ConnectError)

@@ -49,12 +49,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "jaxreg.service needs starlette and uvicorn: pip install 'jaxreg[service]'"
     ) from e
 
+from jaxreg._src.remote.wire import API_KEY_HEADER
 from jaxreg.service.engine import Engine, ServiceError, _short, dumps
 from jaxreg.service.openapi import openapi_schema
 
 logger = logging.getLogger("jaxreg.service")
 
-API_KEY_HEADER = "X-API-Key"
 WORK_ENDPOINTS = (
     "forward",
     "forward_backward",

@@ -114,6 +114,19 @@ class _Model:
     in_flight: int = 0  # released to the scheduler, not finished
     deleted: bool = False
 
+    def state_tree(self) -> dict[str, Any]:
+        """What a checkpoint holds of the model's arrays (both front doors save this)."""
+        return {"params": self.params, "opt_state": self.opt_state, "grad_acc": self.grad_acc}
+
+    def read_state(self, file: Path, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A saved ``state_tree`` shaped like this model's (device arrays) and its
+        metadata; ``ServiceError`` 400 naming ``what`` when it does not fit."""
+        try:
+            tree, meta = checkpoint.load_tree(file, like=self.state_tree())
+        except ValueError as e:
+            raise ServiceError(400, f"path: {what} does not fit this model: {e}") from None
+        return jax.tree.map(jnp.asarray, tree), meta
+
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
@@ -819,7 +832,7 @@ class Engine:
         return self.state_dir / f"{name}.npz"
 
     def _save(self, m: _Model, name: str) -> dict[str, Any]:
-        tree = {"params": m.params, "opt_state": m.opt_state, "grad_acc": m.grad_acc}
+        tree = m.state_tree()
         meta = {"step": m.step, "n_accumulated": m.n_accumulated, "config": self.config.to_dict()}
         checkpoint.save_tree(self._state_path(name), tree, meta)
         return {"type": "save_state", "path": f"jaxreg://{name}", "step": m.step}
@@ -828,12 +841,7 @@ class Engine:
         path = self._state_path(name)
         if not path.exists():
             raise ServiceError(404, f"path: no saved state named {name!r}")
-        like = {"params": m.params, "opt_state": m.opt_state, "grad_acc": m.grad_acc}
-        try:
-            tree, meta = checkpoint.load_tree(path, like=like)
-        except ValueError as e:
-            raise ServiceError(400, f"path: state {name!r} does not fit this model: {e}") from None
-        tree = jax.tree.map(jnp.asarray, tree)
+        tree, meta = m.read_state(path, f"state {name!r}")
         m.params, m.opt_state, m.grad_acc = tree["params"], tree["opt_state"], tree["grad_acc"]
         m.step, m.n_accumulated = meta["step"], meta["n_accumulated"]
         return {"type": "load_state", "path": f"jaxreg://{name}", "step": m.step}

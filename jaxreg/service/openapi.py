@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from jaxreg._src.remote.wire import API_KEY_HEADER
+
 _INT = {"type": "integer", "minimum": 0}
 _SEQ = {"type": ["integer", "null"], "minimum": 0, "maximum": (1 << 53) - 1}
 _TENSOR = {
@@ -179,6 +181,8 @@ def openapi_schema() -> dict[str, Any]:
         "info": {"title": "jaxreg reference training service", "version": "1"},
         "paths": paths,
         "components": {
-            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}
+            }
         },
     }

@@ -54,7 +54,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from jaxreg._src.remote.wire import WireError, decode_tensor
+from jaxreg._src.remote.wire import API_KEY_HEADER, WireError, decode_tensor
 from jaxreg.service import checkpoint, tasks, tinker_proto
 from jaxreg.service import lora as lora_lib
 from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps, remember
@@ -62,7 +62,6 @@ from jaxreg.service.sampling import Sampler
 
 logger = logging.getLogger("jaxreg.service")
 
-API_KEY_HEADER = "X-API-Key"
 IDEMPOTENCY_HEADER = "x-idempotency-key"
 SDK_HEADER = "x-stainless-package-version"
 SHARED_PATHS = ("create_model", "get_info", "forward_backward", "optim_step", "retrieve_future")
@@ -436,7 +435,7 @@ class TinkerAPI:
         info = self._model_info(m.model_id)
 
         def job():
-            tree = {"params": m.params, "opt_state": m.opt_state, "grad_acc": m.grad_acc}
+            tree = m.state_tree()
             meta = {
                 "step": m.step,
                 "n_accumulated": m.n_accumulated,
@@ -452,12 +451,7 @@ class TinkerAPI:
 
     def _load_job(self, m, file: Path, path: str, optimizer: bool):
         def job():
-            like = {"params": m.params, "opt_state": m.opt_state, "grad_acc": m.grad_acc}
-            try:
-                tree, meta = checkpoint.load_tree(file, like=like)
-            except ValueError as e:
-                raise ServiceError(400, f"path: {path!r} does not fit this model: {e}") from None
-            tree = jax.tree.map(jnp.asarray, tree)
+            tree, meta = m.read_state(file, repr(path))
             m.params = tree["params"]
             if optimizer:
                 m.opt_state, m.grad_acc = tree["opt_state"], tree["grad_acc"]

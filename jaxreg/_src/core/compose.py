@@ -1,31 +1,31 @@
-"""``compose``: one compiled program for the total loss, per-term metrics and gradients."""
+"""``compose``: one compiled program for the total loss, per-term metrics and gradients.
+
+[`compose`][jaxreg.compose] validates its arguments into a frozen ``Plan``
+and returns an [`Objective`][jaxreg.Objective]: a thin callable that turns per-call weights and
+steps into arrays and runs the jitted ``run`` of the plan.
+Host terms (``jaxreg._src.core.host``) and telemetry events
+(``jaxreg._src.core.telemetry``) are handled by their own modules.
+"""
 
 from __future__ import annotations
 
+import functools
 import numbers
-import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.core import guards, telemetry
-from jaxreg._src.core.host import HostTerm, merge_host_results, run_all
-from jaxreg._src.core.linalg import cross_gram, to_logit_space, weighted_rows
-from jaxreg._src.core.output import CompositeOutput, Layout
-from jaxreg._src.core.term import Term, TermError, check_weight, normalize_terms
+from jaxreg._src.core import host, program, telemetry
+from jaxreg._src.core.errors import TermError
+from jaxreg._src.core.output import CompositeOutput
+from jaxreg._src.core.plan import GradSpace, GradStrategy, Plan, make_plan
+from jaxreg._src.core.strategy import AUTO_VMAP_MAX_ELEMENTS
+from jaxreg._src.core.term import Term, check_weight, normalize_terms
 
-GradStrategy = Literal["auto", "per_term", "vmap"] | Sequence[Sequence[str]]
-GradSpace = Literal["x", "logits"]
-GRAD_SPACES = ("x", "logits")
-
-# "auto" uses one vmap-ed VJP for a single array x of at most this many elements (the
-# per-call cost of the per-term program's extra kernels dominates there: 1.02-1.10x the
-# floor instead of 1.50-1.61x at [8, 512]) and per-term VJPs otherwise (1.0-1.4x against
-# 1.5-2.2x at [32, 2048] and up; parameter pytrees always go per term).
-AUTO_VMAP_MAX_ELEMENTS = 1 << 14
+__all__ = ["AUTO_VMAP_MAX_ELEMENTS", "Objective", "compose"]
 
 
 class Objective:
@@ -34,73 +34,53 @@ class Objective:
     Built by [`compose`][jaxreg.compose]. Calling it runs one compiled XLA program per
     ``(term structure, input shapes)``; weights and schedule steps are traced arrays, so
     changing them never recompiles (``trace_count`` counts the traces).
+
+    Attributes:
+      plan: the frozen ``Plan`` (terms and flags).
+      names: the term names, the base first.
+      terms, base, regularizers: the terms (``base`` is ``None`` without one).
+      host_terms: the [`jaxreg.HostTerm`][jaxreg.HostTerm] among the regularizers.
+      raises_on_nonfinite: whether each untraced call runs
+        [`jaxreg.check_finite`][jaxreg.check_finite] (``compose(..., check_finite=True)``).
+      trace_count: how many times the compiled program was traced.
     """
 
-    def __init__(
-        self,
-        base: Term | None,
-        regularizers: tuple[Term, ...],
-        *,
-        track_grad_norms: bool,
-        term_grads: bool,
-        grad_conflicts: bool,
-        grad_strategy: GradStrategy,
-        check_finite: bool = False,
-        grad_space: GradSpace = "x",
-    ):
-        if grad_space not in GRAD_SPACES:
-            raise TermError(f"grad_space must be one of {list(GRAD_SPACES)}; found {grad_space!r}.")
-        self.grad_space = grad_space
-        self.check_finite = check_finite
-        self.base = base
-        self.regularizers = regularizers
-        self.terms: tuple[Term, ...] = ((base,) if base is not None else ()) + regularizers
-        self.names = tuple(t.name for t in self.terms)
-        self.track_grad_norms = track_grad_norms
-        self.term_grads = term_grads
-        self.grad_conflicts = grad_conflicts
-        self.grad_strategy = grad_strategy
-        self.groups = _groups("per_term" if grad_strategy == "auto" else grad_strategy, self.names)
+    def __init__(self, plan: Plan, *, raises_on_nonfinite: bool = False):
+        self.plan = plan
+        self.raises_on_nonfinite = raises_on_nonfinite
         self.trace_count = 0
-        self._index = {name: i for i, name in enumerate(self.names)}
-        self._scheduled = any(t.scheduled for t in self.terms)
-        # A NaN weight tells the compiled program to evaluate that term's schedule.
-        fixed = np.array([np.nan if t.scheduled else t.weight for t in self.terms], np.float32)
-        self._fixed = fixed
-        self._default_w = jnp.asarray(fixed)
+        self.host_terms = tuple(t for t in plan.terms if isinstance(t, host.HostTerm))
+        self._index = {name: i for i, name in enumerate(plan.names)}
+        self._fixed = plan.fixed_weights
+        self._default_w = jnp.asarray(self._fixed)
         self._default_step = jnp.zeros((), jnp.int32)
         self._cache_key: Any = None
         self._cache_value: Any = None
-        self._jitted = jax.jit(self._run)
-        self.host_terms = tuple(t for t in regularizers if isinstance(t, HostTerm))
-        self._device: Objective | None = None
-        if isinstance(base, HostTerm):
-            raise TermError(f"HostTerm {base.name!r}: the base loss must be a JAX term.")
+        # Untraced calls with host terms run a program of the other (device) terms only
+        # and the host terms beside it; traced calls run them all in one program, the
+        # host terms through jax.pure_callback.
+        self.device_plan: Plan | None = plan
+        self._jitted = jax.jit(functools.partial(self._traced, plan))
+        self._device_jitted = self._jitted
         if self.host_terms:
-            if term_grads or grad_conflicts:
-                raise TermError(
-                    f"host terms {[t.name for t in self.host_terms]}: term_grads and "
-                    "grad_conflicts need every term's gradient inside one program; use "
-                    "track_grad_norms (supported) or make the terms JAX functions."
-                )
-            device_regs = tuple(t for t in regularizers if not isinstance(t, HostTerm))
-            if base is not None or device_regs:
-                self._device = Objective(
-                    base,
-                    device_regs,
-                    track_grad_norms=track_grad_norms,
-                    term_grads=False,
-                    grad_conflicts=False,
-                    grad_strategy=grad_strategy,
-                    grad_space=grad_space,
-                )
+            keep = [i for i, t in enumerate(plan.terms) if not isinstance(t, host.HostTerm)]
+            self.device_plan = plan.restrict(keep) if keep else None
+            self._device_index = np.asarray(keep, np.int32)
+            if self.device_plan is not None:
+                self._device_jitted = jax.jit(functools.partial(self._traced, self.device_plan))
+
+    # The plan's fields, for reading an objective.
+    names = property(lambda self: self.plan.names)
+    terms = property(lambda self: self.plan.terms)
+    base = property(lambda self: self.plan.terms[0] if self.plan.has_base else None)
+    regularizers = property(lambda self: self.plan.terms[1 if self.plan.has_base else 0 :])
+    track_grad_norms = property(lambda self: self.plan.track_grad_norms)
+    term_grads = property(lambda self: self.plan.term_grads)
+    grad_conflicts = property(lambda self: self.plan.grad_conflicts)
+    grad_space = property(lambda self: self.plan.grad_space)
 
     def __repr__(self) -> str:
-        flags = [
-            f for f in ("track_grad_norms", "term_grads", "grad_conflicts") if getattr(self, f)
-        ]
-        space = "" if self.grad_space == "x" else f", grad_space={self.grad_space!r}"
-        return f"Objective(terms={list(self.names)}, {', '.join(flags) or 'plain'}{space})"
+        return repr(self.plan)
 
     def __call__(
         self,
@@ -126,75 +106,43 @@ class Objective:
         Returns:
           A [`CompositeOutput`][jaxreg.CompositeOutput].
         """
-        if not (self.host_terms or self.check_finite or telemetry.has_handlers()):
-            return self._call_jitted(x, batch, weights, step)  # the common, thin path
+        if not (self.host_terms or self.raises_on_nonfinite or telemetry.has_handlers()):
+            return self.compiled(x, batch, weights, step)  # the common, thin path
         traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
-        if traced or not telemetry.active(*_COMPOSE_EVENTS):
-            out = self._call(x, batch, weights, step, data, traced)
-            if self.check_finite and not traced:
-                guards.check_finite(out)
-            return out
-        started = telemetry.now()
-        telemetry.execute(
-            ("jaxreg", "compose", "start"), {"system_time": time.time()}, {"terms": self.names}
+
+        def call() -> CompositeOutput:
+            if self.host_terms and not traced:
+                return host.call_with_host_terms(self, x, batch, weights, step, data)
+            return self.compiled(x, batch, weights, step)
+
+        if traced:
+            return call()
+        return telemetry.instrument_compose(
+            call, self.names, self.host_terms, raises_on_nonfinite=self.raises_on_nonfinite
         )
-        try:
-            out = self._call(x, batch, weights, step, data, traced)
-            d = guards.check_finite(out) if self.check_finite else out.to_dict()  # one transfer
-        except Exception as e:
-            telemetry.execute(
-                ("jaxreg", "compose", "exception"),
-                {"duration": telemetry.now() - started},
-                {"terms": self.names, "error": f"{type(e).__name__}: {e}"},
-            )
-            raise
-        _emit_stop(self, out, d, telemetry.now() - started)
-        return out
 
-    def _call(self, x, batch, weights, step, data, traced) -> CompositeOutput:
-        if self.host_terms and not traced:
-            return self._call_with_host_terms(x, batch, weights, step, data)
-        return self._call_jitted(x, batch, weights, step)
-
-    def _call_jitted(self, x, batch, weights, step) -> CompositeOutput:
-        w = self._default_w if weights is None else self._weights(weights)
-        if not self._scheduled:
+    def compiled(
+        self, x: Any, batch: Any, weights: Any, step: Any, *, device_only: bool = False
+    ) -> CompositeOutput:
+        """Runs the compiled program; ``device_only``: of the JAX terms alone."""
+        w = self._default_w if weights is None else self.weight_vector(weights)
+        jitted = self._jitted
+        if device_only and self.host_terms:
+            w, jitted = w[self._device_index], self._device_jitted
+        if not self.plan.scheduled:
             step = None
         elif step is None:
             step = self._default_step
         elif isinstance(step, numbers.Integral):
             step = np.int32(step)
-        return self._jitted(x, batch, w, step)
+        return jitted(x, batch, w, step)
 
-    def _call_with_host_terms(self, x, batch, weights, step, data) -> CompositeOutput:
-        """Dispatches the compiled part, runs the host terms meanwhile, then merges."""
-        host_names = {t.name for t in self.host_terms}
-        if weights is not None:
-            self._weights(weights)  # validates names and values
-        device_weights = (
-            None if weights is None else {k: v for k, v in weights.items() if k not in host_names}
-        )
-        device_out = None
-        if self._device is not None:
-            # _call, not __call__: the outer call emits the telemetry events.
-            device_out = self._device._call_jitted(x, batch, device_weights or None, step)
-        x_host = np.asarray(x)
-        batch_host = jax.tree.map(np.asarray, batch)
-        results = run_all(list(self.host_terms), x_host, batch_host, data)
-        host_weights = {
-            t.name: float((weights or {}).get(t.name, t.weight)) for t in self.host_terms
-        }
-        if telemetry.active(("jaxreg", "term", "exception")):
-            for r in results:
-                if not r.ok:
-                    telemetry.execute(
-                        ("jaxreg", "term", "exception"),
-                        {"duration": r.seconds},
-                        {"name": r.name, "error": r.error},
-                    )
-        return merge_host_results(self, device_out, results, host_weights, x)
+    def _traced(self, plan: Plan, x, batch, w, step) -> CompositeOutput:
+        self.trace_count += 1
+        return program.run(plan, x, batch, w, step)
 
-    def _weights(self, weights: Mapping[str, Any]) -> Any:
+    def weight_vector(self, weights: Mapping[str, Any]) -> Any:
+        """The ``[n]`` weight vector for per-call ``weights`` (NaN: evaluate the schedule)."""
         if not isinstance(weights, Mapping):
             raise TermError(
                 f"weights must be a dict {{name: weight}}; found {type(weights).__name__}."
@@ -225,275 +173,6 @@ class Objective:
             parts[self._index[name]] = jnp.asarray(value).astype(jnp.float32)
         return jnp.stack(parts)
 
-    # ---------------------------------------------------------------- compiled path
-
-    def _run(self, x, batch, w, step) -> CompositeOutput:
-        self.trace_count += 1
-        if self.grad_space == "logits":
-            _check_logprobs_input(x)
-        if self._scheduled:
-            weights = []
-            for i, term in enumerate(self.terms):
-                if term.scheduled:
-                    sched = jnp.asarray(term.weight(step)).astype(jnp.float32)  # type: ignore[operator]
-                    weights.append(jnp.where(jnp.isnan(w[i]), sched, w[i]))
-                else:
-                    weights.append(w[i])
-            w = jnp.stack(weights)
-        need_jacobian = self.track_grad_norms or self.term_grads or self.grad_conflicts
-        if need_jacobian:
-            values, metrics, grad, gram, jac = self._jacobian(x, batch, w)
-        else:
-            values, metrics, grad = self._value_and_grad(x, batch, w)
-            gram = jac = None
-        return self._output(values, metrics, grad, w, gram, jac)
-
-    def _evaluate(self, indices, x, batch):
-        values, metrics = [], []
-        for i in indices:
-            value, custom = self.terms[i].evaluate(x, batch)
-            values.append(value)
-            metrics.append(custom)
-        dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in values) else jnp.float32
-        return jnp.stack([v.astype(dtype) for v in values]), metrics
-
-    def _value_and_grad(self, x, batch, w):
-        """Exactly one ``value_and_grad`` of the weighted sum."""
-
-        def total(x):
-            values, metrics = self._evaluate(range(len(self.terms)), x, batch)
-            return jnp.dot(w.astype(values.dtype), values), (values, metrics)
-
-        (_, (values, metrics)), grad = jax.value_and_grad(total, has_aux=True)(x)
-        if self.grad_space == "logits":
-            grad = to_logit_space(grad, x)
-        return values, metrics, grad
-
-    def _jacobian(self, x, batch, w):
-        """Per-term gradients by group: one VJP each, ``vmap``-ed over groups of size > 1."""
-        n = len(self.terms)
-        values: list[Any] = [None] * n
-        metrics: list[Any] = [None] * n
-        blocks = []  # (indices, stacked per-term gradients with a leading group axis)
-        groups = self.groups
-        small = isinstance(x, jax.Array | np.ndarray) and x.size <= AUTO_VMAP_MAX_ELEMENTS
-        if self.grad_strategy == "auto" and small and n > 1:
-            groups = (tuple(range(n)),)
-        for group in groups:
-            f = lambda x, group=group: self._evaluate(group, x, batch)
-            vals, pullback, mets = jax.vjp(f, x, has_aux=True)
-            if len(group) == 1:
-                jac = jax.tree.map(lambda g: g[None], pullback(jnp.ones_like(vals))[0])
-            else:
-                jac = jax.vmap(pullback)(jnp.eye(len(group), dtype=vals.dtype))[0]
-            for k, i in enumerate(group):
-                values[i], metrics[i] = vals[k], mets[k]
-            if self.grad_space == "logits":
-                # Every diagnostic (norms, Gramian, term_grads) and w @ J read the
-                # projected rows: one elementwise pass XLA fuses with the backward.
-                jac = to_logit_space(jac, x)
-            blocks.append((group, jac))
-        dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in values) else jnp.float32
-        values_arr = jnp.stack([v.astype(dtype) for v in values])
-
-        grad = None
-        for group, jac in blocks:
-            wg = w[np.asarray(group)]
-            part = jax.tree.map(lambda j, wg=wg: weighted_rows(wg, j), jac)
-            grad = part if grad is None else jax.tree.map(jnp.add, grad, part)
-
-        acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
-        if self.grad_conflicts:
-            gram = jnp.zeros((n, n), acc)
-            for a, (ga, ja) in enumerate(blocks):
-                for gb, jb in blocks[a:]:
-                    block = _gram(ja, jb, acc)
-                    ia, ib = np.asarray(ga), np.asarray(gb)
-                    gram = gram.at[np.ix_(ia, ib)].set(block)
-                    gram = gram.at[np.ix_(ib, ia)].set(block.T)
-        else:
-            # Only the Gramian's diagonal (the squared norms) is needed, in term order.
-            sq: list[Any] = [None] * n
-            for group, jac in blocks:
-                norms = _sq_norms(jac, acc)
-                for k, i in enumerate(group):
-                    sq[i] = norms[k]
-            gram = jnp.stack(sq)
-        jac_full = None
-        if self.term_grads:
-            # Rows in term order by slicing and concatenating: a gather (``[order]``)
-            # costs XLA:CPU another pass over the whole Jacobian.
-            where = {i: (b, k) for b, (group, _) in enumerate(blocks) for k, i in enumerate(group)}
-            rows = [where[i] for i in range(n)]
-
-            def stack(*leaves):
-                if len(leaves) == 1 and [k for _, k in rows] == list(range(n)):
-                    return leaves[0]
-                return jnp.concatenate([leaves[b][k : k + 1] for b, k in rows], axis=0)
-
-            jac_full = jax.tree.map(stack, *(j for _, j in blocks))
-        return values_arr, metrics, grad, gram, jac_full
-
-    def _output(self, values, metrics, grad, w, gram, jac) -> CompositeOutput:
-        dtype = values.dtype
-        w = w.astype(dtype)
-        contributions = w * values
-        norms = total_norm = cosines = None
-        if gram is not None:
-            norms = _safe_sqrt(jnp.diagonal(gram) if gram.ndim == 2 else gram).astype(dtype)
-            if self.grad_conflicts:
-                denom = jnp.outer(norms, norms).astype(gram.dtype)
-                cosines = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1), 0)
-                # A non-finite gradient gives a NaN cosine, never a plausible 0.
-                finite = jnp.isfinite(gram) & jnp.isfinite(denom)
-                cosines = jnp.where(finite, jnp.clip(cosines, -1, 1), jnp.nan)
-        track = self.track_grad_norms
-        if track:
-            total_norm = _safe_sqrt(_tree_sq_norm(grad)).astype(dtype)
-        layout = Layout(
-            names=self.names,
-            has_base=self.base is not None,
-            custom=tuple(tuple(m) for m in metrics),
-            norms=track,
-            differentiable=tuple(t.differentiable for t in self.terms),
-            grad_space=self.grad_space,
-        )
-        start = 1 if self.base is not None else 0
-        if total_norm is None:
-            total_norm = jnp.zeros((), dtype)
-        totals = jnp.stack([jnp.sum(contributions), jnp.sum(contributions[start:]), total_norm])
-        fields = [values, w, contributions] + ([norms, w * norms] if track else [])
-        custom = [jnp.asarray(v).astype(dtype) for m in metrics for v in m.values()]
-        parts = [totals, *fields] + ([jnp.stack(custom)] if custom else [])
-        scalars = jnp.concatenate(parts)
-        return CompositeOutput(
-            grad=grad, scalars=scalars, grad_cosines=cosines, term_grads=jac, layout=layout
-        )
-
-
-_COMPOSE_EVENTS = (
-    ("jaxreg", "compose", "start"),
-    ("jaxreg", "compose", "stop"),
-    ("jaxreg", "compose", "exception"),
-    ("jaxreg", "term", "stop"),
-)
-
-
-def _emit_stop(objective: Objective, out: CompositeOutput, d: dict, duration: float) -> None:
-    measurements = {
-        "duration": duration,
-        "loss_total": d["loss_total"],
-        "regularizer_total": d["regularizer_total"],
-    }
-    if "total_grad_norm" in d:
-        measurements["total_grad_norm"] = d["total_grad_norm"]
-    telemetry.execute(
-        ("jaxreg", "compose", "stop"),
-        measurements,
-        {"terms": objective.names, "n_terms": len(objective.names)},
-    )
-    if not telemetry.active(("jaxreg", "term", "stop")):
-        return
-    host = {t.name for t in objective.host_terms}
-    entries = dict(d["regularizers"])
-    if "base_loss" in d and out.base_loss is not None:
-        base = d["loss_total"] - d["regularizer_total"]
-        entries = {out.base_loss.name: {**d["base_loss"], "contribution": base}, **entries}
-    for name, e in entries.items():
-        m = {k: e[k] for k in ("value", "weight", "contribution", "grad_norm") if k in e}
-        telemetry.execute(
-            ("jaxreg", "term", "stop"),
-            m,
-            {"name": name, "host": name in host, "differentiable": e.get("differentiable", True)},
-        )
-
-
-def _sq_norms(jac: Any, dtype) -> jax.Array:
-    """``diag(J J^T)``: each stacked gradient's squared L2 norm over all leaves."""
-    leaves = jax.tree.leaves(jac)
-    return sum(
-        (jnp.sum(jnp.square(j.astype(dtype)).reshape(j.shape[0], -1), axis=1) for j in leaves),
-        start=jnp.zeros((leaves[0].shape[0],), dtype),
-    )
-
-
-def _gram(ja: Any, jb: Any, dtype) -> jax.Array:
-    """``J_a J_b^T`` summed over the leaves of two stacked-gradient pytrees."""
-    total = None
-    for a, b in zip(jax.tree.leaves(ja), jax.tree.leaves(jb), strict=True):
-        a = a.reshape(a.shape[0], -1).astype(dtype)
-        b = b.reshape(b.shape[0], -1).astype(dtype)
-        # One-by-one blocks are an elementwise product XLA fuses with its producers.
-        one = a.shape[0] == b.shape[0] == 1
-        block = jnp.sum(a * b).reshape(1, 1) if one else cross_gram(a, b)
-        total = block if total is None else total + block
-    if total is None:
-        return jnp.zeros((jax.tree.leaves(ja)[0].shape[0],) * 2, dtype)
-    return total
-
-
-def _tree_sq_norm(tree: Any) -> jax.Array:
-    return sum(
-        (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
-        start=jnp.zeros((), jnp.float32),
-    )
-
-
-def _check_logprobs_input(x: Any) -> None:
-    """Raises unless ``x`` is one floating array with a vocabulary axis (trace time)."""
-    if not isinstance(x, jax.Array | np.ndarray) or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TermError(
-            "grad_space='logits': x must be one floating array of log-probabilities over the "
-            f"whole vocabulary along its last axis; found {type(x).__name__} "
-            f"{getattr(x, 'dtype', '')}. Use grad_space='x' for parameter pytrees."
-        )
-    if x.ndim < 1 or x.shape[-1] < 2:
-        raise TermError(
-            "grad_space='logits': x must have a vocabulary axis (last) of size >= 2, e.g. "
-            f"[B, T, K] logprobs; found shape {tuple(x.shape)}."
-        )
-
-
-def _safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(max(x, 0))`` with a finite derivative at 0; NaN stays NaN.
-
-    A squared norm that is NaN (a NaN in some gradient) must give a NaN norm, so that
-    [`jaxreg.check_finite`][jaxreg.check_finite] names the term instead of reporting a norm of 0.
-    """
-    positive = x > 0
-    root = jnp.sqrt(jnp.where(positive, x, 1))
-    return jnp.where(positive, root, jnp.where(jnp.isnan(x), x, jnp.zeros_like(x)))
-
-
-def _groups(strategy: GradStrategy, names: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-    n = len(names)
-    if strategy == "per_term":
-        return tuple((i,) for i in range(n))
-    if strategy == "vmap":
-        return (tuple(range(n)),)
-    if isinstance(strategy, str) or not isinstance(strategy, Sequence):
-        raise TermError(
-            "grad_strategy must be 'per_term', 'vmap' or a list of groups of term names; "
-            f"found {strategy!r}."
-        )
-    index = {name: i for i, name in enumerate(names)}
-    groups, seen = [], set()
-    for group in strategy:
-        if isinstance(group, str):
-            group = (group,)
-        ids = []
-        for name in group:
-            if name not in index:
-                raise TermError(f"grad_strategy: unknown term {name!r}; terms are {list(names)}.")
-            if name in seen:
-                raise TermError(f"grad_strategy: term {name!r} is in more than one group.")
-            seen.add(name)
-            ids.append(index[name])
-        if ids:
-            groups.append(tuple(ids))
-    groups.extend((i,) for i, name in enumerate(names) if name not in seen)
-    return tuple(groups)
-
 
 def compose(
     base: Term | Callable[..., Any] | None,
@@ -505,6 +184,7 @@ def compose(
     grad_strategy: GradStrategy = "auto",
     check_finite: bool = False,
     grad_space: GradSpace = "x",
+    forward: Callable[[Any, Any], Any] | None = None,
 ) -> Objective:
     r"""Composes a base loss and weighted regularizers into one compiled objective.
 
@@ -520,10 +200,20 @@ def compose(
     from the Gramian :math:`G = J J^\top` and the total gradient is :math:`w^\top J`,
     with no extra backward pass.
 
+    With a model stage, ``forward=apply_fn``, ``x`` is the parameters and the model runs
+    once per call: terms read ``y = apply_fn(x, batch)`` (or, with
+    ``Term(..., on="params")``, the parameters). Without diagnostics the call is one
+    ``value_and_grad`` through one forward, as a hand-written step; with them, each
+    output term's gradient with respect to ``y`` is pulled back through the one saved
+    forward (one backward through the model per output term) and parameter penalties
+    are differentiated on their own.
+
     Args:
       base: the base loss: a [`Term`][jaxreg.Term] (its weight is normally 1), a plain callable
         ``fn(x, batch)`` (named ``"base"``), or ``None``.
       regularizers: [`Term`][jaxreg.Term] objects, or SDK-style dicts ``{"name", "fn", "weight"}``.
+        A term's default weight is its scale: losses reduce with ``"sum"`` over tokens
+        and regularizers with ``"token_mean"`` (see each term's ``reduction``).
       track_grad_norms: report each term's gradient norm and the total gradient norm.
       term_grads: return each term's unweighted gradient, stacked (``out.term_grads``).
       grad_conflicts: return the pairwise cosine matrix of the terms' gradients.
@@ -557,6 +247,10 @@ def compose(
         constant norm). Not exact when the last axis is a subset of the vocabulary
         (top-K targets): there ``sum_k p_k < 1`` and the probabilities outside the subset,
         which the projection needs, are unknown; keep ``"x"`` then.
+      forward: a model stage ``forward(params, batch) -> outputs`` (any pytree, e.g.
+        logits ``[B, K]``), shared by every term: terms read its output, except those
+        declared ``Term(..., on="params")``, which read ``x``. Gradients stay with
+        respect to ``x``. Not combinable with host terms or ``grad_space="logits"``.
 
     Returns:
       An [`Objective`][jaxreg.Objective], called as ``objective(x, batch, *, weights=None,
@@ -579,15 +273,29 @@ def compose(
       >>> out = jr.compose(ent, track_grad_norms=True, grad_space="logits")(x)
       >>> out.grad_space
       'logits'
+
+      A model stage: the MLP runs once, the penalty reads the parameters.
+
+      >>> def apply(params, batch):
+      ...     return jnp.tanh(batch["x"] @ params["w"])
+      >>> mse = jr.Term("mse", lambda y, b: jnp.mean((y - b["y"]) ** 2))
+      >>> decay = jr.Term("l2", lambda p, b: jnp.sum(p["w"] ** 2), weight=1e-2, on="params")
+      >>> objective = jr.compose(mse, [decay], forward=apply, track_grad_norms=True)
+      >>> params = {"w": jnp.ones((3, 2))}
+      >>> out = objective(params, {"x": jnp.ones((4, 3)), "y": jnp.zeros((4, 2))})
+      >>> out.grad["w"].shape
+      (3, 2)
     """
     base_term, regs = normalize_terms(base, regularizers)
-    return Objective(
+    plan = make_plan(
         base_term,
         regs,
         track_grad_norms=track_grad_norms,
         term_grads=term_grads,
         grad_conflicts=grad_conflicts,
         grad_strategy=grad_strategy,
-        check_finite=check_finite,
         grad_space=grad_space,
+        forward=forward,
+        host_types=(host.HostTerm,),
     )
+    return Objective(plan, raises_on_nonfinite=check_finite)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InputError", "JaxregError", "TermError"]
+__all__ = ["InputError", "JaxregError", "NotComputedError", "TermError"]
 
 
 class JaxregError(Exception):
@@ -34,4 +34,13 @@ class InputError(JaxregError, ValueError):
 
     Raised by the built-in terms (and usable by users' own); [`Term`][jaxreg.Term] re-raises it as
     a [`TermError`][jaxreg.TermError] prefixed with the term's name.
+    """
+
+
+class NotComputedError(JaxregError, AttributeError):
+    """A quantity of a [`CompositeOutput`][jaxreg.CompositeOutput] was read that was not computed.
+
+    The message names the flag of [`compose`][jaxreg.compose] that computes it (for
+    example ``track_grad_norms=True`` for ``grad_norm``). It is an ``AttributeError``,
+    so ``getattr(out, "grad_cosines", None)`` still returns ``None``.
     """

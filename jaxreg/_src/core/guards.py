@@ -35,8 +35,8 @@ def check_finite(out: Any, context: str = "") -> dict[str, Any]:
     """
     d = out.to_dict()
     entries = dict(d["regularizers"])
-    if "base_loss" in d and out.base_loss is not None:
-        entries = {out.base_loss.name: d["base_loss"], **entries}
+    if "base_loss" in d:
+        entries = {out.term_names[0]: d["base_loss"], **entries}
     where = {}
     for name, e in entries.items():
         if not np.isfinite(e["value"]):

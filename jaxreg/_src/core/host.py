@@ -34,7 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.core import telemetry
 from jaxreg._src.core.linalg import to_logit_space
+from jaxreg._src.core.output import CompositeOutput, pack
+from jaxreg._src.core.pools import LazySingleton
 from jaxreg._src.core.term import Term, TermError
 
 MAX_TIMEOUT = 300.0
@@ -312,38 +315,37 @@ class HostThreads:
             inbox.put(None)
 
 
-_THREADS: HostThreads | None = None
-_PROCESSES: concurrent.futures.ProcessPoolExecutor | None = None
-_LOOP: asyncio.AbstractEventLoop | None = None
-_POOL_LOCK = threading.Lock()
+def _start_processes() -> concurrent.futures.ProcessPoolExecutor:
+    # spawn: forking a process that runs XLA threads is unsafe
+    pool = concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn"))
+    # Registered after concurrent.futures' own exit hook, so run before it (they run
+    # last-in first-out): a hung worker is terminated instead of joined.
+    threading._register_atexit(_terminate_processes)  # type: ignore[attr-defined]
+    return pool
+
+
+def _start_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="jaxreg-host-loop", daemon=True).start()
+    return loop
+
+
+_THREADS = LazySingleton(HostThreads)
+_PROCESSES = LazySingleton(_start_processes)
+_LOOP = LazySingleton(_start_loop)
 
 
 def _threads() -> HostThreads:
-    global _THREADS
-    with _POOL_LOCK:
-        if _THREADS is None:
-            _THREADS = HostThreads()
-        return _THREADS
+    return _THREADS.get()
 
 
 def _processes() -> concurrent.futures.ProcessPoolExecutor:
-    global _PROCESSES
-    with _POOL_LOCK:
-        if _PROCESSES is None:  # spawn: forking a process that runs XLA threads is unsafe
-            _PROCESSES = concurrent.futures.ProcessPoolExecutor(
-                mp_context=multiprocessing.get_context("spawn")
-            )
-            # Registered after concurrent.futures' own exit hook, so run before it (they
-            # run last-in first-out): a hung worker is terminated instead of joined.
-            threading._register_atexit(_terminate_processes)  # type: ignore[attr-defined]
-        return _PROCESSES
+    return _PROCESSES.get()
 
 
 def _terminate_processes() -> None:
     """Ends the process pool's workers at exit without waiting for hung host terms."""
-    global _PROCESSES
-    with _POOL_LOCK:
-        pool, _PROCESSES = _PROCESSES, None
+    pool = _PROCESSES.take()
     if pool is None:
         return
     processes = list((getattr(pool, "_processes", None) or {}).values())
@@ -355,26 +357,19 @@ def _terminate_processes() -> None:
 
 def _loop() -> asyncio.AbstractEventLoop:
     """A private event loop on its own thread, for async host terms."""
-    global _LOOP
-    with _POOL_LOCK:
-        if _LOOP is None:
-            _LOOP = asyncio.new_event_loop()
-            threading.Thread(target=_LOOP.run_forever, name="jaxreg-host-loop", daemon=True).start()
-        return _LOOP
+    return _LOOP.get()
 
 
 @atexit.register
 def _shutdown() -> None:
     """Stops the pools and the event loop before the interpreter tears modules down."""
-    global _THREADS, _PROCESSES, _LOOP
-    with _POOL_LOCK:
-        if _PROCESSES is not None:
-            _PROCESSES.shutdown(wait=False, cancel_futures=True)
-        if _THREADS is not None:
-            _THREADS.shutdown(wait=False, cancel_futures=True)
-        if _LOOP is not None:
-            _LOOP.call_soon_threadsafe(_LOOP.stop)
-        _THREADS = _PROCESSES = _LOOP = None
+    processes, threads, loop = _PROCESSES.take(), _THREADS.take(), _LOOP.take()
+    if processes is not None:
+        processes.shutdown(wait=False, cancel_futures=True)
+    if threads is not None:
+        threads.shutdown(wait=False, cancel_futures=True)
+    if loop is not None:
+        loop.call_soon_threadsafe(loop.stop)
 
 
 def submit(term: HostTerm, x: np.ndarray, batch: Any, data: Any) -> concurrent.futures.Future:
@@ -435,9 +430,43 @@ def run_all(terms: list[HostTerm], x: np.ndarray, batch: Any, data: Any) -> list
     ]
 
 
+def call_with_host_terms(
+    objective: Any, x: Any, batch: Any, weights: Any, step: Any, data: Any
+) -> CompositeOutput:
+    """One untraced call of an objective with host terms.
+
+    Dispatches the compiled program of the JAX terms (asynchronously), runs the host
+    terms meanwhile on their pools, then merges both into one output.
+    """
+    if weights is not None:
+        objective.weight_vector(weights)  # validates names and values
+    device_out = None
+    if objective.device_plan is not None:
+        device_out = objective.compiled(x, batch, weights, step, device_only=True)
+    x_host = np.asarray(x)
+    batch_host = jax.tree.map(np.asarray, batch)
+    results = run_all(list(objective.host_terms), x_host, batch_host, data)
+    host_weights = {
+        t.name: float((weights or {}).get(t.name, t.weight)) for t in objective.host_terms
+    }
+    if telemetry.active(("jaxreg", "term", "exception")):
+        for r in results:
+            if not r.ok:
+                telemetry.execute(
+                    ("jaxreg", "term", "exception"),
+                    {"duration": r.seconds},
+                    {"name": r.name, "error": r.error},
+                )
+    return merge_host_results(objective.plan, device_out, results, host_weights, x)
+
+
 def merge_host_results(
-    objective, device_out, results: list[HostResult], host_weights: dict[str, float], x: Any
-):
+    plan: Any,
+    device_out: CompositeOutput | None,
+    results: list[HostResult],
+    host_weights: dict[str, float],
+    x: Any,
+) -> CompositeOutput:
     """One [`CompositeOutput`][jaxreg.CompositeOutput] from the compiled part and the host terms.
 
     Terms keep the order they were given in. A host term's contribution is
@@ -445,20 +474,14 @@ def merge_host_results(
     one, is added to ``grad`` with its weight; the totals and the total gradient norm
     are recomputed over everything.
     """
-    from jaxreg._src.core.output import CompositeOutput, Layout
-
     by_name = {r.name: r for r in results}
-    track = objective.track_grad_norms
-    dev_terms: dict[str, Any] = {}
-    if device_out is not None:
-        scalars = np.asarray(device_out.scalars, np.float64)
-        for i, name in enumerate(device_out.term_names):
-            dev_terms[name] = device_out._term(i, scalars.__getitem__)
+    track = plan.track_grad_norms
+    device_terms = jax.device_get(device_out).terms if device_out is not None else {}
     grad = device_out.grad if device_out is not None else jnp.zeros_like(jnp.asarray(x))
     values, weights, contributions, norms, custom, differentiable = [], [], [], [], [], []
-    for term in objective.terms:
-        if term.name in dev_terms:
-            t = dev_terms[term.name]
+    for term in plan.terms:
+        if term.name in device_terms:
+            t = device_terms[term.name]
             values.append(t.value)
             weights.append(t.weight)
             contributions.append(t.contribution)
@@ -468,7 +491,7 @@ def merge_host_results(
             continue
         r = by_name[term.name]
         w = host_weights[term.name]
-        if r.grad is not None and objective.grad_space == "logits":
+        if r.grad is not None and plan.grad_space == "logits":
             r = dataclasses.replace(r, grad=np.asarray(to_logit_space(np.asarray(r.grad), x)))
         values.append(r.value)
         weights.append(w)
@@ -478,28 +501,20 @@ def merge_host_results(
         differentiable.append(term.gradient)
         if r.grad is not None and w != 0:
             grad = grad + jnp.asarray(w * r.grad, jnp.result_type(grad))
-    contributions_a = np.asarray(contributions, np.float64)
-    start = 1 if objective.base is not None else 0
-    total_norm = float(jnp.linalg.norm(jnp.ravel(grad))) if track else 0.0
-    w_a, n_a = np.asarray(weights, np.float64), np.asarray(norms, np.float64)
-    fields = [np.asarray(values, np.float64), w_a, contributions_a]
-    if track:
-        fields += [n_a, w_a * n_a]
-    flat_custom = [float(v) for m in custom for v in m.values()]
-    scalars = np.concatenate(
-        [
-            [contributions_a.sum(), contributions_a[start:].sum(), total_norm],
-            *fields,
-            flat_custom,
-        ]
-    ).astype(np.float32)
-    layout = Layout(
-        names=objective.names,
-        has_base=objective.base is not None,
-        custom=tuple(tuple(m) for m in custom),
-        norms=track,
+    f64 = lambda v: np.asarray(v, np.float64)
+    out = pack(
+        names=plan.names,
+        has_base=plan.has_base,
+        values=f64(values),
+        weights=f64(weights),
+        contributions=f64(contributions),
+        custom=custom,
         differentiable=tuple(differentiable),
-        grad_space=objective.grad_space,
+        grad=grad,
+        norms=f64(norms) if track else None,
+        total_norm=float(jnp.linalg.norm(jnp.ravel(grad))) if track else None,
+        grad_space=plan.grad_space,
+        errors=tuple((r.name, r.error or "") for r in results if not r.ok),
+        xp=np,
     )
-    errors = tuple((r.name, r.error or "") for r in results if not r.ok)
-    return CompositeOutput(grad=grad, scalars=jnp.asarray(scalars), layout=layout, errors=errors)
+    return dataclasses.replace(out, scalars=jnp.asarray(out.scalars.astype(np.float32)))

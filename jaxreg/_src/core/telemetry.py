@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from jaxreg._src.core import guards
+
 logger = logging.getLogger("jaxreg.telemetry")
 
 Event = tuple[str, ...]
@@ -165,3 +167,70 @@ class JSONLinesWriter:
 
 def _compact(d: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+COMPOSE_EVENTS: tuple[Event, ...] = (
+    ("jaxreg", "compose", "start"),
+    ("jaxreg", "compose", "stop"),
+    ("jaxreg", "compose", "exception"),
+    ("jaxreg", "term", "stop"),
+)
+"""The events one call of a composed objective may emit."""
+
+
+def instrument_compose(
+    call: Callable[[], Any],
+    names: tuple[str, ...],
+    host_terms: tuple[Any, ...] = (),
+    *,
+    raises_on_nonfinite: bool = False,
+) -> Any:
+    """Runs one untraced objective call ``call()`` with its events and finiteness check.
+
+    Without a handler for ``COMPOSE_EVENTS`` this is ``call()`` (plus
+    [`jaxreg.check_finite`][jaxreg.check_finite] when ``raises_on_nonfinite``). With one, it emits
+    ``compose.start``, then ``compose.stop`` and a ``term.stop`` per term from one
+    transfer of the output's scalars, or ``compose.exception`` if the call raised.
+    """
+    if not active(*COMPOSE_EVENTS):
+        out = call()
+        if raises_on_nonfinite:
+            guards.check_finite(out)
+        return out
+    started = now()
+    execute(("jaxreg", "compose", "start"), {"system_time": time.time()}, {"terms": names})
+    try:
+        out = call()
+        d = guards.check_finite(out) if raises_on_nonfinite else out.to_dict()  # one transfer
+    except Exception as e:
+        execute(
+            ("jaxreg", "compose", "exception"),
+            {"duration": now() - started},
+            {"terms": names, "error": f"{type(e).__name__}: {e}"},
+        )
+        raise
+    _emit_compose_stop(names, {t.name for t in host_terms}, d, now() - started)
+    return out
+
+
+def _emit_compose_stop(names: tuple[str, ...], host: set[str], d: dict, duration: float) -> None:
+    measurements = {
+        "duration": duration,
+        "loss_total": d["loss_total"],
+        "regularizer_total": d["regularizer_total"],
+    }
+    if "total_grad_norm" in d:
+        measurements["total_grad_norm"] = d["total_grad_norm"]
+    execute(("jaxreg", "compose", "stop"), measurements, {"terms": names, "n_terms": len(names)})
+    if not active(("jaxreg", "term", "stop")):
+        return
+    entries = dict(d["regularizers"])
+    if "base_loss" in d:
+        entries = {names[0]: d["base_loss"], **entries}
+    for name, e in entries.items():
+        m = {k: e[k] for k in ("value", "weight", "contribution", "grad_norm") if k in e}
+        execute(
+            ("jaxreg", "term", "stop"),
+            m,
+            {"name": name, "host": name in host, "differentiable": e.get("differentiable", True)},
+        )

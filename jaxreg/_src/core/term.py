@@ -20,6 +20,9 @@ Schedule = Callable[[jax.Array], jax.Array]
 TermFn = Callable[[Any, Any], Any]
 """``fn(x, batch) -> loss`` or ``fn(x, batch) -> (loss, metrics)``."""
 
+TERM_INPUTS = ("outputs", "params")
+"""What a term's function reads: the model stage's outputs, or the parameters."""
+
 MAX_TERMS = 100
 """Most terms one objective may hold (the specification's security limit)."""
 
@@ -71,6 +74,10 @@ class Term:
         ``(loss, metrics)`` with ``metrics`` a dict of scalar arrays.
       weight: a finite non-negative number, or an optax-style schedule ``step -> weight``
         evaluated inside the compiled program at the ``step`` passed to the objective.
+      on: what ``fn`` reads as its first argument when the objective has a model stage
+        (``compose(..., forward=apply_fn)``): ``"outputs"`` (default), the forward's
+        output ``apply_fn(params, batch)``; or ``"params"``, the parameters themselves
+        (weight decay, L1, L2-SP...). Without a model stage both are ``x``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -83,8 +90,13 @@ class Term:
     name: str
     fn: TermFn
     weight: float | Schedule = 1.0
+    on: str = dataclasses.field(default="outputs", kw_only=True)
 
     def __post_init__(self):
+        if self.on not in TERM_INPUTS:
+            raise TermError(
+                f"Term {self.name!r}: on must be one of {list(TERM_INPUTS)}; found {self.on!r}."
+            )
         if not isinstance(self.name, str) or not self.name.strip():
             raise TermError(f"Term name must be a non-empty string; found {self.name!r}.")
         if "/" in self.name:
@@ -187,11 +199,11 @@ def as_term(spec: Any, *, role: str, default_name: str) -> Term:
     if isinstance(spec, Term):
         return spec
     if isinstance(spec, Mapping):
-        unknown = set(spec) - {"name", "fn", "weight"}
+        unknown = set(spec) - {"name", "fn", "weight", "on"}
         if unknown:
             raise TermError(
                 f"{role} {spec.get('name', '?')!r}: unknown keys {sorted(unknown)}; "
-                "expected 'name', 'fn' and optionally 'weight'."
+                "expected 'name', 'fn' and optionally 'weight' and 'on'."
             )
         missing = {"name", "fn"} - set(spec)
         if missing:
@@ -199,7 +211,7 @@ def as_term(spec: Any, *, role: str, default_name: str) -> Term:
                 f"{role} {spec.get('name', '?')!r}: missing keys {sorted(missing)}; "
                 "expected {'name': str, 'fn': callable, 'weight': float}."
             )
-        return Term(spec["name"], spec["fn"], spec.get("weight", 1.0))
+        return Term(spec["name"], spec["fn"], spec.get("weight", 1.0), on=spec.get("on", "outputs"))
     if callable(spec):
         return Term(default_name, spec)
     raise TermError(

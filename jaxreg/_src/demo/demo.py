@@ -221,12 +221,12 @@ def term_table(out: jr.CompositeOutput, param: Any = None) -> str:
         header += ["|grad| (params)", "share of |update|", "cos(base, term) (params)"]
     rows = [tuple(header)]
     entries = []
-    if "base_loss" in d and out.base_loss is not None:
-        entries.append((out.base_loss.name, {**d["base_loss"], "weight": 1.0}))
+    if "base_loss" in d:
+        entries.append((out.term_names[0], d["base_loss"]))
     entries += list(d["regularizers"].items())
     base_name = entries[0][0]
     for name, e in entries:
-        contribution = e.get("contribution", e["value"] * e["weight"])
+        contribution = e["contribution"]
         norm = e.get("grad_norm")
         row = [
             name,

@@ -14,160 +14,50 @@ That makes retrying safe: connection errors, timeouts, 429 and 5xx answers are
 retried with exponential backoff and jitter (``Retry-After`` is honoured) for up to
 30 s by default, long enough for a restarted service to come back; any other error
 raises [`RemoteError`][jaxreg.remote.RemoteError] naming the call, the model, the ``seq_id`` and the
-service's reason.
+service's reason. The retry loop and its policy are in
+``jaxreg._src.remote.transport``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import logging
-import random
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import httpx
 import numpy as np
 
-from jaxreg._src.core import telemetry
-from jaxreg._src.core.errors import JaxregError
-from jaxreg._src.remote.wire import ENCODINGS, Datum, decode_tensor, to_datum
+from jaxreg._src.remote.transport import (
+    Exchange,
+    RemoteError,
+    RetryPolicy,
+    describe,
+    gave_up,
+    http_error,
+    request_error,
+)
+from jaxreg._src.remote.wire import (
+    API_KEY_HEADER,
+    ENCODINGS,
+    Datum,
+    Encoding,
+    decode_tensor,
+    to_datum,
+)
 
 logger = logging.getLogger("jaxreg.remote")
-
-API_KEY_HEADER = "X-API-Key"
-_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-class RemoteError(JaxregError):
-    """A request to the service failed; the message says which request and why.
-
-    Attributes:
-      endpoint: e.g. ``"forward_backward"``.
-      status: the HTTP status, or ``None`` for a transport failure or a request that
-        failed while running (``category`` then says whose fault it was).
-      model_id: the request's model, when it had one.
-      seq_id: the request's sequence number, when it had one.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        endpoint: str,
-        status: int | None = None,
-        model_id: str | None = None,
-        seq_id: int | None = None,
-        category: str | None = None,
-    ):
-        super().__init__(message)
-        self.endpoint, self.status, self.category = endpoint, status, category
-        self.model_id, self.seq_id = model_id, seq_id
-
-
-def _describe(endpoint: str, body: Mapping[str, Any]) -> str:
-    parts = [
-        p
-        for p in (
-            f"model {body['model_id']}" if body.get("model_id") else "",
-            f"seq_id {body['seq_id']}" if body.get("seq_id") is not None else "",
-        )
-        if p
-    ]
-    return f"{endpoint}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _waiting_failed(endpoint, body, request_id, error: RemoteError) -> RemoteError:
     """A failure of ``retrieve_future``, told as a failure of the call it waited for."""
-    return RemoteError(
-        f"{_describe(endpoint, body)}: waiting for its result (request {request_id}) "
-        f"failed: {error}",
-        endpoint=endpoint,
-        status=error.status,
-        model_id=body.get("model_id"),
-        seq_id=body.get("seq_id"),
-    )
-
-
-_REQUEST_STOP = ("jaxreg", "remote", "request", "stop")
-
-
-def _emit(endpoint, body, content, response, started, attempt) -> None:
-    """The ``("jaxreg", "remote", "request", "stop")`` telemetry event, when listened to."""
-    if telemetry.active(_REQUEST_STOP):
-        telemetry.execute(
-            _REQUEST_STOP,
-            {
-                "latency": time.perf_counter() - started,
-                "bytes_sent": len(content),
-                "bytes_received": len(response.content),
-                "retries": attempt,
-            },
-            {
-                "endpoint": endpoint,
-                "status": response.status_code,
-                "model_id": body.get("model_id"),
-                "seq_id": body.get("seq_id"),
-            },
-        )
-
-
-class RetryPolicy:
-    """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**attempt))``.
-
-    Retries go on until ``max_elapsed`` seconds have passed since the first attempt
-    (the last wait is shortened to end there), or after ``max_retries`` retries when
-    that is set. The default window, 30 s, outlasts a restart of the service.
-
-    Args:
-      max_retries: the most retries (``None``: bounded by ``max_elapsed`` only).
-      base: the backoff's first wait, in seconds.
-      cap: the backoff's largest wait, in seconds.
-      seed: for reproducible jitter.
-      max_elapsed: seconds from the first attempt after which no retry starts.
-
-    Example:
-      >>> import jaxreg as jr
-      >>> retry = jr.remote.RetryPolicy(max_elapsed=120.0, seed=0)   # a slow restart
-      >>> with jr.remote.ServiceClient(service_url, retry=retry) as client:
-      ...     client.healthz()
-      {'status': 'ok'}
-      >>> 0 <= retry.delay(3) <= min(retry.cap, retry.base * 2**3)   # full jitter
-      True
-      >>> retry.delay(0, retry_after="1.5")                          # Retry-After wins
-      1.5
-    """
-
-    def __init__(
-        self,
-        max_retries: int | None = None,
-        base: float = 0.1,
-        cap: float = 2.0,
-        seed: int | None = None,
-        *,
-        max_elapsed: float = 30.0,
-    ):
-        if max_retries is not None and max_retries < 0:
-            raise ValueError(f"max_retries: expected >= 0 or None, found {max_retries!r}")
-        if not max_elapsed >= 0:
-            raise ValueError(f"max_elapsed: expected seconds >= 0, found {max_elapsed!r}")
-        self.max_retries, self.base, self.cap = max_retries, base, cap
-        self.max_elapsed = max_elapsed
-        self._rng = random.Random(seed)
-
-    def delay(self, attempt: int, retry_after: str | None = None) -> float:
-        if retry_after is not None:
-            try:
-                return min(self.cap, max(0.0, float(retry_after)))
-            except ValueError:
-                pass
-        return self._rng.uniform(0, min(self.cap, self.base * 2**attempt))
+    what = f": waiting for its result (request {request_id}) failed: {error}"
+    return request_error(endpoint, body, what, status=error.status)
 
 
 class ServiceClient:
@@ -218,7 +108,7 @@ class ServiceClient:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self.retry = retry or RetryPolicy()
-        self.tensor_encoding = tensor_encoding
+        self.tensor_encoding = cast(Encoding, tensor_encoding)
         self.poll_timeout = poll_timeout
         headers = {b"content-type": b"application/json"}
         if api_key:  # as UTF-8 bytes: any character works, as on the service
@@ -247,73 +137,12 @@ class ServiceClient:
         return f"ServiceClient(base_url={self.base_url!r}, api_key={key})"
 
     # -------------------------------------------------------------- raw requests
-    def _raise_for(self, endpoint, body, response: httpx.Response) -> None:
-        try:
-            reason = response.json().get("error", response.text)
-        except (ValueError, AttributeError):
-            reason = response.text[:500]
-        raise RemoteError(
-            f"{_describe(endpoint, body)} failed: HTTP {response.status_code}: {reason}",
-            endpoint=endpoint,
-            status=response.status_code,
-            model_id=body.get("model_id"),
-            seq_id=body.get("seq_id"),
-        )
-
-    def _give_up(
-        self, endpoint, body, error: Exception, attempts: int, elapsed: float
-    ) -> RemoteError:
-        return RemoteError(
-            f"{_describe(endpoint, body)} failed after {attempts} attempts over "
-            f"{elapsed:.1f}s: {type(error).__name__}: {error}",
-            endpoint=endpoint,
-            model_id=body.get("model_id"),
-            seq_id=body.get("seq_id"),
-        )
-
-    def _retry_delay(self, endpoint, body, outcome, attempt, started) -> float:
-        """The wait before the next attempt; raises when ``outcome`` is final."""
-        elapsed = time.monotonic() - started
-        retry, delay = self._should_retry(attempt, outcome, elapsed)
-        if not retry:
-            if isinstance(outcome, httpx.Response):
-                self._raise_for(endpoint, body, outcome)
-            raise self._give_up(endpoint, body, outcome, attempt + 1, elapsed) from outcome
-        logger.info(
-            "retrying %s in %.2fs after %s",
-            _describe(endpoint, body),
-            delay,
-            getattr(outcome, "status_code", type(outcome).__name__),
-        )
-        return delay
-
-    def _should_retry(self, attempt, outcome, elapsed) -> tuple[bool, float]:
-        policy = self.retry
-        if policy.max_retries is not None and attempt >= policy.max_retries:
-            return False, 0.0
-        left = policy.max_elapsed - elapsed
-        if left <= 0:
-            return False, 0.0
-        if isinstance(outcome, httpx.Response):
-            if outcome.status_code not in _RETRY_STATUS:
-                return False, 0.0
-            return True, min(left, policy.delay(attempt, outcome.headers.get("retry-after")))
-        return True, min(left, policy.delay(attempt))
-
     def post(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POSTs ``body`` to ``/api/v1/<endpoint>`` with retries; returns the JSON answer."""
-        content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-        started, first = time.perf_counter(), time.monotonic()
-        for attempt in itertools.count():
-            try:
-                outcome: Any = self._http.post(f"/api/v1/{endpoint}", content=content)
-            except httpx.TransportError as e:
-                outcome = e
-            if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
-                _emit(endpoint, body, content, outcome, started, attempt)
-                return outcome.json()
-            time.sleep(self._retry_delay(endpoint, body, outcome, attempt, first))
-        raise AssertionError("unreachable")
+        exchange = Exchange(self.retry, endpoint, body)
+        while (delay := exchange.settle(exchange.send(self._http))) is not None:
+            time.sleep(delay)
+        return exchange.answer
 
     def _async_http(self) -> httpx.AsyncClient:
         # One AsyncClient per event loop: httpx clients must not cross loops.
@@ -327,30 +156,17 @@ class ServiceClient:
 
     async def post_async(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """The ``async`` form of [`post`][jaxreg.remote.ServiceClient.post]."""
-        content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        exchange = Exchange(self.retry, endpoint, body)
         http = self._async_http()
-        started, first = time.perf_counter(), time.monotonic()
-        for attempt in itertools.count():
-            try:
-                outcome: Any = await http.post(f"/api/v1/{endpoint}", content=content)
-            except httpx.TransportError as e:
-                outcome = e
-            if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
-                _emit(endpoint, body, content, outcome, started, attempt)
-                return outcome.json()
-            await asyncio.sleep(self._retry_delay(endpoint, body, outcome, attempt, first))
-        raise AssertionError("unreachable")
+        while (delay := exchange.settle(await exchange.send_async(http))) is not None:
+            await asyncio.sleep(delay)
+        return exchange.answer
 
     def _check_result(self, endpoint, body, result) -> dict[str, Any]:
         if result.get("type") == "request_failed":
-            raise RemoteError(
-                f"{_describe(endpoint, body)} failed on the service "
-                f"({result.get('category')} error): {result.get('error')}",
-                endpoint=endpoint,
-                model_id=body.get("model_id"),
-                seq_id=body.get("seq_id"),
-                category=result.get("category"),
-            )
+            category = result.get("category")
+            what = f" failed on the service ({category} error): {result.get('error')}"
+            raise request_error(endpoint, body, what, category=category)
         return result
 
     def wait(
@@ -371,7 +187,7 @@ class ServiceClient:
             if result.get("type") != "try_again":
                 return self._check_result(endpoint, body, result)
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"{_describe(endpoint, body)}: no result after {timeout}s")
+                raise TimeoutError(f"{describe(endpoint, body)}: no result after {timeout}s")
 
     async def wait_async(
         self, endpoint: str, body: Mapping[str, Any], request_id: str
@@ -404,11 +220,11 @@ class ServiceClient:
         try:
             response = self._http.get("/api/v1/capabilities")
         except httpx.TransportError as e:
-            raise self._give_up("capabilities", {}, e, 1, time.monotonic() - started) from e
+            raise gave_up("capabilities", {}, e, 1, time.monotonic() - started) from e
         if response.status_code in (404, 405):
             caps: dict[str, Any] = {"extensions": []}
         elif response.status_code >= 400:
-            self._raise_for("capabilities", {}, response)
+            raise http_error("capabilities", {}, response)
         else:
             caps = response.json()
         self._capabilities = caps
@@ -503,6 +319,12 @@ class TrainingClient:
     def __repr__(self) -> str:
         return f"TrainingClient(model_id={self.model_id!r}, service={self.service!r})"
 
+    @property
+    def synchronous(self) -> bool:
+        """``False``: requests carry ``seq_id`` s, so a custom step may run on a background
+        thread (see [`TrainingClientLike`][jaxreg.remote.TrainingClientLike])."""
+        return False
+
     def reserve_seq_ids(self, n: int = 1) -> list[int]:
         """Takes ``n`` sequence numbers now, for requests that will be sent later."""
         with self._seq_lock:
@@ -520,16 +342,21 @@ class TrainingClient:
                 self._next_seq = max(self._next_seq, seq_id + 1)
         return {"model_id": self.model_id, "seq_id": seq, **fields}
 
-    def _data_body(self, endpoint, data, loss_fn, loss_fn_config, seq_id):
-        datums = [
-            to_datum(d, f"data[{i}]").to_json(self.service.tensor_encoding)
-            for i, d in enumerate(_as_list(data))
-        ]
+    def _data_body(
+        self, endpoint, data, loss_fn, loss_fn_config, seq_id, param_diagnostics=None
+    ) -> dict[str, Any]:
+        """The body of a ``forward`` or ``forward_backward`` request (the one place both
+        are built, for the sync and the async methods)."""
+        encoding = self.service.tensor_encoding
+        datums = [to_datum(d, f"data[{i}]").to_json(encoding) for i, d in enumerate(_as_list(data))]
         key = "forward_input" if endpoint == "forward" else "forward_backward_input"
         payload = {"data": datums, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config}
-        return self._body(
-            endpoint, seq_id, tensor_encoding=self.service.tensor_encoding, **{key: payload}
-        )
+        body = self._body(endpoint, seq_id, tensor_encoding=encoding, **{key: payload})
+        if param_diagnostics is not None:
+            from jaxreg._src.remote import param_diagnostics as extension
+
+            body[extension.FIELD] = extension.encode_field(param_diagnostics, encoding)
+        return body
 
     def submit(self, endpoint: str, body: dict[str, Any]) -> APIFuture:
         automatic = self._take_automatic(body)
@@ -576,24 +403,25 @@ class TrainingClient:
     def _skip_body(self, body) -> dict[str, Any]:
         return {"model_id": self.model_id, "seq_id": body["seq_id"]}
 
+    # Each request has a sync method returning an APIFuture and an ``*_async`` one
+    # returning it once submitted; both build the same body (``_data_body``, ``_body``).
     def forward(
         self,
-        data,
+        data: Sequence[Any],
         loss_fn: str = "cross_entropy",
-        loss_fn_config=None,
+        loss_fn_config: Mapping[str, Any] | None = None,
         *,
         seq_id: int | None = None,
     ) -> APIFuture:
         """Per-datum logprobs (``loss_fn_outputs[i]["logprobs"]``); changes nothing."""
-        return self.submit(
-            "forward", self._data_body("forward", data, loss_fn, loss_fn_config, seq_id)
-        )
+        body = self._data_body("forward", data, loss_fn, loss_fn_config, seq_id)
+        return self.submit("forward", body)
 
     def forward_backward(
         self,
-        data,
+        data: Sequence[Any],
         loss_fn: str = "cross_entropy",
-        loss_fn_config=None,
+        loss_fn_config: Mapping[str, Any] | None = None,
         *,
         seq_id: int | None = None,
         param_diagnostics: Mapping[str, Any] | None = None,
@@ -603,30 +431,27 @@ class TrainingClient:
         ``param_diagnostics``: the jaxreg-service extension field (see
         [`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics]), sent only when given.
         """
-        body = self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id)
-        self._add_param_diagnostics(body, param_diagnostics)
+        body = self._data_body(
+            "forward_backward", data, loss_fn, loss_fn_config, seq_id, param_diagnostics
+        )
         return self.submit("forward_backward", body)
-
-    def _add_param_diagnostics(self, body, field) -> None:
-        if field is not None:
-            from jaxreg._src.remote import param_diagnostics
-
-            body[param_diagnostics.FIELD] = param_diagnostics.encode_field(
-                field, self.service.tensor_encoding
-            )
 
     def optim_step(
         self, adam_params: Mapping[str, float] | Any = None, *, seq_id: int | None = None
     ) -> APIFuture:
         """Applies the accumulated gradient with Adam(W) and clears it."""
-        return self.submit(
-            "optim_step", self._body("optim_step", seq_id, adam_params=_adam_dict(adam_params))
-        )
+        body = self._body("optim_step", seq_id, adam_params=_adam_dict(adam_params))
+        return self.submit("optim_step", body)
 
     def save_state(self, name: str, *, seq_id: int | None = None) -> APIFuture:
+        """Saves the model (weights, optimizer state, accumulated gradient) as ``name``; the
+        result's ``path`` (``"jaxreg://<name>"``) is what
+        [`load_state`][jaxreg.remote.TrainingClient.load_state] takes."""
         return self.submit("save_state", self._body("save_state", seq_id, path=name))
 
     def load_state(self, path: str, *, seq_id: int | None = None) -> APIFuture:
+        """Restores the model saved by ``save_state`` (``path``:
+        its result's ``path``, or the bare name)."""
         return self.submit("load_state", self._body("load_state", seq_id, path=path))
 
     def skip_seq(self, seq_id: int) -> APIFuture:
@@ -634,29 +459,46 @@ class TrainingClient:
         return self.submit("skip_seq", self._body("skip_seq", seq_id))
 
     async def forward_async(
-        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
+        self,
+        data: Sequence[Any],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        seq_id: int | None = None,
     ) -> APIFuture:
-        return await self.submit_async(
-            "forward", self._data_body("forward", data, loss_fn, loss_fn_config, seq_id)
-        )
+        """The ``async`` form of ``forward``: returns the future once submitted."""
+        body = self._data_body("forward", data, loss_fn, loss_fn_config, seq_id)
+        return await self.submit_async("forward", body)
 
     async def forward_backward_async(
         self,
-        data,
-        loss_fn="cross_entropy",
-        loss_fn_config=None,
+        data: Sequence[Any],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
         *,
-        seq_id=None,
-        param_diagnostics=None,
+        seq_id: int | None = None,
+        param_diagnostics: Mapping[str, Any] | None = None,
     ) -> APIFuture:
-        body = self._data_body("forward_backward", data, loss_fn, loss_fn_config, seq_id)
-        self._add_param_diagnostics(body, param_diagnostics)
+        """The ``async`` form of ``forward_backward``."""
+        body = self._data_body(
+            "forward_backward", data, loss_fn, loss_fn_config, seq_id, param_diagnostics
+        )
         return await self.submit_async("forward_backward", body)
 
-    async def optim_step_async(self, adam_params=None, *, seq_id=None) -> APIFuture:
-        return await self.submit_async(
-            "optim_step", self._body("optim_step", seq_id, adam_params=_adam_dict(adam_params))
-        )
+    async def optim_step_async(
+        self, adam_params: Mapping[str, float] | Any = None, *, seq_id: int | None = None
+    ) -> APIFuture:
+        """The ``async`` form of [`optim_step`][jaxreg.remote.TrainingClient.optim_step]."""
+        body = self._body("optim_step", seq_id, adam_params=_adam_dict(adam_params))
+        return await self.submit_async("optim_step", body)
+
+    async def save_state_async(self, name: str, *, seq_id: int | None = None) -> APIFuture:
+        """The ``async`` form of [`save_state`][jaxreg.remote.TrainingClient.save_state]."""
+        return await self.submit_async("save_state", self._body("save_state", seq_id, path=name))
+
+    async def load_state_async(self, path: str, *, seq_id: int | None = None) -> APIFuture:
+        """The ``async`` form of [`load_state`][jaxreg.remote.TrainingClient.load_state]."""
+        return await self.submit_async("load_state", self._body("load_state", seq_id, path=path))
 
     def get_info(self) -> dict[str, Any]:
         return self.service.post("get_info", {"model_id": self.model_id})

@@ -19,7 +19,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,14 +28,20 @@ import numpy as np
 from jaxreg._src.core.compose import Objective, compose
 from jaxreg._src.core.guards import check_finite
 from jaxreg._src.core.output import CompositeOutput
+from jaxreg._src.core.pools import LazySingleton
 from jaxreg._src.core.term import InputError
-from jaxreg._src.remote.client import APIFuture, TrainingClient
 from jaxreg._src.remote.param_diagnostics import (
     ParamDiagnostics,
     check_objective,
     parse_result,
     request_field,
     require_extension,
+)
+from jaxreg._src.remote.protocol import (
+    ResultFuture,
+    SubmitsCustomSteps,
+    SupportsSkipSeq,
+    TrainingClientLike,
 )
 from jaxreg._src.remote.wire import Datum, to_datum
 from jaxreg._src.terms.batch import Batch, Bucket
@@ -86,7 +91,9 @@ class CustomFuture:
         return asyncio.wrap_future(self._future).__await__()
 
 
-def _objective(objective, base, regularizers, options) -> Objective:
+def _objective(objective, base, regularizers, param_diagnostics, options) -> Objective:
+    """The objective a custom step runs: the one given, or composed from ``base=`` and
+    ``regularizers=`` (with per-term gradients for ``param_diagnostics``)."""
     if objective is not None:
         if base is not None or regularizers or options:
             raise TypeError(
@@ -98,8 +105,13 @@ def _objective(objective, base, regularizers, options) -> Objective:
                 f"objective: expected a jaxreg Objective (from jr.compose), found "
                 f"{type(objective).__name__}"
             )
-        return objective
-    return compose(base, regularizers, **options)
+    else:
+        if param_diagnostics:
+            options = {"term_grads": True, **options}
+        objective = compose(base, regularizers, **options)
+    if param_diagnostics:
+        check_objective(objective)
+    return objective
 
 
 def _pack(datums: list[Datum], logprobs: list[np.ndarray], bucket: Bucket, batch_bucket):
@@ -115,17 +127,8 @@ def _pack(datums: list[Datum], logprobs: list[np.ndarray], bucket: Bucket, batch
     return Batch.from_ragged(logprobs, inputs, bucket=bucket, batch_bucket=batch_bucket)
 
 
-_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
-_EXECUTOR_LOCK = threading.Lock()
-
-
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that run custom steps in the background (shared, created on first use)."""
-    global _EXECUTOR
-    with _EXECUTOR_LOCK:
-        if _EXECUTOR is None:
-            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(8, "jaxreg-custom")
-        return _EXECUTOR
+_EXECUTOR = LazySingleton(lambda: concurrent.futures.ThreadPoolExecutor(8, "jaxreg-custom"))
+"""The threads that run custom steps in the background (shared, created on first use)."""
 
 
 # How far ``logsumexp`` of one position's returned logprobs may be from 0 for its targets
@@ -184,11 +187,11 @@ class _Step:
 
     def __init__(self, training, data, objective, weights, step, bucket, batch_bucket, param=False):
         self.param_diagnostics, self.param_field = param, None
-        if not isinstance(training, TrainingClient):
+        if not isinstance(training, TrainingClientLike):  # e.g. a tinker.TrainingClient
             from jaxreg._src.remote.tinker import TinkerTrainingClient
 
             training = TinkerTrainingClient.wrap(training)
-        self.training = training
+        self.training: TrainingClientLike = training
         self.data = list(data)  # as given: host terms receive it
         self.datums = [to_datum(d, f"data[{i}]") for i, d in enumerate(self.data)]
         if not self.datums:
@@ -255,7 +258,8 @@ def forward_backward_custom(
     right after this call is therefore applied after the backward, in order.
 
     Args:
-      training: a [`TrainingClient`][jaxreg.remote.TrainingClient], or an official
+      training: a [`TrainingClient`][jaxreg.remote.TrainingClient] (or any client with the
+        [`TrainingClientLike`][jaxreg.remote.TrainingClientLike] interface), or an official
         ``tinker.TrainingClient`` (adapted automatically).
       data: the datums (jaxreg ``Datum``, ``tinker.types.Datum`` or dicts); every
         ``loss_fn_inputs`` field reaches the objective as ``batch.inputs[name]``.
@@ -303,16 +307,12 @@ def forward_backward_custom(
       >>> result.metrics["regularizers/kl/weight"], "regularizers/kl/grad_norm" in result.metrics
       (0.1, True)
     """
-    if param_diagnostics and objective is None:
-        compose_options.setdefault("term_grads", True)
-    obj = _objective(objective, base, regularizers, compose_options)
+    obj = _objective(objective, base, regularizers, param_diagnostics, compose_options)
     if param_diagnostics:
-        check_objective(obj)
         require_extension(training)
     state = _Step(training, data, obj, weights, step, bucket, batch_bucket, param_diagnostics)
-    submit_custom = getattr(state.training, "submit_custom", None)
-    if submit_custom is not None and not getattr(state.training, "synchronous", False):
-        return submit_custom(state)  # the official tinker SDK: ids reserved together
+    if (submitted := _submitted_by_client(state)) is not None:
+        return submitted
     future: concurrent.futures.Future = concurrent.futures.Future()
 
     def run():
@@ -321,10 +321,10 @@ def forward_backward_custom(
         except BaseException as e:
             future.set_exception(e)
 
-    if getattr(state.training, "synchronous", False):  # e.g. the official tinker SDK
+    if state.training.synchronous:  # e.g. a tinker client without id reservation
         run()
     else:
-        _executor().submit(run)
+        _EXECUTOR.get().submit(run)
     return CustomFuture(future, state.seq_ids)
 
 
@@ -335,7 +335,7 @@ def _run_sync(state: _Step) -> CustomResult:
     try:
         fwd = training.forward(state.forward_data, "cross_entropy", seq_id=seq_f).result()
         logprobs, out, linear = state.compute(fwd)
-        bwd_future: APIFuture = training.forward_backward(
+        bwd_future: ResultFuture = training.forward_backward(
             linear, "cross_entropy", seq_id=seq_b, **state.backward_options()
         )
         sent = True
@@ -345,11 +345,20 @@ def _run_sync(state: _Step) -> CustomResult:
             _release(training, seq_b)
 
 
-def _release(training, seq_id) -> None:
-    release = getattr(training, "skip_seq", None)
-    if release is not None:
+def _submitted_by_client(state: _Step) -> CustomFuture | None:
+    """The step's future when its client submits custom steps itself (the official
+    tinker SDK, which reserves the forward's and backward's ids together), else ``None``."""
+    training = state.training
+    if isinstance(training, SubmitsCustomSteps) and not training.synchronous:
+        return training.submit_custom(state)
+    return None
+
+
+def _release(training: TrainingClientLike, seq_id: int | None) -> None:
+    """Releases a reserved ``seq_id`` that will not be sent, when the client can."""
+    if isinstance(training, SupportsSkipSeq) and seq_id is not None:
         try:
-            release(seq_id).result()
+            training.skip_seq(seq_id).result()
         except Exception as e:  # the original error is raised; this one is reported
             logger.warning(
                 "could not release reserved seq_id %s (%s); later requests of this model "
@@ -378,16 +387,12 @@ async def forward_backward_custom_async(
     Awaiting it reserves the ``seq_id`` s and submits the forward; await the returned
     [`CustomFuture`][jaxreg.remote.CustomFuture] for the result.
     """
-    if param_diagnostics and objective is None:
-        compose_options.setdefault("term_grads", True)
-    obj = _objective(objective, base, regularizers, compose_options)
+    obj = _objective(objective, base, regularizers, param_diagnostics, compose_options)
     if param_diagnostics:
-        check_objective(obj)
         await asyncio.to_thread(require_extension, training)
     state = _Step(training, data, obj, weights, step, bucket, batch_bucket, param_diagnostics)
-    submit_custom = getattr(state.training, "submit_custom", None)
-    if submit_custom is not None and not getattr(state.training, "synchronous", False):
-        return submit_custom(state)  # the official tinker SDK: submitted without blocking
+    if (submitted := _submitted_by_client(state)) is not None:
+        return submitted  # the official tinker SDK: submitted without blocking
     seq_f, seq_b = state.seq_ids
     training = state.training
     fwd_future = await training.forward_async(state.forward_data, "cross_entropy", seq_id=seq_f)

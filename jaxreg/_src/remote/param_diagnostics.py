@@ -228,7 +228,7 @@ def encode_field(field: Mapping[str, Any], encoding: Encoding | str) -> dict[str
 
 def parse_result(result: Mapping[str, Any], sent: Mapping[str, Any]) -> ParamDiagnostics:
     """The [`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics] of a ``forward_backward`` result."""
-    from jaxreg._src.remote.client import RemoteError
+    from jaxreg._src.remote.transport import RemoteError
 
     field = result.get(FIELD)
     names = list(sent["term_names"])

@@ -20,6 +20,7 @@ stays usable, and the future raises the error.
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,13 @@ def _to_dict(output: Any) -> dict[str, Any]:
 
 
 class TinkerTrainingClient:
-    """The ``TrainingClient`` interface over a ``tinker.TrainingClient``."""
+    """The [`TrainingClientLike`][jaxreg.remote.TrainingClientLike] interface over a
+    ``tinker.TrainingClient``, plus
+    [`submit_custom`][jaxreg.remote.TinkerTrainingClient.submit_custom] (``SubmitsCustomSteps``).
+
+    It has no ``skip_seq``: the SDK numbers requests when it sends them, and a failed
+    custom step fills its reserved backward ids itself.
+    """
 
     def __init__(self, client: Any):
         self.client = client
@@ -82,6 +89,8 @@ class TinkerTrainingClient:
 
     @classmethod
     def wrap(cls, client: Any) -> TinkerTrainingClient:
+        """``client`` adapted (itself when already adapted); raises ``TypeError`` for an
+        object without ``forward`` and ``forward_backward``."""
         if isinstance(client, cls):
             return client
         if not (hasattr(client, "forward") and hasattr(client, "forward_backward")):
@@ -92,27 +101,58 @@ class TinkerTrainingClient:
         return cls(client)
 
     def reserve_seq_ids(self, n: int = 1) -> list[None]:
+        """``n`` times ``None``: the SDK numbers requests itself."""
         return [None] * n
 
-    def forward(self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None):
-        out = self.client.forward([to_tinker_datum(d) for d in data], loss_fn).result()
-        return _Done(_to_dict(out))
+    # The SDK numbers requests itself: ``seq_id`` (``None``, from reserve_seq_ids) and
+    # ``loss_fn_config`` are not sent.
+    def _submit(self, method: str, data: Sequence[Any], loss_fn: str) -> Any:
+        return getattr(self.client, method)([to_tinker_datum(d) for d in data], loss_fn)
 
-    def forward_backward(self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None):
-        out = self.client.forward_backward([to_tinker_datum(d) for d in data], loss_fn)
-        return _Done(_to_dict(out.result()))
+    def forward(
+        self,
+        data: Sequence[Any],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        seq_id: int | None = None,
+    ) -> _Done:
+        """The SDK's ``forward``, waited for: per-datum ``logprobs`` as NumPy arrays."""
+        return _Done(_to_dict(self._submit("forward", data, loss_fn).result()))
+
+    def forward_backward(
+        self,
+        data: Sequence[Any],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        seq_id: int | None = None,
+    ) -> _Done:
+        """The SDK's ``forward_backward``, waited for."""
+        return _Done(_to_dict(self._submit("forward_backward", data, loss_fn).result()))
 
     async def forward_async(
-        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
-    ):
-        fut = self.client.forward([to_tinker_datum(d) for d in data], loss_fn)
-        return _Done(_to_dict(await fut.result_async()))
+        self,
+        data: Sequence[Any],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        seq_id: int | None = None,
+    ) -> _Done:
+        """The ``async`` form of [`forward`][jaxreg.remote.TinkerTrainingClient.forward]."""
+        return _Done(_to_dict(await self._submit("forward", data, loss_fn).result_async()))
 
     async def forward_backward_async(
-        self, data, loss_fn="cross_entropy", loss_fn_config=None, *, seq_id=None
-    ):
-        fut = self.client.forward_backward([to_tinker_datum(d) for d in data], loss_fn)
-        return _Done(_to_dict(await fut.result_async()))
+        self,
+        data: Sequence[Any],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, Any] | None = None,
+        *,
+        seq_id: int | None = None,
+    ) -> _Done:
+        """The ``async`` form of ``forward_backward``."""
+        future = self._submit("forward_backward", data, loss_fn)
+        return _Done(_to_dict(await future.result_async()))
 
     # ------------------------------------------------------------ forward_backward_custom
     def forward_data(self, data: list[Any], datums: list[Datum]) -> list[Any]:
@@ -143,7 +183,7 @@ class TinkerTrainingClient:
         """
         from tinker.lib.public_interfaces.training_client import _ReservedRequestChunk
 
-        from jaxreg._src.remote.custom import CustomFuture, _executor
+        from jaxreg._src.remote.custom import _EXECUTOR, CustomFuture
 
         client = self.client
         forward_data = self.forward_data(state.data, state.datums)
@@ -203,5 +243,5 @@ class TinkerTrainingClient:
             except BaseException as e:
                 future.set_exception(e)
 
-        _executor().submit(run)
+        _EXECUTOR.get().submit(run)
         return CustomFuture(future, (ids[0] + 1, ids[n] + 1))  # seq_ids as sent (from 1)

@@ -25,6 +25,9 @@ import numpy as np
 
 from jaxreg._src.core.term import InputError
 
+API_KEY_HEADER = "X-API-Key"
+"""The HTTP header that carries the API key (as UTF-8), on both front doors."""
+
 Encoding = Literal["json", "base64"]
 ENCODINGS = ("json", "base64")
 _DTYPES: dict[str, np.dtype] = {

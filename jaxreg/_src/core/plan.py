@@ -1,0 +1,200 @@
+"""The plan of a composed objective: its terms and flags, validated once and frozen.
+
+A ``Plan`` is everything static about an objective: which terms, in which order,
+which of them read the model stage's outputs and which the parameters, what to compute
+(norms, cosines, per-term gradients) and how (the groups of terms that share one VJP).
+The compiled program (``jaxreg._src.core.program``) is a set of pure functions of a
+plan and arrays; [`jaxreg.Objective`][jaxreg.Objective] only adds the call-time conveniences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from jaxreg._src.core.errors import TermError
+from jaxreg._src.core.term import Term
+
+__all__ = ["GRAD_SPACES", "GradSpace", "GradStrategy", "Plan", "make_plan"]
+
+GradStrategy = Literal["auto", "per_term", "vmap"] | Sequence[Sequence[str]]
+GradSpace = Literal["x", "logits"]
+GRAD_SPACES = ("x", "logits")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """What one composed objective computes (immutable; built by ``make_plan``).
+
+    Attributes:
+      terms: the terms, the base first when ``has_base``.
+      has_base: whether ``terms[0]`` is the base loss.
+      track_grad_norms, term_grads, grad_conflicts: what to report (see ``compose``).
+      grad_strategy: as given to ``compose`` (``"auto"`` is resolved at trace time).
+      grad_space: ``"x"`` or ``"logits"``.
+      forward: the model stage ``forward(params, batch) -> outputs``, or ``None``.
+    """
+
+    terms: tuple[Term, ...]
+    has_base: bool
+    track_grad_norms: bool
+    term_grads: bool
+    grad_conflicts: bool
+    grad_strategy: GradStrategy
+    grad_space: str
+    forward: Callable[[Any, Any], Any] | None
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.terms)
+
+    @functools.cached_property
+    def groups(self) -> tuple[tuple[int, ...], ...] | None:
+        """The VJP groups, or ``None`` for ``"auto"`` (decided from the traced shapes)."""
+        if self.grad_strategy == "auto":
+            return None
+        return _groups(self.grad_strategy, self.names)
+
+    @property
+    def needs_jacobian(self) -> bool:
+        """Whether every term's own gradient is computed (any diagnostic flag)."""
+        return self.track_grad_norms or self.term_grads or self.grad_conflicts
+
+    @functools.cached_property
+    def scheduled(self) -> bool:
+        return any(t.scheduled for t in self.terms)
+
+    @functools.cached_property
+    def fixed_weights(self) -> np.ndarray:
+        """The terms' own weights; NaN where the compiled program evaluates a schedule."""
+        return np.array([np.nan if t.scheduled else t.weight for t in self.terms], np.float32)
+
+    @functools.cached_property
+    def reads_params(self) -> tuple[bool, ...]:
+        """Per term: whether ``fn`` reads the parameters rather than the forward's output."""
+        return tuple(self.forward is not None and t.on == "params" for t in self.terms)
+
+    def restrict(self, keep: Sequence[int]) -> Plan:
+        """The plan of the terms at indices ``keep`` (in order), with the same flags."""
+        return dataclasses.replace(
+            self,
+            terms=tuple(self.terms[i] for i in keep),
+            has_base=self.has_base and 0 in keep,
+            term_grads=False,
+            grad_conflicts=False,
+            grad_strategy=_restrict_strategy(self.grad_strategy, [self.names[i] for i in keep]),
+        )
+
+    def __repr__(self) -> str:
+        flags = [
+            f for f in ("track_grad_norms", "term_grads", "grad_conflicts") if getattr(self, f)
+        ]
+        extra = "" if self.grad_space == "x" else f", grad_space={self.grad_space!r}"
+        if self.forward is not None:
+            extra += f", forward={getattr(self.forward, '__name__', self.forward)!r}"
+        return f"Objective(terms={list(self.names)}, {', '.join(flags) or 'plain'}{extra})"
+
+
+def make_plan(
+    base: Term | None,
+    regularizers: tuple[Term, ...],
+    *,
+    track_grad_norms: bool = False,
+    term_grads: bool = False,
+    grad_conflicts: bool = False,
+    grad_strategy: GradStrategy = "auto",
+    grad_space: GradSpace = "x",
+    forward: Callable[[Any, Any], Any] | None = None,
+    host_types: tuple[type, ...] = (),
+) -> Plan:
+    """Validates the flags of ``compose`` and returns the frozen ``Plan``.
+
+    ``host_types`` are the term classes that run on the host (``HostTerm``): they may
+    not be the base, nor be combined with ``term_grads``/``grad_conflicts``/``forward``.
+    """
+    if grad_space not in GRAD_SPACES:
+        raise TermError(f"grad_space must be one of {list(GRAD_SPACES)}; found {grad_space!r}.")
+    if forward is not None and not callable(forward):
+        raise TermError(
+            f"forward must be callable as forward(params, batch) -> outputs; found {forward!r}."
+        )
+    if forward is not None and grad_space != "x":
+        raise TermError(
+            "grad_space='logits' describes x as log-probabilities; with forward= the "
+            "differentiated input is the parameters, so use grad_space='x' there."
+        )
+    terms = ((base,) if base is not None else ()) + regularizers
+    if base is not None and isinstance(base, host_types):
+        raise TermError(f"HostTerm {base.name!r}: the base loss must be a JAX term.")
+    host = [t.name for t in regularizers if isinstance(t, host_types)]
+    if host and (term_grads or grad_conflicts):
+        raise TermError(
+            f"host terms {host}: term_grads and grad_conflicts need every term's gradient "
+            "inside one program; use track_grad_norms (supported) or make the terms JAX "
+            "functions."
+        )
+    if host and forward is not None:
+        raise TermError(
+            f"host terms {host}: a model stage (forward=) runs inside the compiled program; "
+            "host terms read x on the host. Compose them without forward=."
+        )
+    if forward is None:
+        on_params = [t.name for t in terms if t.on == "params"]
+        if on_params:
+            raise TermError(
+                f"terms {on_params} have on='params', which needs a model stage: "
+                "compose(..., forward=apply_fn) (without one, every term reads x)."
+            )
+    plan = Plan(
+        terms=terms,
+        has_base=base is not None,
+        track_grad_norms=bool(track_grad_norms),
+        term_grads=bool(term_grads),
+        grad_conflicts=bool(grad_conflicts),
+        grad_strategy=grad_strategy,
+        grad_space=grad_space,
+        forward=forward,
+    )
+    _ = plan.groups  # validates an explicit list of groups now, not at the first call
+    return plan
+
+
+def _restrict_strategy(strategy: GradStrategy, names: list[str]) -> GradStrategy:
+    if isinstance(strategy, str):
+        return strategy
+    kept = set(names)
+    return [tuple(n for n in ((g,) if isinstance(g, str) else g) if n in kept) for g in strategy]
+
+
+def _groups(strategy: GradStrategy, names: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    n = len(names)
+    if strategy == "per_term":
+        return tuple((i,) for i in range(n))
+    if strategy == "vmap":
+        return (tuple(range(n)),)
+    if isinstance(strategy, str) or not isinstance(strategy, Sequence):
+        raise TermError(
+            "grad_strategy must be 'auto', 'per_term', 'vmap' or a list of groups of term "
+            f"names; found {strategy!r}."
+        )
+    index = {name: i for i, name in enumerate(names)}
+    groups, seen = [], set()
+    for group in strategy:
+        if isinstance(group, str):
+            group = (group,)
+        ids = []
+        for name in group:
+            if name not in index:
+                raise TermError(f"grad_strategy: unknown term {name!r}; terms are {list(names)}.")
+            if name in seen:
+                raise TermError(f"grad_strategy: term {name!r} is in more than one group.")
+            seen.add(name)
+            ids.append(index[name])
+        if ids:
+            groups.append(tuple(ids))
+    groups.extend((i,) for i, name in enumerate(names) if name not in seen)
+    return tuple(groups)

@@ -1,0 +1,292 @@
+"""The compiled core of ``compose``: pure functions of a ``Plan`` and arrays.
+
+``run`` is what [`jaxreg.Objective`][jaxreg.Objective] jits: weights (with schedules), then
+either exactly one ``value_and_grad`` of the weighted sum (no diagnostics) or every
+term's own gradient by groups (``jacobian``), then the packed output.
+
+With a model stage (``plan.forward``) the forward runs once: terms on its outputs are
+differentiated with respect to the outputs, and each output term's cotangent is pulled
+back through the one saved forward; terms on the parameters are differentiated
+directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreg._src.core.errors import TermError
+from jaxreg._src.core.linalg import cross_gram, to_logit_space, weighted_rows
+from jaxreg._src.core.output import CompositeOutput, pack
+from jaxreg._src.core.plan import Plan
+from jaxreg._src.core.strategy import auto_groups
+
+__all__ = ["jacobian", "run", "value_and_grad"]
+
+
+def run(plan: Plan, x: Any, batch: Any, w: jax.Array, step: Any) -> CompositeOutput:
+    """The whole objective at ``x``: values, metrics, gradient(s) and the packed output.
+
+    Args:
+      plan: what to compute.
+      x: the differentiated input (array or pytree).
+      batch: what the terms read besides ``x``.
+      w: ``[n]`` float32 weights; NaN where a term's schedule is evaluated at ``step``.
+      step: the schedules' step (an int32 array), or ``None`` without schedules.
+    """
+    if plan.grad_space == "logits":
+        check_logprobs_input(x)
+    w = resolve_weights(plan, w, step)
+    if plan.needs_jacobian:
+        values, metrics, grad, gram, jac = jacobian(plan, x, batch, w)
+    else:
+        values, metrics, grad = value_and_grad(plan, x, batch, w)
+        gram = jac = None
+    return _output(plan, values, metrics, grad, w, gram, jac)
+
+
+def resolve_weights(plan: Plan, w: jax.Array, step: Any) -> jax.Array:
+    """Evaluates the schedules at ``step`` where ``w`` is NaN."""
+    if not plan.scheduled:
+        return w
+    weights = []
+    for i, term in enumerate(plan.terms):
+        if term.scheduled:
+            sched = jnp.asarray(term.weight(step)).astype(jnp.float32)  # type: ignore[operator]
+            weights.append(jnp.where(jnp.isnan(w[i]), sched, w[i]))
+        else:
+            weights.append(w[i])
+    return jnp.stack(weights)
+
+
+def _evaluate(plan: Plan, indices: Sequence[int], inputs: Any, batch: Any):
+    """Values ``[len(indices)]`` and metrics of the terms at ``indices``, all on ``inputs``."""
+    values, metrics = [], []
+    for i in indices:
+        value, custom = plan.terms[i].evaluate(inputs, batch)
+        values.append(value)
+        metrics.append(custom)
+    return _stack(values), metrics
+
+
+def _stack(values: list[jax.Array]) -> jax.Array:
+    dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in values) else jnp.float32
+    return jnp.stack([v.astype(dtype) for v in values])
+
+
+def _forward(plan: Plan, x: Any, batch: Any) -> Any:
+    assert plan.forward is not None
+    return plan.forward(x, batch)
+
+
+def value_and_grad(plan: Plan, x: Any, batch: Any, w: jax.Array):
+    """Exactly one ``value_and_grad`` of the weighted sum (one forward, one backward)."""
+    n = len(plan.terms)
+    on_params = [i for i in range(n) if plan.reads_params[i]]
+    on_outputs = [i for i in range(n) if not plan.reads_params[i]]
+
+    def total(x):
+        values: list[Any] = [None] * n
+        metrics: list[Any] = [None] * n
+        parts = [(on_params, x)]
+        if on_outputs:
+            parts.append((on_outputs, x if plan.forward is None else _forward(plan, x, batch)))
+        for indices, inputs in parts:
+            if not indices:
+                continue
+            vals, mets = _evaluate(plan, indices, inputs, batch)
+            for k, i in enumerate(indices):
+                values[i], metrics[i] = vals[k], mets[k]
+        stacked = _stack(values)
+        return jnp.dot(w.astype(stacked.dtype), stacked), (stacked, metrics)
+
+    (_, (values, metrics)), grad = jax.value_and_grad(total, has_aux=True)(x)
+    if plan.grad_space == "logits":
+        grad = to_logit_space(grad, x)
+    return values, metrics, grad
+
+
+def _rows(f, inputs: Any, size: int):
+    """``f``'s values, its Jacobian's rows ``[size, ...inputs]`` and its metrics."""
+    vals, pullback, mets = jax.vjp(f, inputs, has_aux=True)
+    if size == 1:
+        jac = jax.tree.map(lambda g: g[None], pullback(jnp.ones_like(vals))[0])
+    else:
+        jac = jax.vmap(pullback)(jnp.eye(size, dtype=vals.dtype))[0]
+    return vals, jac, mets
+
+
+def _pull_rows(pullback, rows: Any, size: int) -> Any:
+    """Pulls each row of ``rows`` back through ``pullback`` (the model's VJP)."""
+    if size == 1:
+        row = jax.tree.map(lambda r: r[0], rows)
+        return jax.tree.map(lambda g: g[None], pullback(row)[0])
+    return jax.vmap(pullback)(rows)[0]
+
+
+def jacobian(plan: Plan, x: Any, batch: Any, w: jax.Array):
+    """Every term's own gradient by groups: one VJP each, ``vmap``-ed over groups > 1.
+
+    Returns ``(values [n], metrics, grad, gram, jac)``: ``gram`` is the full Gramian
+    ``J J^T`` with ``grad_conflicts``, else its diagonal; ``jac`` the stacked rows in term
+    order with ``term_grads``, else ``None``; ``grad = w^T J``.
+    """
+    n = len(plan.terms)
+    values: list[Any] = [None] * n
+    metrics: list[Any] = [None] * n
+    blocks = []  # (indices, stacked per-term gradients with a leading group axis)
+    groups = plan.groups or auto_groups(n, x, forward=plan.forward is not None)
+    if plan.forward is not None:
+        outputs, pull = jax.vjp(lambda p: _forward(plan, p, batch), x)
+    for group in groups:
+        parts = [[i for i in group if plan.reads_params[i]]]
+        parts.append([i for i in group if not plan.reads_params[i]])
+        for k, indices in enumerate(parts):
+            if not indices:
+                continue
+            through_model = k == 1 and plan.forward is not None
+            inputs = outputs if through_model else x
+            f = lambda v, indices=indices: _evaluate(plan, indices, v, batch)
+            vals, jac, mets = _rows(f, inputs, len(indices))
+            if through_model:
+                jac = _pull_rows(pull, jac, len(indices))
+            for r, i in enumerate(indices):
+                values[i], metrics[i] = vals[r], mets[r]
+            if plan.grad_space == "logits":
+                # Every diagnostic (norms, Gramian, term_grads) and w @ J read the
+                # projected rows: one elementwise pass XLA fuses with the backward.
+                jac = to_logit_space(jac, x)
+            blocks.append((tuple(indices), jac))
+    values_arr = _stack(values)
+
+    grad = None
+    for group, jac in blocks:
+        wg = w[np.asarray(group)]
+        part = jax.tree.map(lambda j, wg=wg: weighted_rows(wg, j), jac)
+        grad = part if grad is None else jax.tree.map(jnp.add, grad, part)
+
+    acc = jnp.float64 if values_arr.dtype == jnp.float64 else jnp.float32
+    if plan.grad_conflicts:
+        gram = jnp.zeros((n, n), acc)
+        for a, (ga, ja) in enumerate(blocks):
+            for gb, jb in blocks[a:]:
+                block = _gram(ja, jb, acc)
+                ia, ib = np.asarray(ga), np.asarray(gb)
+                gram = gram.at[np.ix_(ia, ib)].set(block)
+                gram = gram.at[np.ix_(ib, ia)].set(block.T)
+    else:
+        # Only the Gramian's diagonal (the squared norms) is needed, in term order.
+        sq: list[Any] = [None] * n
+        for group, jac in blocks:
+            norms = _sq_norms(jac, acc)
+            for k, i in enumerate(group):
+                sq[i] = norms[k]
+        gram = jnp.stack(sq)
+    jac_full = None
+    if plan.term_grads:
+        # Rows in term order by slicing and concatenating: a gather (``[order]``)
+        # costs XLA:CPU another pass over the whole Jacobian.
+        where = {i: (b, k) for b, (group, _) in enumerate(blocks) for k, i in enumerate(group)}
+        rows = [where[i] for i in range(n)]
+
+        def stack(*leaves):
+            if len(leaves) == 1 and [k for _, k in rows] == list(range(n)):
+                return leaves[0]
+            return jnp.concatenate([leaves[b][k : k + 1] for b, k in rows], axis=0)
+
+        jac_full = jax.tree.map(stack, *(j for _, j in blocks))
+    return values_arr, metrics, grad, gram, jac_full
+
+
+def _output(plan: Plan, values, metrics, grad, w, gram, jac) -> CompositeOutput:
+    dtype = values.dtype
+    w = w.astype(dtype)
+    norms = total_norm = cosines = None
+    if gram is not None:
+        norms = safe_sqrt(jnp.diagonal(gram) if gram.ndim == 2 else gram).astype(dtype)
+        if plan.grad_conflicts:
+            denom = jnp.outer(norms, norms).astype(gram.dtype)
+            cosines = jnp.where(denom > 0, gram / jnp.where(denom > 0, denom, 1), 0)
+            # A non-finite gradient gives a NaN cosine, never a plausible 0.
+            finite = jnp.isfinite(gram) & jnp.isfinite(denom)
+            cosines = jnp.where(finite, jnp.clip(cosines, -1, 1), jnp.nan)
+    if not plan.track_grad_norms:
+        norms = None
+    else:
+        total_norm = safe_sqrt(_tree_sq_norm(grad)).astype(dtype)
+    return pack(
+        names=plan.names,
+        has_base=plan.has_base,
+        values=values,
+        weights=w,
+        contributions=w * values,
+        custom=metrics,
+        differentiable=tuple(t.differentiable for t in plan.terms),
+        grad=grad,
+        norms=norms,
+        total_norm=total_norm,
+        grad_cosines=cosines,
+        term_grads=jac,
+        grad_space=plan.grad_space,
+    )
+
+
+def _sq_norms(jac: Any, dtype) -> jax.Array:
+    """``diag(J J^T)``: each stacked gradient's squared L2 norm over all leaves."""
+    leaves = jax.tree.leaves(jac)
+    return sum(
+        (jnp.sum(jnp.square(j.astype(dtype)).reshape(j.shape[0], -1), axis=1) for j in leaves),
+        start=jnp.zeros((leaves[0].shape[0],), dtype),
+    )
+
+
+def _gram(ja: Any, jb: Any, dtype) -> jax.Array:
+    """``J_a J_b^T`` summed over the leaves of two stacked-gradient pytrees."""
+    total = None
+    for a, b in zip(jax.tree.leaves(ja), jax.tree.leaves(jb), strict=True):
+        a = a.reshape(a.shape[0], -1).astype(dtype)
+        b = b.reshape(b.shape[0], -1).astype(dtype)
+        # One-by-one blocks are an elementwise product XLA fuses with its producers.
+        one = a.shape[0] == b.shape[0] == 1
+        block = jnp.sum(a * b).reshape(1, 1) if one else cross_gram(a, b)
+        total = block if total is None else total + block
+    if total is None:
+        return jnp.zeros((jax.tree.leaves(ja)[0].shape[0],) * 2, dtype)
+    return total
+
+
+def _tree_sq_norm(tree: Any) -> jax.Array:
+    return sum(
+        (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
+        start=jnp.zeros((), jnp.float32),
+    )
+
+
+def check_logprobs_input(x: Any) -> None:
+    """Raises unless ``x`` is one floating array with a vocabulary axis (trace time)."""
+    if not isinstance(x, jax.Array | np.ndarray) or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TermError(
+            "grad_space='logits': x must be one floating array of log-probabilities over the "
+            f"whole vocabulary along its last axis; found {type(x).__name__} "
+            f"{getattr(x, 'dtype', '')}. Use grad_space='x' for parameter pytrees."
+        )
+    if x.ndim < 1 or x.shape[-1] < 2:
+        raise TermError(
+            "grad_space='logits': x must have a vocabulary axis (last) of size >= 2, e.g. "
+            f"[B, T, K] logprobs; found shape {tuple(x.shape)}."
+        )
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(max(x, 0))`` with a finite derivative at 0; NaN stays NaN.
+
+    A squared norm that is NaN (a NaN in some gradient) must give a NaN norm, so that
+    [`jaxreg.check_finite`][jaxreg.check_finite] names the term instead of reporting a norm of 0.
+    """
+    positive = x > 0
+    root = jnp.sqrt(jnp.where(positive, x, 1))
+    return jnp.where(positive, root, jnp.where(jnp.isnan(x), x, jnp.zeros_like(x)))
