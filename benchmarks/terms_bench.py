@@ -48,7 +48,7 @@ def workload(b=64, t=8192, seed=0):
     inputs = {
         "weights": jnp.asarray(mask),
         "ref_logprobs": lp(),
-        "logprobs": lp(),
+        "sampling_logprobs": lp(),
         "advantages": jnp.asarray(rng.normal(size=(b, t)).astype(np.float32)),
     }
     return lp(), jr.Batch(jnp.asarray(mask), inputs)

@@ -96,3 +96,35 @@ def test_per_datum_lifts_a_tinker_style_loss():
     assert float(loss) == pytest.approx(float(direct), rel=1e-6)
     mean = jr.per_datum(row_loss, reduction="mean")(x, batch)[0]
     assert float(mean) == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_from_ragged_keeps_float64_under_x64():
+    import jax
+
+    lps = [np.array([-1.0, -2.5e-9]), np.array([-0.5])]  # float64; -2.5e-9 needs 64 bits
+    weights = [np.ones(2, np.float32), np.ones(1, np.float32)]
+    targets = [np.array([3, 4]), np.array([5])]
+    with jax.enable_x64(True):
+        x, batch = jr.Batch.from_ragged(lps, {"weights": weights, "target_tokens": targets})
+        assert x.dtype == jnp.float64
+        assert batch.unpad(x)[0][1] == -2.5e-9
+        assert batch["weights"].dtype == jnp.float32  # float32 stays float32
+        assert batch["target_tokens"].dtype == jnp.int32
+        x32, _ = jr.Batch.from_ragged([a.astype(np.float32) for a in lps])
+        assert x32.dtype == jnp.float32
+        forced, _ = jr.Batch.from_ragged(lps, dtype=np.float32)
+        assert forced.dtype == jnp.float32
+        loss = jr.losses.cross_entropy(x, batch)[0]
+        assert loss.dtype == jnp.float64
+        assert float(loss) == -(-1.0 - 2.5e-9 - 0.5)
+    # Without x64 JAX stores float64 as float32, as jnp.asarray does.
+    x, batch = jr.Batch.from_ragged(lps, {"weights": weights})
+    assert x.dtype == jnp.float32 and batch["weights"].dtype == jnp.float32
+
+
+def test_missing_input_names_what_the_batch_holds():
+    _, batch = jr.Batch.from_ragged([np.ones(2)], {"weights": [np.ones(2)]})
+    with pytest.raises(KeyError) as info:
+        batch["advantages"]
+    assert isinstance(info.value, jr.BatchError)
+    assert str(info.value) == "batch['advantages']: no such input; found ['weights']."

@@ -88,7 +88,7 @@ def _options(fn) -> set[str]:
 def _metrics(fn) -> set[str]:
     """The metric names a built-in term returns (traced only: nothing is compiled)."""
     x = -jnp.ones((2, 4))
-    names = ("weights", "logprobs", "advantages", "ref_logprobs", "other")
+    names = ("weights", "sampling_logprobs", "advantages", "ref_logprobs", "other")
     batch = jr.Batch(jnp.ones((2, 4)), {k: -jnp.ones((2, 4)) for k in names})
     options = {"other": "other"} if fn is jr.regularizers.consistency else {}
     _, metrics = jax.eval_shape(lambda x, b: fn(x, b, **options), x, batch)

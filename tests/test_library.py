@@ -25,7 +25,7 @@ def ragged(k=None, low=-3.0, high=-0.05):
 DATA = {
     "x": ragged(),
     "weights": [RNG.uniform(0, 1, size=n) for n in LENGTHS],
-    "logprobs": ragged(),
+    "sampling_logprobs": ragged(),
     "ref_logprobs": ragged(),
     "advantages": [RNG.normal(size=n) for n in LENGTHS],
     "view": ragged(),
@@ -52,13 +52,13 @@ def ref_ce(xs, d):
 def ref_is(xs, d):
     return -sum(
         np.sum(np.exp(x - s) * a)
-        for x, s, a in zip(xs, d["logprobs"], d["advantages"], strict=True)
+        for x, s, a in zip(xs, d["sampling_logprobs"], d["advantages"], strict=True)
     )
 
 
 def ref_ppo(xs, d, lo=0.2, hi=0.2):
     total = 0.0
-    for x, s, a in zip(xs, d["logprobs"], d["advantages"], strict=True):
+    for x, s, a in zip(xs, d["sampling_logprobs"], d["advantages"], strict=True):
         r = np.exp(x - s)
         total -= np.sum(np.minimum(r * a, np.clip(r, 1 - lo, 1 + hi) * a))
     return total
@@ -232,7 +232,7 @@ def test_extreme_logprobs_stay_finite(name, fn, ref):
     for fill in (-1e4, 0.0):
         extreme = jnp.full_like(x, fill)
         inputs = dict(batch.inputs)
-        for key in ("logprobs", "ref_logprobs", "view"):
+        for key in ("sampling_logprobs", "ref_logprobs", "view"):
             if key in inputs:
                 inputs[key] = jnp.full_like(inputs[key], fill)
         b = jr.Batch(batch.mask, inputs)
@@ -282,7 +282,7 @@ def test_kl_metrics_and_reductions():
         (
             L.importance_sampling,
             lambda b: jr.Batch(b.mask, {}),
-            "importance_sampling: batch.inputs['logprobs'] is missing",
+            "importance_sampling: batch.inputs['sampling_logprobs'] is missing",
         ),
         (R.kl, lambda b: jr.Batch(b.mask[:, :4], b.inputs), "batch.mask must be [B, T]"),
         (R.kl("nope"), lambda b: b, "batch.inputs['nope'] is missing"),

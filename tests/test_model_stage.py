@@ -168,3 +168,15 @@ def test_model_stage_errors_name_the_fix():
     host = jr.HostTerm("check", lambda x, b, d: 0.0)
     with pytest.raises(jr.TermError, match="host terms"):
         jr.compose(jr.Term("ce", ce), [host], forward=forward)
+
+
+def test_integer_leaves_are_named_with_the_fix():
+    # Before: JAX's "float0"/"allow_int" TypeError, naming neither the leaf nor a fix.
+    params = dict(PARAMS, step=jnp.asarray(3, jnp.int32))
+    objective = jr.compose(
+        jr.Term("ce", ce), [jr.Term("l2", l2, 1e-2, on="params")], forward=forward
+    )
+    with pytest.raises(jr.TermError, match=r"\['step'\] \(int32\).*eqx.partition"):
+        objective(params, BATCH)
+    with pytest.raises(jr.TermError, match="non-floating leaves"):
+        jr.compose(jr.Term("s", lambda x, b: jnp.sum(x).astype(jnp.float32)))(jnp.arange(3))

@@ -3,6 +3,8 @@ against NumPy transcriptions of their papers' update rules."""
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,172 @@ def test_schedules_multisteps_and_metrics():
     assert m["l1"]["contribution"] == pytest.approx(0.1 * np.abs(flat).sum(), rel=1e-5)
     with pytest.raises(ValueError, match="needs the parameters"):
         reg2.update(params, reg2.init(params))
+
+
+# ----------------------------------------------------------------- guardrails
+
+
+def _l2(weight):
+    return jr.transforms.regularize([jr.Term("l2", jr.regularizers.l2, weight=weight)])
+
+
+def _steps(opt, params, grads, steps):
+    with jax.numpy_dtype_promotion("standard"):
+        state = opt.init(params)
+        update = jax.jit(opt.update)
+        for _ in range(steps):
+            updates, state = update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_regularize_after_adam_climbs_the_penalty_and_is_flagged():
+    params, zero = {"w": jnp.array([2.0])}, {"w": jnp.zeros(1)}
+    # After adam, the L2 gradient 2 * 0.05 * w is added to the final step: w *= 1.1.
+    wrong, state = _steps(optax.chain(optax.adam(1e-2), _l2(0.05)), params, zero, 20)
+    assert float(wrong["w"][0]) == pytest.approx(2.0 * 1.1**20, rel=1e-5)
+    assert round(float(wrong["w"][0]), 2) == 13.46
+    assert int(state[1].misplaced) == 19  # every update after the first one tells
+    with pytest.warns(jr.transforms.RegularizeOrderWarning, match="Put it first"):
+        jr.transforms.metrics(state)
+    # Eagerly (outside jit) update warns itself.
+    opt = optax.chain(optax.sgd(0.1), _l2(0.05))
+    eager_state, p = opt.init(params), params
+    with pytest.warns(jr.transforms.RegularizeOrderWarning):
+        for _ in range(3):
+            updates, eager_state = opt.update(zero, eager_state, p)
+            p = optax.apply_updates(p, updates)
+    # The right order shrinks the weight, and nothing is flagged.
+    right, state = _steps(jr.transforms.regularized(optax.adam(1e-2), [
+        jr.Term("l2", jr.regularizers.l2, weight=0.05)]), params, zero, 20)  # fmt: skip
+    assert float(right["w"][0]) < 2.0
+    assert int(state[0].misplaced) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jr.transforms.metrics(state)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda reg: optax.chain(reg, optax.sgd(0.1)),
+        lambda reg: optax.chain(reg, optax.sgd(0.1, momentum=0.9)),
+        lambda reg: optax.chain(reg, optax.adam(1e-2)),
+        # Decoupled (AdamW style): after the normalisation, before the learning rate.
+        lambda reg: optax.chain(optax.scale_by_adam(), reg, optax.scale_by_learning_rate(1e-2)),
+        lambda reg: optax.MultiSteps(optax.chain(reg, optax.sgd(0.1)), every_k_schedule=2),
+    ],
+)
+def test_right_orders_are_not_flagged(make):
+    reg = jr.transforms.regularize([jr.Term("l2", jr.regularizers.l2, weight=WD / 2)])
+    _, state = _run(make(reg), steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = jr.transforms.metrics(state)
+    assert m["l2"]["weight"] == pytest.approx(WD / 2)
+    misplaced = [
+        int(s.misplaced)
+        for s in jax.tree.leaves(
+            state, is_leaf=lambda s: isinstance(s, jr.transforms.RegularizeState)
+        )
+        if isinstance(s, jr.transforms.RegularizeState)
+    ]
+    assert misplaced == [0]
+
+
+def test_metrics_reads_the_whole_chain_state():
+    params = _params()
+    flat = np.concatenate([np.ravel(p) for p in jax.tree.leaves(params)]).astype(np.float64)
+    expected = {"l2": np.sum(flat**2), "l1": np.abs(flat).sum()}
+    reg = jr.transforms.regularize(
+        [jr.Term("l2", jr.regularizers.l2, 0.5), jr.Term("l1", jr.regularizers.l1, 0.1)]
+    )
+    chains = {
+        "chain": optax.chain(reg, optax.adam(1e-2)),
+        "inject_hyperparams": optax.inject_hyperparams(
+            lambda learning_rate: optax.chain(reg, optax.sgd(learning_rate))
+        )(learning_rate=0.1),
+        "multi_steps": optax.MultiSteps(optax.chain(reg, optax.sgd(0.1)), every_k_schedule=1),
+    }
+    for label, opt in chains.items():
+        with jax.numpy_dtype_promotion("standard"):
+            state = opt.init(params)
+            _, state = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+        m = jr.transforms.metrics(state)
+        assert set(m) == {"l2", "l1"}, label
+        for name, value in expected.items():
+            assert m[name]["value"] == pytest.approx(value, rel=1e-5), (label, name)
+    # Two regularize states: their terms are merged; a name in both is an error.
+    other = jr.transforms.regularize([jr.Term("l1b", jr.regularizers.l1, 0.2)])
+    both = optax.chain(reg, optax.sgd(0.1), other)
+    state = both.init(params)
+    _, state = both.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    assert set(jr.transforms.metrics(state)) == {"l2", "l1", "l1b"}
+    twice = optax.chain(reg, optax.sgd(0.1), reg)
+    state = twice.init(params)
+    with pytest.raises(jr.transforms.TransformError, match="appears in two regularize states"):
+        jr.transforms.metrics(state)
+    with pytest.raises(jr.transforms.TransformError, match="found no RegularizeState"):
+        jr.transforms.metrics(optax.adam(1e-2).init(params))
+    with pytest.raises(jr.transforms.TransformError, match="3 names"):
+        jr.transforms.metrics(reg.init(params), ["a", "b", "c"])
+
+
+def test_composite_output_instead_of_grad_is_named():
+    params = _params()
+    objective = jr.compose(jr.Term("loss", lambda p, _: jnp.sum(p["w"] ** 2)))
+    out = objective(params)
+    opt = jr.transforms.regularized(optax.sgd(0.1), [jr.Term("l2", jr.regularizers.l2, 0.5)])
+    state = opt.init(params)
+    with pytest.raises(jr.JaxregError, match=r"CompositeOutput.*out\.grad"):
+        opt.update(out, state, params)
+    with pytest.raises(jr.transforms.TransformError, match="structure of params"):
+        opt.update({"w": params["w"]}, state, params)
+    updates, _ = opt.update(out.grad, state, params)  # the right call works
+    np.testing.assert_allclose(
+        np.asarray(updates["w"]), -0.1 * (2 * params["w"] + params["w"]), rtol=1e-6
+    )
+
+
+def test_integer_parameter_leaves_pass_through_the_optax_path():
+    params = {
+        "a": jnp.asarray([1.5, -0.5]),
+        "count": jnp.asarray(7, jnp.int32),
+        "z": {"w": jnp.asarray([[2.0, -1.0]]), "on": jnp.asarray(True)},
+    }
+    reg = jr.transforms.regularize(
+        [
+            jr.Term("l2", jr.regularizers.l2, weight=0.05),
+            jr.Term("l1", jr.regularizers.l1, weight=0.1),
+            # A term that reads the integer leaf: it sees the whole pytree.
+            jr.Term("scaled", lambda p, _: jnp.sum(p["z"]["w"]) * p["count"].astype(jnp.float32)),
+        ]
+    )
+    opt = optax.chain(reg, optax.sgd(0.1))
+    grads = {
+        "a": jnp.asarray([0.1, 0.2]),
+        "count": jnp.asarray(0, jnp.int32),
+        "z": {"w": jnp.asarray([[0.3, 0.4]]), "on": jnp.asarray(False)},
+    }
+    with jax.numpy_dtype_promotion("standard"):
+        state = opt.init(params)
+        update = jax.jit(opt.update)
+        updates, state = update(grads, state, params)
+    a, w = np.asarray(params["a"], np.float64), np.asarray(params["z"]["w"], np.float64)
+    np.testing.assert_allclose(
+        np.asarray(updates["a"]),
+        -0.1 * (np.array([0.1, 0.2]) + 0.1 * a + 0.1 * np.sign(a)),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(updates["z"]["w"]),
+        -0.1 * (np.array([[0.3, 0.4]]) + 0.1 * w + 0.1 * np.sign(w) + 7.0),
+        rtol=1e-6,
+    )
+    assert int(updates["count"]) == 0 and not bool(updates["z"]["on"])
+    m = jr.transforms.metrics(state)
+    assert m["l2"]["value"] == pytest.approx(np.sum(a**2) + np.sum(w**2), rel=1e-6)
+    assert m["scaled"]["value"] == pytest.approx(7.0, rel=1e-6)
 
 
 # ----------------------------------------------------------------- weightings

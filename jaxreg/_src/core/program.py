@@ -40,6 +40,7 @@ def run(plan: Plan, x: Any, batch: Any, w: jax.Array, step: Any) -> CompositeOut
     """
     if plan.grad_space == "logits":
         check_logprobs_input(x)
+    check_differentiable(x)
     w = resolve_weights(plan, w, step)
     if plan.needs_jacobian:
         values, metrics, grad, gram, jac = jacobian(plan, x, batch, w)
@@ -264,6 +265,28 @@ def _tree_sq_norm(tree: Any) -> jax.Array:
         (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
         start=jnp.zeros((), jnp.float32),
     )
+
+
+def check_differentiable(x: Any) -> None:
+    """Raises unless every leaf of ``x`` is a floating array (trace time).
+
+    ``compose`` differentiates every leaf of ``x``; an integer or boolean leaf (a step
+    counter, an index table, a PRNG key) has no gradient, and JAX's own error about it
+    (``float0``, ``allow_int``) does not say which leaf or what to do.
+    """
+    bad = [
+        f"{jax.tree_util.keystr(path) or 'x'} ({leaf.dtype})"
+        for path, leaf in jax.tree_util.tree_leaves_with_path(x)
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    if bad:
+        raise TermError(
+            f"x: every leaf is differentiated and must be a floating array; found "
+            f"non-floating leaves {bad}. Pass the floating leaves as x and the rest "
+            "through batch or the forward's closure, e.g. "
+            "params, static = eqx.partition(model, eqx.is_inexact_array), or "
+            "graphdef, params, rest = nnx.split(model, nnx.Param, ...)."
+        )
 
 
 def check_logprobs_input(x: Any) -> None:

@@ -17,7 +17,7 @@ Events emitted by jaxreg:
 * ``("jaxreg", "term", "exception")`` per failed host term: ``{duration}``; metadata
   ``{name, error}``.
 * ``("jaxreg", "remote", "request", "stop")``: ``{latency, bytes_sent,
-  bytes_received}``; metadata ``{endpoint, status, model_id, seq_id}``.
+  bytes_received, retries}``; metadata ``{endpoint, status, model_id, seq_id}``.
 
 Emission adds no host sync to compiled code: ``compose`` events are only produced
 when a handler is attached for them, from values brought to the host once per call,

@@ -45,6 +45,7 @@ from jaxreg._src.remote.protocol import (
 )
 from jaxreg._src.remote.wire import Datum, to_datum
 from jaxreg._src.terms.batch import Batch, Bucket
+from jaxreg._src.terms.tokens import SAMPLING_LOGPROBS
 
 logger = logging.getLogger("jaxreg.remote")
 
@@ -115,7 +116,17 @@ def _objective(objective, base, regularizers, param_diagnostics, options) -> Obj
 
 
 def _pack(datums: list[Datum], logprobs: list[np.ndarray], bucket: Bucket, batch_bucket):
+    """Packs the datums' ``loss_fn_inputs`` into a Batch, under their names.
+
+    Tinker's ``logprobs`` (the sampling policy's) becomes ``sampling_logprobs``: in a
+    jaxreg batch ``x`` is the current policy's logprobs.
+    """
     names = sorted({k for d in datums for k in d.loss_fn_inputs})
+    if "logprobs" in names and SAMPLING_LOGPROBS in names:
+        raise InputError(
+            f"loss_fn_inputs: both 'logprobs' (Tinker's name for the sampling policy's "
+            f"logprobs) and {SAMPLING_LOGPROBS!r} (jaxreg's) are given; keep one"
+        )
     inputs = {}
     for name in names:
         missing = [i for i, d in enumerate(datums) if name not in d.loss_fn_inputs]
@@ -123,7 +134,8 @@ def _pack(datums: list[Datum], logprobs: list[np.ndarray], bucket: Bucket, batch
             raise InputError(
                 f"data[{missing[0]}].loss_fn_inputs: missing {name!r}, which other datums have"
             )
-        inputs[name] = [d.loss_fn_inputs[name] for d in datums]
+        key = SAMPLING_LOGPROBS if name == "logprobs" else name
+        inputs[key] = [d.loss_fn_inputs[name] for d in datums]
     return Batch.from_ragged(logprobs, inputs, bucket=bucket, batch_bucket=batch_bucket)
 
 
@@ -262,7 +274,9 @@ def forward_backward_custom(
         [`TrainingClientLike`][jaxreg.remote.TrainingClientLike] interface), or an official
         ``tinker.TrainingClient`` (adapted automatically).
       data: the datums (jaxreg ``Datum``, ``tinker.types.Datum`` or dicts); every
-        ``loss_fn_inputs`` field reaches the objective as ``batch.inputs[name]``.
+        ``loss_fn_inputs`` field reaches the objective as ``batch.inputs[name]``, except
+        Tinker's ``logprobs`` (the sampling policy's), which arrives as
+        ``batch.inputs["sampling_logprobs"]`` (``x`` holds the current logprobs).
       objective: from [`jaxreg.compose`][jaxreg.compose]. Or give ``base=`` / ``regularizers=`` and
         any ``compose`` option (``track_grad_norms=True``, ...) instead.
       weights: passed to the objective (no recompilation when they change).

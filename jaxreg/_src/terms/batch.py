@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxreg._src.core.term import InputError
+from jaxreg._src.terms.masking import expand, token_mean
 
 Bucket = str | int | Sequence[int] | None
 
@@ -22,6 +23,13 @@ class BatchError(InputError):
     """
 
 
+class MissingInputError(BatchError, KeyError):
+    """``batch[name]`` names an input the batch does not hold (also a ``KeyError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Batch:
@@ -30,8 +38,10 @@ class Batch:
     Attributes:
       mask: ``[B, T]``, 1 for real tokens and 0 for padding (any numeric or bool dtype).
       inputs: padded per-token arrays named like Tinker's ``loss_fn_inputs``
-        (``target_tokens``, ``weights``, ``advantages``, ``logprobs`` for the sampling
-        policy, ``ref_logprobs``, ...), each ``[B, T]`` or ``[B, T, K]``.
+        (``target_tokens``, ``weights``, ``advantages``, ``ref_logprobs``, ...), each
+        ``[B, T]`` or ``[B, T, K]``. One exception: the sampling policy's logprobs are
+        ``sampling_logprobs`` (Tinker's ``logprobs``; ``forward_backward_custom``
+        renames them), since ``x`` is the current policy's logprobs.
       num_datums: how many leading rows are real datums when
         [`from_ragged`][jaxreg.Batch.from_ragged] padded the batch dimension (``batch_bucket``);
         ``None`` means all rows.
@@ -58,6 +68,16 @@ class Batch:
     num_datums: jax.Array | None = None
 
     def __getitem__(self, key: str) -> jax.Array:
+        if key not in self.inputs:
+            hint = ""
+            if key == "logprobs" and "sampling_logprobs" in self.inputs:
+                hint = (
+                    " The sampling policy's logprobs are batch['sampling_logprobs'] (Tinker's "
+                    "loss_fn_inputs['logprobs']); the current policy's are x."
+                )
+            raise MissingInputError(
+                f"batch[{key!r}]: no such input; found {sorted(self.inputs)}.{hint}"
+            )
         return self.inputs[key]
 
     @property
@@ -91,7 +111,7 @@ class Batch:
         bucket: Bucket = "pow2",
         min_length: int = 8,
         batch_bucket: Bucket = None,
-        dtype: Any = np.float32,
+        dtype: Any = None,
     ) -> tuple[jax.Array, Batch]:
         """Packs per-datum arrays of different lengths into padded arrays and a mask.
 
@@ -105,7 +125,11 @@ class Batch:
           min_length: the smallest padded length for ``"pow2"``.
           batch_bucket: pads the number of datums the same way (rows of mask 0), so that
             varying batch sizes compile a bounded number of times too. Default: no padding.
-          dtype: the floating dtype of the padded logprobs and floating inputs.
+          dtype: the floating dtype of the padded logprobs and floating inputs. ``None``
+            (default): each keeps its own, as JAX would store it: float64 stays float64
+            when x64 is enabled (``jax.config.update("jax_enable_x64", True)``) and
+            becomes float32 otherwise; float32 and bfloat16 stay as they are; integer
+            logprobs become JAX's default float.
 
         Returns:
           ``(x, batch)``: padded logprobs ``[B, T]`` or ``[B, T, K]`` and the
@@ -122,7 +146,7 @@ class Batch:
         max_len = int(lengths.max()) if n else 0
         t = _bucket(bucket, max_len, min_length, "bucket")
         b = _bucket(batch_bucket, n, 1, "batch_bucket") if batch_bucket is not None else n
-        x = _pad(arrays, lengths, b, t, "logprobs", dtype)
+        x = _pad(arrays, lengths, b, t, "logprobs", dtype, floating=True)
         rows = np.arange(b)[:, None]
         mask = (np.arange(t)[None, :] < np.pad(lengths, (0, b - n))[rows[:, 0], None]).astype(
             np.float32
@@ -168,18 +192,26 @@ def _bucket(bucket: Bucket, length: int, minimum: int, field: str) -> int:
     )
 
 
-def _pad(arrays, lengths, b, t, field, dtype) -> np.ndarray:
-    """Padding by one block copy per datum (memcpy speed; no per-token Python loop)."""
+def _pad(arrays, lengths, b, t, field, dtype, floating=False) -> np.ndarray:
+    """Padding by one block copy per datum (memcpy speed; no per-token Python loop).
+
+    ``floating``: the result is floating even for integer data (the logprobs).
+    """
     tails = {a.shape[1:] for a in arrays}
     if len(tails) > 1:
         raise BatchError(
             f"{field}: all datums need the same trailing shape; found {sorted(tails)}."
         )
     tail = tails.pop() if tails else ()
-    kind = np.result_type(*arrays) if arrays else np.dtype(dtype)
-    out_dtype = kind if np.issubdtype(kind, np.integer) or kind == np.bool_ else dtype
-    if np.issubdtype(kind, np.integer) and kind.itemsize > 4:
-        out_dtype = np.int32
+    kind = np.result_type(*arrays) if arrays else np.dtype(dtype or np.float32)
+    if floating and not np.issubdtype(kind, np.inexact):
+        kind = np.dtype(jnp.zeros(()).dtype)
+    if np.issubdtype(kind, np.integer) or kind == np.bool_:
+        out_dtype = np.dtype(np.int32) if kind.itemsize > 4 else kind
+    elif dtype is not None:
+        out_dtype = np.dtype(dtype)
+    else:
+        out_dtype = np.dtype(jax.dtypes.canonicalize_dtype(kind))
     out = np.zeros((b, t, *tail), out_dtype)
     for i, a in enumerate(arrays):
         out[i, : lengths[i]] = a
@@ -205,36 +237,26 @@ def per_datum(
       >>> import jax.numpy as jnp
       >>> import numpy as np
       >>> import jaxreg as jr
-      >>> def nll(logprobs, inputs):         # one datum, Tinker style; padding holds 0
-      ...     return -jnp.sum(inputs["weights"] * logprobs)
+      >>> nll = jr.per_datum(lambda lp, inp: -jnp.sum(inp["weights"] * lp))
       >>> x, batch = jr.Batch.from_ragged(
-      ...     [np.float32([-1.0, -2.0]), np.float32([-0.5])],
-      ...     {"weights": [np.float32([1.0, 0.0]), np.float32([2.0])]},
+      ...     [np.array([-1.0, -2.0]), np.array([-0.5])], {"weights": [np.ones(2), np.ones(1)]}
       ... )
-      >>> out = jr.compose(jr.Term("nll", jr.per_datum(nll)))(x, batch)
-      >>> float(out.loss_total)              # summed over datums: 1 + 1
-      2.0
+      >>> float(nll(x, batch)[0])
+      3.5
     """
     if reduction not in ("sum", "mean"):
         raise BatchError(f"per_datum: reduction must be 'sum' or 'mean'; found {reduction!r}.")
 
     def term(x: jax.Array, batch: Batch):
         mask = batch.mask.astype(x.dtype)
-        m = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
-        xs = jnp.where(m > 0, x, 0)
-        inputs = {
-            k: jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 2)) > 0, v, 0)
-            for k, v in batch.inputs.items()
-        }
+        xs = jnp.where(expand(mask, x) > 0, x, 0)
+        inputs = {k: jnp.where(expand(mask, v) > 0, v, 0) for k, v in batch.inputs.items()}
         inputs["mask"] = mask
         out = jax.vmap(fn)(xs, inputs)
         losses, metrics = out if isinstance(out, tuple) else (out, {})
         real = (jnp.sum(mask, axis=1) > 0).astype(losses.dtype)
-        count = jnp.maximum(jnp.sum(real), 1)
-        loss = jnp.sum(losses * real)
-        if reduction == "mean":
-            loss = loss / count
-        return loss, {k: jnp.sum(v * real) / count for k, v in metrics.items()}
+        loss = token_mean(losses, real) if reduction == "mean" else jnp.sum(losses * real)
+        return loss, {k: token_mean(v, real) for k, v in metrics.items()}
 
     term.__name__ = getattr(fn, "__name__", "per_datum")
     return term

@@ -8,13 +8,27 @@ import jax.numpy as jnp
 from jaxreg._src.core.term import InputError
 from jaxreg._src.terms.batch import Batch
 from jaxreg._src.terms.tokens import (
+    SAMPLING_LOGPROBS,
     check_tokens,
     clean,
     expand,
     get,
     reduce,
     term_function,
+    token_mean,
 )
+
+
+def _check_sampling_key(name: str, batch: Batch, key: str) -> None:
+    """A clear error when the sampling policy's logprobs sit under the old key ``logprobs``."""
+    if isinstance(batch, Batch) and key not in batch.inputs and "logprobs" in batch.inputs:
+        raise InputError(
+            f"{name}: batch.inputs[{key!r}] (the sampling policy's logprobs) is missing, but "
+            f"batch.inputs['logprobs'] is there. jaxreg batches name the sampling policy's "
+            f"logprobs {SAMPLING_LOGPROBS!r} (x is the current policy's); Tinker's "
+            f"loss_fn_inputs call them 'logprobs', which forward_backward_custom renames. "
+            f"Rename the input to {key!r}, or pass {name}(sampling_logprobs='logprobs')."
+        )
 
 
 def _per_token(values: jax.Array) -> jax.Array:
@@ -44,35 +58,34 @@ def cross_entropy(x: jax.Array, batch: Batch, *, reduction: str = "sum", weights
       reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``.
       weights: the name of the weights input.
 
+    Weight: the default ``"sum"`` grows with the number of real tokens :math:`N` (as the
+    service's loss does, and learning rates tuned for it assume); each token's gradient
+    is :math:`-w_{bt}` whatever the batch. A ``"token_mean"`` regularizer of weight
+    :math:`\lambda` next to it pulls :math:`\lambda / N` per token; use
+    ``reduction="token_mean"`` here (or ``"sum"`` on the regularizer) to make
+    :math:`\lambda` a per-token ratio (docs/terms.md, "Reductions and weights").
+
     Returns:
       ``(loss, {"nll_per_token"})``: the loss and the weighted NLL per real token.
 
     Example:
       >>> import numpy as np
       >>> import jaxreg as jr
-      >>> x, batch = jr.Batch.from_ragged(
-      ...     [np.float32([-1.0, -2.0]), np.float32([-0.5])],
-      ...     {"weights": [np.float32([1.0, 0.0]), np.float32([2.0])]},
-      ... )
-      >>> loss, metrics = jr.losses.cross_entropy(x, batch)   # -(1 * -1 + 0 * -2 + 2 * -0.5)
-      >>> float(loss)
-      2.0
-      >>> loss, _ = jr.losses.cross_entropy(reduction="token_mean")(x, batch)  # 3 real tokens
-      >>> round(float(loss), 4)
-      0.6667
-      >>> nll = jr.Term("nll", jr.losses.cross_entropy)      # a term of jr.compose
+      >>> x, batch = jr.Batch.from_ragged([np.log([0.5, 0.25]), np.log([0.5])])
+      >>> loss, metrics = jr.losses.cross_entropy(x, batch)
+      >>> round(float(loss), 4), round(float(metrics["nll_per_token"]), 4)  # 4 log 2, / 3
+      (2.7726, 0.9242)
     """
     mask = check_tokens("cross_entropy", x, batch)
     w = _weights("cross_entropy", x, batch, mask, weights)
     per_token = _per_token(-w * clean(x, mask))
     loss = reduce("cross_entropy", per_token, mask, reduction)
-    count = jnp.maximum(jnp.sum(mask), 1)
     if reduction == "sum":
-        per = jax.lax.stop_gradient(loss) / count
+        per = jax.lax.stop_gradient(loss) / jnp.maximum(jnp.sum(mask), 1)
     elif reduction == "token_mean":
         per = jax.lax.stop_gradient(loss)
     else:
-        per = jnp.sum(jax.lax.stop_gradient(per_token) * mask) / count
+        per = token_mean(jax.lax.stop_gradient(per_token), mask)
     return loss, {"nll_per_token": per}
 
 
@@ -82,7 +95,7 @@ def importance_sampling(
     batch: Batch,
     *,
     reduction: str = "sum",
-    sampling_logprobs: str = "logprobs",
+    sampling_logprobs: str = SAMPLING_LOGPROBS,
     advantages: str = "advantages",
 ):
     r"""Importance-sampled policy gradient, as Tinker's ``importance_sampling`` loss.
@@ -93,13 +106,29 @@ def importance_sampling(
 
     Args:
       x: the current policy's logprobs of the sampled tokens, ``[B, T]``.
-      batch: with ``inputs[sampling_logprobs]`` and ``inputs[advantages]``.
-      reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``.
+      batch: with ``inputs["sampling_logprobs"]`` (:math:`s`, the logprobs the sampler
+        gave the same tokens; Tinker's ``loss_fn_inputs["logprobs"]``) and
+        ``inputs["advantages"]``.
+      reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``; the weight
+        note of [`cross_entropy`][jaxreg.losses.cross_entropy] applies.
+      sampling_logprobs: the name of the sampling policy's logprobs input.
+      advantages: the name of the advantages input.
 
     Returns:
       ``(loss, {"ratio_mean", "ratio_max"})``.
+
+    Example:
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> x, batch = jr.Batch.from_ragged(
+      ...     [np.log([0.5, 0.5])],
+      ...     {"sampling_logprobs": [np.log([0.25, 0.5])], "advantages": [np.array([1.0, -1.0])]},
+      ... )
+      >>> float(jr.losses.importance_sampling(x, batch)[0])  # -(2 * 1 + 1 * -1)
+      -1.0
     """
     name = "importance_sampling"
+    _check_sampling_key(name, batch, sampling_logprobs)
     mask = check_tokens(name, x, batch, (sampling_logprobs, advantages), multi_target=False)
     ratio = jnp.exp(clean(x, mask) - get(batch, sampling_logprobs, x, mask)) * mask
     loss = reduce(name, -ratio * get(batch, advantages, x, mask), mask, reduction)
@@ -114,7 +143,7 @@ def ppo(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     reduction: str = "sum",
-    sampling_logprobs: str = "logprobs",
+    sampling_logprobs: str = SAMPLING_LOGPROBS,
     advantages: str = "advantages",
 ):
     r"""Clipped-ratio PPO objective (Schulman et al. 2017), as Tinker's ``ppo`` loss.
@@ -125,12 +154,18 @@ def ppo(
        L = -\sum_{b,t} m_{bt} \min\big(\rho A,\ \mathrm{clip}(\rho, 1 - \epsilon_l,
        1 + \epsilon_h) A\big)
 
+    with :math:`s` the sampling (old) policy's logprobs and :math:`A` the advantages.
+
     Args:
       x: the current policy's logprobs of the sampled tokens, ``[B, T]``.
-      batch: with ``inputs[sampling_logprobs]`` and ``inputs[advantages]``.
+      batch: with ``inputs["sampling_logprobs"]`` (:math:`s`; Tinker's
+        ``loss_fn_inputs["logprobs"]``) and ``inputs["advantages"]``.
       clip_low: :math:`\epsilon_l` (Tinker's threshold 0.2).
       clip_high: :math:`\epsilon_h` (Tinker's threshold 0.2).
-      reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``.
+      reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``; the weight
+        note of [`cross_entropy`][jaxreg.losses.cross_entropy] applies.
+      sampling_logprobs: the name of the sampling policy's logprobs input.
+      advantages: the name of the advantages input.
 
     Returns:
       ``(loss, {"ratio_mean", "ratio_max", "clip_fraction"})``.
@@ -141,6 +176,7 @@ def ppo(
             f"ppo: clip_low must be in [0, 1) and clip_high >= 0; "
             f"found clip_low={clip_low}, clip_high={clip_high}."
         )
+    _check_sampling_key(name, batch, sampling_logprobs)
     mask = check_tokens(name, x, batch, (sampling_logprobs, advantages), multi_target=False)
     ratio = jnp.exp(clean(x, mask) - get(batch, sampling_logprobs, x, mask))
     adv = get(batch, advantages, x, mask)
@@ -149,13 +185,13 @@ def ppo(
     loss = reduce(name, -objective, mask, reduction)
     metrics = _ratio_metrics(ratio * mask, mask)
     was_clipped = (clipped * adv < ratio * adv).astype(x.dtype)
-    metrics["clip_fraction"] = jnp.sum(was_clipped * mask) / jnp.maximum(jnp.sum(mask), 1)
+    metrics["clip_fraction"] = token_mean(was_clipped, mask)
     return loss, metrics
 
 
 def _ratio_metrics(ratio: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     return {
-        "ratio_mean": jnp.sum(ratio * mask) / jnp.maximum(jnp.sum(mask), 1),
+        "ratio_mean": token_mean(ratio, mask),
         "ratio_max": jnp.max(ratio * mask),
     }
 
@@ -207,13 +243,10 @@ def dpo(
     margin = chosen - rejected
     losses = -jax.nn.log_sigmoid(margin)
     real = (jnp.sum(mask, axis=1).reshape(-1, 2).sum(axis=1) > 0).astype(x.dtype)
-    count = jnp.maximum(jnp.sum(real), 1)
-    loss = jnp.sum(losses * real)
-    if reduction == "mean":
-        loss = loss / count
+    loss = token_mean(losses, real) if reduction == "mean" else jnp.sum(losses * real)
 
     def avg(v):
-        return jnp.sum(v * real) / count
+        return token_mean(v, real)
 
     return loss, {
         "accuracy": avg((margin > 0).astype(x.dtype)),

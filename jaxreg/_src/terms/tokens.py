@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -12,15 +12,27 @@ import jax.numpy as jnp
 
 from jaxreg._src.core.term import InputError
 from jaxreg._src.terms.batch import Batch
+from jaxreg._src.terms.masking import expand, token_mean
 
 REDUCTIONS = ("sum", "token_mean", "seq_mean")
+
+SAMPLING_LOGPROBS = "sampling_logprobs"
+"""The batch input holding the sampling policy's logprobs of the sampled tokens.
+
+Tinker's ``loss_fn_inputs`` call it ``"logprobs"``;
+[`jaxreg.remote.forward_backward_custom`][jaxreg.remote.forward_backward_custom] renames it when it
+packs Tinker datums, so that ``"logprobs"`` is never two things in one batch (``x`` is the current
+policy's logprobs).
+"""
 
 
 class TermFunction:
     """A built-in term function that can be used directly or configured first.
 
-    ``fn(x, batch)`` evaluates it with its current options; calling it with options only
-    (``fn(reduction="token_mean")`` or ``kl("ref_logprobs")``) returns a configured copy.
+    ``fn(x, batch)``, or ``fn(x)`` when ``x`` is an array or a pytree (``l2(params)``,
+    ``entropy(logits)``), evaluates it with its current options; calling it with options
+    only (``fn(reduction="token_mean")``, ``kl("ref_logprobs")``, ``elastic_net(0.3)``:
+    names, numbers and keywords) returns a configured copy.
     """
 
     def __init__(self, impl: Callable[..., Any], **options: Any):
@@ -43,7 +55,7 @@ class TermFunction:
         return f"{self._impl.__name__}({opts})"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if len(args) == 2 and not isinstance(args[0], str):
+        if args and (_is_data(args[0]) or (len(args) >= 2 and not isinstance(args[0], str))):
             return self._impl(*args, **{**self._options, **kwargs})
         if len(args) > len(self._params):
             raise TypeError(f"{self._impl.__name__}: too many options; it takes {self._params}.")
@@ -55,6 +67,15 @@ class TermFunction:
                 f"it takes {self._params}."
             )
         return TermFunction(self._impl, **{**self._options, **options, **kwargs})
+
+
+def _is_data(value: Any) -> bool:
+    """Whether a first positional argument is the term's input (evaluate) or an option.
+
+    Options given positionally are names and numbers (``kl("ref_logprobs")``,
+    ``elastic_net(0.3)``); arrays and pytrees are inputs, so ``l2(params)`` evaluates.
+    """
+    return not isinstance(value, str | int | float | complex | bool | type(None))
 
 
 def term_function(impl: Callable[..., Any]) -> TermFunction:
@@ -105,9 +126,28 @@ def check_tokens(
     return batch.mask.astype(x.dtype)
 
 
-def expand(mask: jax.Array, like: jax.Array) -> jax.Array:
-    """Broadcasts a ``[B, T]`` mask against a ``[B, T, ...]`` array."""
-    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+def check_dense(name: str, x: Any, batch: Any) -> tuple[jax.Array, jax.Array]:
+    """Checks classifier outputs ``[B, K]`` (or unmasked ``[B, T, K]``) given without a Batch.
+
+    Returns ``x`` as ``[B, T, K]`` (``T = 1`` for ``[B, K]``: every row is one prediction)
+    and an all-ones ``[B, T]`` mask, so that the token code paths and reductions apply.
+    """
+    if isinstance(batch, Mapping) and "mask" in batch:
+        raise InputError(
+            f"{name}: batch must be a jaxreg.Batch (mask and padded inputs) for token "
+            f"logprobs; found a {type(batch).__name__} with a 'mask' key. Build "
+            "jr.Batch(mask, inputs), or, for classifier outputs [B, K], pass batch=None or "
+            "a dict without a 'mask' key."
+        )
+    if not hasattr(x, "ndim") or x.ndim not in (2, 3):
+        raise InputError(
+            f"{name}: without a jaxreg.Batch, x must be classifier outputs [B, K] (or "
+            f"[B, T, K]), a distribution over the last axis; found shape {_shape(x)}."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise InputError(f"{name}: x must be floating; found dtype {x.dtype}.")
+    x3 = x[:, None, :] if x.ndim == 2 else x
+    return x3, jnp.ones(x3.shape[:2], x.dtype)
 
 
 def clean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -129,16 +169,13 @@ def reduce(name: str, per_token: jax.Array, mask: jax.Array, reduction: str) -> 
     ``"seq_mean"``: each sequence's mean over its real tokens, averaged over the
     sequences that have at least one real token.
     """
-    masked = per_token * mask
     if reduction == "sum":
-        return jnp.sum(masked)
+        return jnp.sum(per_token * mask)
     if reduction == "token_mean":
-        return jnp.sum(masked) / jnp.maximum(jnp.sum(mask), 1)
+        return token_mean(per_token, mask)
     if reduction == "seq_mean":
-        lengths = jnp.sum(mask, axis=1)
-        per_seq = jnp.sum(masked, axis=1) / jnp.maximum(lengths, 1)
-        real = (lengths > 0).astype(per_token.dtype)
-        return jnp.sum(per_seq * real) / jnp.maximum(jnp.sum(real), 1)
+        real = (jnp.sum(mask, axis=1) > 0).astype(per_token.dtype)
+        return token_mean(token_mean(per_token, mask, axis=1), real)
     raise InputError(f"{name}: reduction must be one of {REDUCTIONS}; found {reduction!r}.")
 
 
@@ -156,8 +193,3 @@ def token_stats(values: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     any_real = vmax >= vmin
     zero = jnp.zeros((), values.dtype)
     return {"max": jnp.where(any_real, vmax, zero), "min": jnp.where(any_real, vmin, zero)}
-
-
-def token_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """The mean of a ``[B, T]`` array over real tokens (0 when there are none)."""
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
