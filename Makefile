@@ -3,16 +3,20 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck bench clean
+.PHONY: test docs demo lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,service,demo,tinker]'
+	$(PY) -m pip install -q -e '.[dev,service,demo,tinker,docs]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The documentation site (mkdocs.yml) into site/; --strict: any warning fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 demo: $(STAMP)
 	$(PY) -m jaxreg demo
@@ -32,4 +36,4 @@ bench: $(STAMP)
 	for b in $(BENCHMARKS); do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info runs jaxreg-states
+	rm -rf $(VENV) .pytest_cache build site *.egg-info runs jaxreg-states

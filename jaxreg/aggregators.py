@@ -1,14 +1,14 @@
 """Aggregators of per-term gradients (``optax.experimental.aggregating.Aggregator``).
 
-Each aggregator is built from three steps, public too: :func:`gramian` ``(stacked) ->
+Each aggregator is built from three steps, public too: ``gramian`` ``(stacked) ->
 G``; a Gramian weight function ``<method>_weights(gramian, *, <options>,
 with_residual=False) -> weights`` (the Gramian is the only positional argument, the
 options are keyword-only with the aggregator's names and defaults, ``with_residual=True``
 returns ``(weights, residual)``, and PCGrad's randomness is a required ``key=``, used and
-not returned); and :func:`apply_weights` ``(weights, stacked) -> w^T J``.
-:func:`from_gramian_weights` turns any ``fn(gramian, key) -> (weights, residual)``
-(:data:`GramianWeightFn`) into an aggregator whose state is :class:`AggregatorState`.
-Adaptive weights of the loss terms are :mod:`jaxreg.weighting`.
+not returned); and ``apply_weights`` ``(weights, stacked) -> w^T J``.
+``from_gramian_weights`` turns any ``fn(gramian, key) -> (weights, residual)``
+(``GramianWeightFn``) into an aggregator whose state is ``AggregatorState``.
+Adaptive weights of the loss terms are ``jaxreg.weighting``.
 """
 
 from jaxreg._src.optim.aggregators import AggregatorState as AggregatorState

@@ -1,10 +1,10 @@
 """Remote training: clients for a training service and ``forward_backward_custom``.
 
-See :mod:`jaxreg._src.remote.custom` for how a composed objective is linearised into the
-service's cross-entropy loss, :mod:`jaxreg._src.remote.protocol` for the interface it
-needs of a training client (:class:`TrainingClientLike`), and
-:mod:`jaxreg._src.remote.client` and :mod:`jaxreg._src.remote.transport` for the
-transport.
+See [`forward_backward_custom`][jaxreg.remote.forward_backward_custom] for how a composed
+objective is linearised into the service's cross-entropy loss,
+[`TrainingClientLike`][jaxreg.remote.TrainingClientLike] for the interface it needs of a
+training client, and [`ServiceClient`][jaxreg.remote.ServiceClient] and
+[`RetryPolicy`][jaxreg.remote.RetryPolicy] for the transport.
 """
 
 from jaxreg._src.core.guards import NonFiniteError as NonFiniteError

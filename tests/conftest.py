@@ -16,20 +16,7 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """One reference service for the whole session (compiled programs are shared).
-
-    The tests create many models and delete few: allow more than the default 64.
-    """
-    from jaxreg.service import Limits, start
-
-    srv = start(state_dir=tmp_path_factory.mktemp("states"), limits=Limits(max_models=1024))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="session")
-def client(server):
+def client(server):  # server: ../conftest.py (shared with the doctests)
     import jaxreg as jr
 
     with jr.remote.ServiceClient(server.url) as c:

@@ -6,11 +6,11 @@ Install with ``pip install 'jaxreg[service]'``. Start it from Python::
       print(server.url)
 
 or from a shell: ``jaxreg serve --host 127.0.0.1 --port 8000``. The API is described
-in :mod:`jaxreg.service.app`, the model in :mod:`jaxreg.service.model`, the task corpus
-in :mod:`jaxreg.service.tasks` and the ordering/validation rules in
-:mod:`jaxreg.service.engine`. With ``jaxreg[tinker]`` the same service also speaks the
-official tinker SDK's protocol (:mod:`jaxreg.service.tinker_api`: LoRA in
-:mod:`~jaxreg.service.lora`, sampling in :mod:`~jaxreg.service.sampling`).
+in ``jaxreg.service.app``, the model in ``jaxreg.service.model``, the task corpus
+in ``jaxreg.service.tasks`` and the ordering/validation rules in
+``jaxreg.service.engine``. With ``jaxreg[tinker]`` the same service also speaks the
+official tinker SDK's protocol (``jaxreg.service.tinker_api``: LoRA in
+``jaxreg.service.lora``, sampling in ``jaxreg.service.sampling``).
 """
 
 from jaxreg.service.checkpoint import build_base_checkpoint as build_base_checkpoint

@@ -13,11 +13,11 @@ compared in constant time; the key never appears in logs or errors).
 
 With the official SDK installed (``jaxreg[tinker]``), the same application also speaks
 the SDK's own protocol (bootstrap, protobuf ``forward_backward``, sampling, ``tinker://``
-checkpoints): see :mod:`jaxreg.service.tinker_api`.
+checkpoints): see ``jaxreg.service.tinker_api``.
 
 Large bodies are parsed on a worker thread, so that a big request never stalls the
 event loop (``healthz`` and other clients stay responsive). ``GET
-/api/v1/openapi.json`` describes every endpoint (:mod:`jaxreg.service.openapi`).
+/api/v1/openapi.json`` describes every endpoint (``jaxreg.service.openapi``).
 
 Extensions to Tinker's API: ``skip_seq {model_id, seq_id}`` marks a reserved ``seq_id``
 as used without doing anything, so that a client that reserved ids for a pipeline and
@@ -25,7 +25,7 @@ then decided not to send one (for example because its loss was non-finite) does 
 leave the model's later requests waiting; ``delete_model {model_id}`` (alias
 ``unload_model``) frees a model. ``GET /api/v1/capabilities`` lists the extensions
 (``{"extensions": [...]}``, no key needed), e.g. ``param_grad_diagnostics``
-(:mod:`jaxreg.service.diagnostics`): an optional ``param_diagnostics`` field of
+(``jaxreg.service.diagnostics``): an optional ``param_diagnostics`` field of
 ``forward_backward``.
 """
 
@@ -68,7 +68,7 @@ PARSE_INLINE_BYTES = 64 << 10
 
 
 YIELD_EVERY_BYTES = 256 << 10
-"""Longest stretch of JSON parsed without handing the GIL back (see :func:`parse_yielding`)."""
+"""Longest stretch of JSON parsed without handing the GIL back (see ``parse_yielding``)."""
 
 
 def parse_yielding(raw: bytes) -> Any:
@@ -121,7 +121,7 @@ def create_app(
     """The starlette application serving ``engine`` under ``/api/v1/``.
 
     Args:
-      engine: the :class:`~jaxreg.service.engine.Engine` that runs the requests.
+      engine: the ``Engine`` that runs the requests.
       api_key: when set, required in the ``X-API-Key`` header of every request
         except ``healthz``.
       max_body_bytes: larger request bodies are refused with 413 before being read.

@@ -1,9 +1,9 @@
 """The base checkpoint: built deterministically from a seed, stored as an ``.npz`` file.
 
-``python -m jaxreg build-checkpoint`` (or :func:`build_base_checkpoint`) trains the
-reference model on the copy and reverse tasks of :mod:`jaxreg.service.tasks` with
+``python -m jaxreg build-checkpoint`` (or ``build_base_checkpoint``) trains the
+reference model on the copy and reverse tasks of ``jaxreg.service.tasks`` with
 optax Adam and writes ``jaxreg/service/data/base.npz``, which ships with the package.
-When that file is missing, :func:`load_base_checkpoint` builds it on first use.
+When that file is missing, ``load_base_checkpoint`` builds it on first use.
 
 Files are written atomically (a temporary file in the same directory, then
 ``os.replace``), so a crash never leaves a half-written checkpoint behind.
@@ -56,7 +56,7 @@ def save_tree(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> P
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Removes the temporary files that interrupted :func:`save_tree` calls left behind.
+    """Removes the temporary files that interrupted ``save_tree`` calls left behind.
 
     They are named ``.<name>.npz.<random>.tmp``; call this only while no save is running
     in ``directory`` (the service does at start). Returns the paths removed.
@@ -72,7 +72,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
 
 
 def load_tree(path: str | os.PathLike, like: Any = None) -> tuple[Any, dict]:
-    """Reads a pytree written by :func:`save_tree`; returns ``(tree, meta)``.
+    """Reads a pytree written by ``save_tree``; returns ``(tree, meta)``.
 
     With ``like``, the leaves are put into ``like``'s structure (for optimizer states
     made of named tuples), after checking that every leaf's shape and dtype match.

@@ -1,12 +1,12 @@
 """The service's model runtime: validation, ordered execution and the compiled steps.
 
-:class:`Engine` holds the models, checks every request completely *before* it is
+``Engine`` holds the models, checks every request completely *before* it is
 queued (so a rejected request changes nothing), orders each model's requests by
-``seq_id`` (:mod:`jaxreg.service.ordering`), deduplicates retries, and runs the work
+``seq_id`` (``jaxreg.service.ordering``), deduplicates retries, and runs the work
 on a few threads, one model's requests at a time and within a memory budget
-(:mod:`jaxreg.service.scheduler`, :mod:`jaxreg.service.limits`). Results are
+(``jaxreg.service.scheduler``, ``jaxreg.service.limits``). Results are
 ``concurrent.futures.Future`` objects keyed by request id. The HTTP layer
-(:mod:`jaxreg.service.app`) is a thin shell over it.
+(``jaxreg.service.app``) is a thin shell over it.
 
 A request whose loss or gradient is not finite fails (``request_failed``) and changes
 nothing: the compiled steps accumulate a gradient, or apply an update, only when every
@@ -119,7 +119,7 @@ class _Model:
         return {"params": self.params, "opt_state": self.opt_state, "grad_acc": self.grad_acc}
 
     def read_state(self, file: Path, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A saved :meth:`state_tree` shaped like this model's (device arrays) and its
+        """A saved ``state_tree`` shaped like this model's (device arrays) and its
         metadata; ``ServiceError`` 400 naming ``what`` when it does not fit."""
         try:
             tree, meta = checkpoint.load_tree(file, like=self.state_tree())
@@ -153,7 +153,7 @@ class Engine:
       max_tokens: the most token-targets one request may carry (overrides
         ``limits.max_tokens``).
       checkpoint_path: the base checkpoint (built on first use when missing).
-      limits: every other bound (:class:`~jaxreg.service.limits.Limits`).
+      limits: every other bound (``Limits``).
     """
 
     def __init__(
@@ -363,8 +363,8 @@ class Engine:
 
         A ``seq_id`` seen before returns the first request's id (a retry is never run
         twice); reusing it for another kind of request is a 409. A request that fails
-        validation raises :class:`ServiceError` and neither runs nor uses up its
-        ``seq_id``. See :mod:`jaxreg.service.ordering` for the ``seq_id`` rules.
+        validation raises ``ServiceError`` and neither runs nor uses up its
+        ``seq_id``. See ``jaxreg.service.ordering`` for the ``seq_id`` rules.
         """
         m = self._model(body.get("model_id"))
         seq = body.get("seq_id")
@@ -752,7 +752,7 @@ class Engine:
         return {"extensions": list(EXTENSIONS)}
 
     def _prepare_param_diagnostics(self, kind, key, p: _Prepared, body) -> Any:
-        """Validates the ``param_diagnostics`` extension field (see :mod:`.diagnostics`)."""
+        """Validates the ``param_diagnostics`` extension field (see ``.diagnostics``)."""
         field = diagnostics.FIELD
         if kind != "forward_backward" or p.forward_only:
             raise ServiceError(

@@ -1,6 +1,6 @@
 """The service's resource limits: how much one request may ask for, and for how long.
 
-:class:`Limits` gathers every bound the engine enforces; :func:`work_bytes` is the
+``Limits`` gathers every bound the engine enforces; ``work_bytes`` is the
 activation memory a ``forward`` or ``forward_backward`` of a padded ``[B, T]`` (or
 ``[B, T, K]``) batch needs, an upper bound fitted to XLA's own accounting
 (``compiled.memory_analysis()``) and to the peak RSS measured by
@@ -41,12 +41,12 @@ class Limits:
       max_tokens: the most token-targets one request may carry: the sum over datums of
         ``T`` (``[T]`` targets) or ``T * K`` (``[T, K]`` targets).
       memory_bytes: the activation memory that running requests may use together
-        (:func:`work_bytes`); a request needing more is refused with 413.
+        (``work_bytes``); a request needing more is refused with 413.
       max_models: the most models held at once; ``create_model`` beyond it is a 409.
       model_ttl_s: a model with no request for this many seconds is deleted
         (``None``: never).
       max_seq_ahead: a ``seq_id`` may be at most this far ahead of the next one the
-        model expects (and never above :data:`MAX_SEQ_ID`).
+        model expects (and never above ``MAX_SEQ_ID``).
       seq_wait_s: a request waiting this long for a missing predecessor fails, naming
         the missing ``seq_id`` s.
       remember_seqs: how many applied ``seq_id`` s each model remembers, to answer

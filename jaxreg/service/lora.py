@@ -8,15 +8,23 @@ A LoRA model's parameter tree is ``{"base": <frozen base params>, "lora": {path:
 
 with ``A ~ N(0, 1/m)``, ``B = 0`` (so a new model starts exactly at the base) and
 ``alpha = r`` (scale 1). The base gets no gradient (``stop_gradient``) and no weight
-decay (:func:`decay_mask`), so an optimizer step moves only the adapters, and every
+decay (``decay_mask``), so an optimizer step moves only the adapters, and every
 update to ``W'`` has rank at most ``r``. Which matrices are adapted follows
 ``lora_config``: ``train_attn`` (``qkv``, ``proj``), ``train_mlp`` (``mlp_in``,
 ``mlp_out``) and ``train_unembed`` (the output projection, which this model ties to
 the token embedding).
 
 Example:
-  >>> params = init(base_params, {"rank": 8, "seed": 0})
-  >>> logits = model.logits(cfg, merged(params), tokens)
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxreg.service import lora, model
+  >>> cfg = model.ModelConfig(d_model=16, n_layers=1, n_heads=2)
+  >>> base = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  >>> params = lora.init(base, {"rank": 2, "seed": 0})
+  >>> sorted(params["lora"])                      # the adapted matrices
+  ['embed', 'layers.0.mlp_in', 'layers.0.mlp_out', 'layers.0.proj', 'layers.0.qkv']
+  >>> w = lora.merged(params)["layers"][0]["qkv"]  # W' = sg(W) + A B, with B = 0 at first
+  >>> bool(jnp.array_equal(w, base["layers"][0]["qkv"]))
+  True
 """
 
 from __future__ import annotations

@@ -6,9 +6,16 @@ token embedding. With the defaults it has about 400k parameters and runs a train
 step on a CPU in milliseconds at demo sizes.
 
 Example:
-  >>> cfg = ModelConfig()
-  >>> params = init_params(cfg, jax.random.key(0))
-  >>> lp = token_logprobs(cfg, params, tokens, targets)   # [B, T] or [B, T, K]
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxreg.service import model
+  >>> cfg = model.ModelConfig(d_model=16, n_layers=1, n_heads=2)   # the service's: defaults
+  >>> params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  >>> logprobs = jax.jit(lambda p, tokens, targets: model.token_logprobs(cfg, p, tokens, targets))
+  >>> tokens = jnp.array([[1, 14, 5, 6]])
+  >>> logprobs(params, tokens, jnp.array([[14, 5, 6, 3]])).shape   # [B, T]
+  (1, 4)
+  >>> logprobs(params, tokens, jnp.zeros((1, 4, 3), int)).shape    # [B, T, K]: K = 3 targets
+  (1, 4, 3)
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ class ModelConfig:
     """Architecture of the reference model.
 
     Attributes:
-      vocab_size: number of token ids (see :mod:`jaxreg.service.tasks`).
+      vocab_size: number of token ids (see ``jaxreg.service.tasks``).
       d_model: width of the residual stream.
       n_layers: number of transformer blocks.
       n_heads: attention heads per block (``d_model`` must be divisible by it).

@@ -1,10 +1,10 @@
 """The ``seq_id`` order of one model's requests: bounded, deduplicated, never stuck.
 
-A :class:`Sequencer` releases requests in ``seq_id`` order whatever order they arrive
+A ``Sequencer`` releases requests in ``seq_id`` order whatever order they arrive
 in. Its rules:
 
 * a ``seq_id`` lies in ``[next, next + max_ahead]`` (``next``: the first one not yet
-  released) and never above :data:`~jaxreg.service.limits.MAX_SEQ_ID`;
+  released) and never above ``MAX_SEQ_ID``;
 * a ``seq_id`` seen before answers with the first request's id (a retry never runs
   twice), but only for the same kind of request: ``optim_step`` on the ``seq_id`` of a
   ``forward_backward`` is a 409;

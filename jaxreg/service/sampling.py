@@ -14,8 +14,14 @@ the model's own distribution). At ``temperature=1`` these are the model's logpro
 the ``q`` of importance sampling.
 
 Example:
-  >>> s = Sampler(cfg)
-  >>> s.sample(params, [1, 17], num_samples=4, max_tokens=8, temperature=1.0, seed=0)
+  >>> import jax
+  >>> from jaxreg.service import model, sampling
+  >>> cfg = model.ModelConfig(d_model=16, n_layers=1, n_heads=2)
+  >>> params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  >>> s = sampling.Sampler(cfg)
+  >>> out = s.sample(params, [1, 17], num_samples=4, max_tokens=8, temperature=1.0, seed=0)
+  >>> [len(seq["tokens"]) for seq in out["sequences"]]
+  [8, 8, 8, 8]
 """
 
 from __future__ import annotations

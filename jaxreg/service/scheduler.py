@@ -11,9 +11,14 @@ fits in what is left of the budget, so:
   overtaking it, so large requests are not starved by a stream of small ones.
 
 Example:
+  >>> from jaxreg.service.scheduler import Scheduler
   >>> s = Scheduler(workers=2, memory_bytes=1 << 30)
-  >>> s.put("model-a", job, cost=64 << 20)    # job() runs on a worker
+  >>> done = []
+  >>> s.put("model-a", lambda: done.append("a1"), cost=64 << 20)   # runs on a worker
+  >>> s.put("model-a", lambda: done.append("a2"), cost=64 << 20)   # after a1: same lane
   >>> s.close()                               # runs what is queued, then stops
+  >>> done
+  ['a1', 'a2']
 """
 
 from __future__ import annotations

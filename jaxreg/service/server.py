@@ -1,8 +1,13 @@
 """Running the reference service: in-process (tests, the demo) or from the command line.
 
 Example:
-  >>> with jaxreg.service.start() as server:     # a free port on 127.0.0.1
-  ...     client = jaxreg.remote.ServiceClient(server.url)
+  >>> import tempfile
+  >>> import jaxreg as jr
+  >>> from jaxreg import service
+  >>> with service.start(state_dir=tempfile.mkdtemp()) as server:   # a free 127.0.0.1 port
+  ...     with jr.remote.ServiceClient(server.url) as client:
+  ...         print(client.healthz())
+  {'status': 'ok'}
 
 ``jaxreg serve --host 127.0.0.1 --port 8000`` runs it in the foreground; Ctrl-C (or
 SIGTERM) shuts it down gracefully: uvicorn stops accepting connections, in-flight
@@ -121,7 +126,7 @@ def create_server(
     """Builds the engine and binds the socket (``port=0`` picks a free port).
 
     ``engine_kwargs`` (``max_tokens``, ``checkpoint_path``, ``limits``) go to
-    :class:`~jaxreg.service.engine.Engine`; ``max_body_bytes`` caps request bodies.
+    ``Engine``; ``max_body_bytes`` caps request bodies.
 
     Raises:
       PermissionError: ``host`` is not a loopback address and there is no ``api_key``

@@ -12,9 +12,14 @@ increment and measures how much of the base skills (held-out copy and reverse) i
 is generated from a seed; nothing is downloaded.
 
 Example:
-  >>> ex = make_examples("R", 2, seed=0)
-  >>> decode(ex[0].tokens)
-  '<bos>R3821>1283\\n'
+  >>> from jaxreg.service import tasks
+  >>> ex = tasks.make_example("R", "3821")
+  >>> tasks.decode(ex.tokens), tasks.decode(ex.targets)    # input, next tokens
+  ('<bos>R3821>1283', 'R3821>1283\\n')
+  >>> ex.answer_mask.tolist()                              # the answer and its newline
+  [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+  >>> [tasks.decode(e.targets) for e in tasks.make_examples("I", 2, seed=0, max_digits=4)]
+  ['I4333>5444\\n', 'I897>908\\n']
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ An unmodified ``tinker`` script (SDK 0.38) trains against the reference service 
   training = service.create_lora_training_client(base_model="jaxreg-base", rank=8)
   training.forward_backward(data, "cross_entropy"); training.optim_step(types.AdamParams())
 
-Everything runs on the same :class:`~jaxreg.service.engine.Engine` as jaxreg's own JSON
+Everything runs on the same ``Engine`` as jaxreg's own JSON
 API. This module adds what the SDK speaks and the JSON API does not:
 
 * bootstrap: ``client/config`` (API-key auth, no JWT), ``client/dynamic_config``,
@@ -16,7 +16,7 @@ API. This module adds what the SDK speaks and the JSON API does not:
 * models: ``create_model`` (id ``{session}:train:{n}``; its requests are numbered
   from ``seq_id`` 1, as the SDK sends them), ``get_info``, ``weights_info``;
 * ``forward_backward`` in the SDK's protobuf encoding both ways
-  (:mod:`jaxreg.service.tinker_proto`), ``optim_step`` (Adam);
+  (``jaxreg.service.tinker_proto``), ``optim_step`` (Adam);
 * ``save_weights`` / ``load_weights`` with ``tinker://{model}/weights/{name}`` paths
   (also creating a model from a checkpoint), ``save_weights_for_sampler``;
 * sampling: ``create_sampling_session``, ``asample``, ``GET samplers/{id}``;
@@ -121,7 +121,7 @@ class _Worker:
 
 
 class TinkerAPI:
-    """The SDK's endpoints over an :class:`Engine` (see the module doc)."""
+    """The SDK's endpoints over an ``Engine`` (see the module doc)."""
 
     def __init__(self, engine: Engine, *, api_key: str | None, max_body_bytes: int):
         self.engine = engine

@@ -8,8 +8,25 @@ engine's types. The schema is ``tinker.proto.tinker_public_pb2``, so the SDK is 
 one source of truth for field numbers.
 
 Example:
-  >>> req = decode_forward_backward(body)          # bytes -> ForwardBackward
-  >>> encode_forward_backward_output(result)       # engine result dict -> bytes
+  >>> import numpy as np
+  >>> from tinker.proto import tinker_public_pb2 as pb     # the SDK's schema
+  >>> from jaxreg.service import tinker_proto
+  >>> msg = pb.ForwardBackwardRequest(model_id="m", seq_id=3, loss_fn="cross_entropy")
+  >>> datum = msg.data.add()
+  >>> datum.model_input.add().encoded_text.tokens = np.array([1, 14, 5], "<i4").tobytes()
+  >>> weights = datum.loss_fn_inputs["weights"]
+  >>> weights.dense, weights.dtype = np.ones(3, "<f4").tobytes(), pb.DTYPE_FLOAT32
+  >>> req = tinker_proto.decode_forward_backward(msg.SerializeToString())  # -> ForwardBackward
+  >>> req.model_id, req.seq_id, req.data[0].tokens.tolist()
+  ('m', 3, [1, 14, 5])
+  >>> req.data[0].loss_fn_inputs["weights"]
+  array([1., 1., 1.], dtype=float32)
+  >>> logprobs = {"data": [-0.5, -1.0], "dtype": "float32", "shape": [2]}
+  >>> body = tinker_proto.encode_forward_backward_output(   # engine result dict -> bytes
+  ...     {"metrics": {"loss:sum": 1.5}, "loss_fn_outputs": [{"logprobs": logprobs}]}
+  ... )
+  >>> pb.ForwardBackwardOutput.FromString(body).metrics["loss:sum"]
+  1.5
 """
 
 from __future__ import annotations
@@ -87,7 +104,7 @@ def _tensor(msg, field: str) -> np.ndarray:
 
 
 def decode_forward_backward(body: bytes) -> ForwardBackward:
-    """Parses a ``ForwardBackwardRequest``; raises :class:`WireError` naming the field."""
+    """Parses a ``ForwardBackwardRequest``; raises ``WireError`` naming the field."""
     pb = _pb()
     msg = pb.ForwardBackwardRequest()
     try:

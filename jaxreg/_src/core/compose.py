@@ -1,10 +1,10 @@
 """``compose``: one compiled program for the total loss, per-term metrics and gradients.
 
-:func:`compose` validates its arguments into a frozen :class:`~jaxreg._src.core.plan.Plan`
-and returns an :class:`Objective`: a thin callable that turns per-call weights and
-steps into arrays and runs the jitted :func:`~jaxreg._src.core.program.run` of the plan.
-Host terms (:mod:`jaxreg._src.core.host`) and telemetry events
-(:mod:`jaxreg._src.core.telemetry`) are handled by their own modules.
+[`compose`][jaxreg.compose] validates its arguments into a frozen ``Plan``
+and returns an [`Objective`][jaxreg.Objective]: a thin callable that turns per-call weights and
+steps into arrays and runs the jitted ``run`` of the plan.
+Host terms (``jaxreg._src.core.host``) and telemetry events
+(``jaxreg._src.core.telemetry``) are handled by their own modules.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ __all__ = ["AUTO_VMAP_MAX_ELEMENTS", "Objective", "compose"]
 class Objective:
     """A composed objective: ``objective(x, batch, *, weights=None, step=None)``.
 
-    Built by :func:`compose`. Calling it runs one compiled XLA program per
+    Built by [`compose`][jaxreg.compose]. Calling it runs one compiled XLA program per
     ``(term structure, input shapes)``; weights and schedule steps are traced arrays, so
-    changing them never recompiles (:attr:`trace_count` counts the traces).
+    changing them never recompiles (``trace_count`` counts the traces).
 
     Attributes:
-      plan: the frozen :class:`~jaxreg._src.core.plan.Plan` (terms and flags).
+      plan: the frozen ``Plan`` (terms and flags).
       names: the term names, the base first.
       terms, base, regularizers: the terms (``base`` is ``None`` without one).
-      host_terms: the :class:`jaxreg.HostTerm` among the regularizers.
-      raises_on_nonfinite: whether each untraced call runs :func:`jaxreg.check_finite`
-        (``compose(..., check_finite=True)``).
+      host_terms: the [`jaxreg.HostTerm`][jaxreg.HostTerm] among the regularizers.
+      raises_on_nonfinite: whether each untraced call runs
+        [`jaxreg.check_finite`][jaxreg.check_finite] (``compose(..., check_finite=True)``).
       trace_count: how many times the compiled program was traced.
     """
 
@@ -96,7 +96,7 @@ class Objective:
         Args:
           x: the differentiated input: an array (e.g. logprobs ``[B, T]``) or any pytree
             (e.g. model parameters).
-          batch: anything else the terms read (a :class:`jaxreg.Batch`, a dict, ...).
+          batch: anything else the terms read (a [`jaxreg.Batch`][jaxreg.Batch], a dict, ...).
           weights: per-call weights ``{name: weight}`` overriding the terms' own (or their
             schedules) for the named terms; Python floats or traced arrays.
           step: the step at which schedules are evaluated (an int or int array; default 0).
@@ -104,7 +104,7 @@ class Objective:
             as their third argument; JAX terms never see it.
 
         Returns:
-          A :class:`CompositeOutput`.
+          A [`CompositeOutput`][jaxreg.CompositeOutput].
         """
         if not (self.host_terms or self.raises_on_nonfinite or telemetry.has_handlers()):
             return self.compiled(x, batch, weights, step)  # the common, thin path
@@ -209,9 +209,9 @@ def compose(
     are differentiated on their own.
 
     Args:
-      base: the base loss: a :class:`Term` (its weight is normally 1), a plain callable
+      base: the base loss: a [`Term`][jaxreg.Term] (its weight is normally 1), a plain callable
         ``fn(x, batch)`` (named ``"base"``), or ``None``.
-      regularizers: :class:`Term` objects, or SDK-style dicts ``{"name", "fn", "weight"}``.
+      regularizers: [`Term`][jaxreg.Term] objects, or SDK-style dicts ``{"name", "fn", "weight"}``.
         A term's default weight is its scale: losses reduce with ``"sum"`` over tokens
         and regularizers with ``"token_mean"`` (see each term's ``reduction``).
       track_grad_norms: report each term's gradient norm and the total gradient norm.
@@ -227,9 +227,10 @@ def compose(
         ``vmap``-ed over the cotangent basis (materialises the ``[n, ...]`` Jacobian).
         A list of groups of names, e.g. ``[("ce", "entropy")]``: one ``vmap``-ed VJP per
         group (terms not listed get their own), for terms sharing an expensive model.
-      check_finite: after each (untraced) call, raise :class:`jaxreg.NonFiniteError`
-        naming the terms whose value, gradient or metrics are not finite. It brings the
-        scalars to the host once per call (a sync); the remote path always checks.
+      check_finite: after each (untraced) call, raise
+        [`jaxreg.NonFiniteError`][jaxreg.NonFiniteError] naming the terms whose value, gradient or
+        metrics are not finite. It brings the scalars to the host once per call (a sync); the remote
+        path always checks.
       grad_space: the space every reported gradient is in. ``"x"`` (default): gradients
         with respect to ``x`` itself. ``"logits"``: ``x`` is an array of log-probabilities
         over the **whole** vocabulary along its last axis (``[B, T, K]`` from ``[T, K]``
@@ -252,8 +253,8 @@ def compose(
         respect to ``x``. Not combinable with host terms or ``grad_space="logits"``.
 
     Returns:
-      An :class:`Objective`, called as ``objective(x, batch, *, weights=None, step=None)``
-      and returning a :class:`CompositeOutput`.
+      An [`Objective`][jaxreg.Objective], called as ``objective(x, batch, *, weights=None,
+      step=None)`` and returning a [`CompositeOutput`][jaxreg.CompositeOutput].
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The exception hierarchy: every error jaxreg raises on purpose is a :class:`JaxregError`."""
+"""The exception hierarchy: every error jaxreg raises on purpose is a ``JaxregError``."""
 
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ class TermError(JaxregError, ValueError):
 class InputError(JaxregError, ValueError):
     """A term function was given inputs it cannot use.
 
-    Raised by the built-in terms (and usable by users' own); :class:`Term` re-raises it as
-    a :class:`TermError` prefixed with the term's name.
+    Raised by the built-in terms (and usable by users' own); [`Term`][jaxreg.Term] re-raises it as
+    a [`TermError`][jaxreg.TermError] prefixed with the term's name.
     """
 
 
 class NotComputedError(JaxregError, AttributeError):
-    """A quantity of a :class:`~jaxreg.CompositeOutput` was read that was not computed.
+    """A quantity of a [`CompositeOutput`][jaxreg.CompositeOutput] was read that was not computed.
 
-    The message names the flag of :func:`~jaxreg.compose` that computes it (for
+    The message names the flag of [`compose`][jaxreg.compose] that computes it (for
     example ``track_grad_norms=True`` for ``grad_norm``). It is an ``AttributeError``,
     so ``getattr(out, "grad_cosines", None)`` still returns ``None``.
     """

@@ -26,7 +26,7 @@ class NonFiniteError(InputError, FloatingPointError):
 
 
 def check_finite(out: Any, context: str = "") -> dict[str, Any]:
-    """Raises :class:`NonFiniteError` unless every value and the gradient are finite.
+    """Raises ``NonFiniteError`` unless every value and the gradient are finite.
 
     Names each faulty term and where: its ``value``, its ``gradient`` (from its grad
     norm, when tracked) or its ``metrics``. A non-finite total gradient with no term to

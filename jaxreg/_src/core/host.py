@@ -1,6 +1,6 @@
 """Host terms: regularizers that run as Python on the host (I/O, solvers, libraries).
 
-A :class:`HostTerm`'s function ``fn(x, batch, data)`` gets NumPy inputs and the raw
+A [`HostTerm`][jaxreg.HostTerm]'s function ``fn(x, batch, data)`` gets NumPy inputs and the raw
 ``data`` the objective was called with, and returns ``value``, ``(value, metrics)``
 or, with ``gradient=True``, ``(value, metrics, grad)`` with ``grad`` shaped like ``x``.
 It may be a plain function (run in a thread pool, or a process pool with
@@ -8,7 +8,7 @@ It may be a plain function (run in a thread pool, or a process pool with
 
 Called outside ``jax.jit``, an objective with host terms dispatches its compiled part
 first, runs all host terms concurrently with it and with each other, then merges them
-into one :class:`~jaxreg.CompositeOutput`. Inside a user's ``jax.jit`` a host term runs
+into one [`CompositeOutput`][jaxreg.CompositeOutput]. Inside a user's ``jax.jit`` a host term runs
 through ``jax.pure_callback``; with a gradient it sits under a ``custom_vjp`` whose
 forward pass computes value and gradient in one host call and keeps the gradient as
 the residual.
@@ -56,12 +56,14 @@ class HostTerm(Term):
     """A term computed by Python on the host; see the module docstring.
 
     Args:
-      name, fn, weight: as :class:`jaxreg.Term` (``fn(x, batch, data)`` here).
+      name: as [`jaxreg.Term`][jaxreg.Term].
+      fn: ``fn(x, batch, data)``, see above.
+      weight: as [`jaxreg.Term`][jaxreg.Term] (a number; not a schedule).
       gradient: ``fn`` also returns its gradient with respect to ``x``; without it the
         term adds to ``loss_total`` and the metrics but not to ``grad``, and its output
         says ``differentiable: false``.
       timeout: seconds (at most 300) before the term counts as failed.
-      on_error: ``"raise"`` (default: a :class:`HostTermError` naming the term) or
+      on_error: ``"raise"`` (default: a [`HostTermError`][jaxreg.HostTermError] naming the term) or
         ``"skip"`` (the term is left out of the loss; its failure is recorded in the
         output's ``errors`` and its ``failed`` metric).
       executor: ``"thread"`` (default) or ``"process"`` for CPU-bound Python (``fn``
@@ -71,9 +73,20 @@ class HostTerm(Term):
         metric not declared here is an error rather than silently dropped.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import jaxreg as jr
       >>> def validator(x, batch, data):            # e.g. an HTTP call per datum
-      ...     return float(np.mean([check(d) for d in data]))
-      >>> jr.HostTerm("validator", validator, weight=0.1, timeout=5.0)
+      ...     passed = np.mean([len(d) > 2 for d in data])
+      ...     return 1.0 - float(passed), {"passed": float(passed)}
+      >>> objective = jr.compose(
+      ...     jr.Term("l2", lambda x, batch: jnp.sum(x**2)),
+      ...     [jr.HostTerm("validator", validator, weight=0.1, timeout=5.0)],
+      ... )
+      >>> out = objective(jnp.ones(3), data=["abc", "de"])
+      >>> m = out.to_dict()["regularizers"]["validator"]
+      >>> m["value"], m["contribution"], m["custom"], m["differentiable"]
+      (0.5, 0.05, {'passed': 0.5}, False)
     """
 
     gradient: bool = False
@@ -454,7 +467,7 @@ def merge_host_results(
     host_weights: dict[str, float],
     x: Any,
 ) -> CompositeOutput:
-    """One :class:`~jaxreg.CompositeOutput` from the compiled part and the host terms.
+    """One [`CompositeOutput`][jaxreg.CompositeOutput] from the compiled part and the host terms.
 
     Terms keep the order they were given in. A host term's contribution is
     ``weight * value`` (0 when it failed and was skipped); its gradient, if it has

@@ -37,7 +37,7 @@ class TermOutput:
 
     ``grad_norm`` and ``grad_norm_weighted`` are properties: reading them from an
     objective composed without ``track_grad_norms=True`` raises
-    :class:`~jaxreg.NotComputedError` naming that flag.
+    [`NotComputedError`][jaxreg.NotComputedError] naming that flag.
     """
 
     value: jax.Array
@@ -71,7 +71,7 @@ class TermOutput:
 
     @property
     def has_grad_norm(self) -> bool:
-        """Whether :attr:`grad_norm` was computed (``track_grad_norms=True``)."""
+        """Whether ``grad_norm`` was computed (``track_grad_norms=True``)."""
         return self._grad_norm is not None
 
     def __repr__(self) -> str:
@@ -135,12 +135,12 @@ def pack(
     errors: tuple[tuple[str, str], ...] = (),
     xp: Any = jnp,
 ) -> CompositeOutput:
-    """Packs one call's results into a :class:`CompositeOutput`: the one owner of the layout.
+    """Packs one call's results into a ``CompositeOutput``: the one owner of the layout.
 
     Both the compiled program (``xp=jax.numpy``, traced arrays) and the host-term path
     (``xp=numpy``, concrete float64) build their output here, so the packed vector
     ``[loss_total, regularizer_total, total_grad_norm, fields..., custom...]`` and its
-    :class:`Layout` are defined once.
+    ``Layout`` are defined once.
 
     Args:
       names: the term names, the base first when ``has_base``.
@@ -188,15 +188,20 @@ class CompositeOutput:
     It is a pytree: return it from ``jax.jit``, carry it through ``lax.scan``, or map it
     with ``jax.tree.map``. Read it through its properties:
 
-    * :attr:`grad`, :attr:`loss_total`, :attr:`regularizer_total`;
-    * :attr:`terms` (``{name: TermOutput}``, the base first), :attr:`base_loss` and
-      :attr:`regularizers`, each a :class:`TermOutput` with ``value``, ``weight``,
-      ``contribution``, ``custom`` and, when tracked, ``grad_norm``;
-    * :attr:`total_grad_norm`, :attr:`grad_cosines`, :attr:`term_grads` when the flag
-      that computes them was set (otherwise reading them raises
-      :class:`~jaxreg.NotComputedError` naming the flag);
-    * :meth:`as_arrays` (the metrics schema as a dict of arrays, under ``jit`` too),
-      :meth:`to_dict` and :meth:`flat` (plain floats, for loggers).
+    * ``grad``, [`loss_total`][jaxreg.CompositeOutput.loss_total],
+      [`regularizer_total`][jaxreg.CompositeOutput.regularizer_total];
+    * [`terms`][jaxreg.CompositeOutput.terms] (``{name: TermOutput}``, the base first),
+      [`base_loss`][jaxreg.CompositeOutput.base_loss] and
+      [`regularizers`][jaxreg.CompositeOutput.regularizers], each a
+      [`TermOutput`][jaxreg.TermOutput] with ``value``, ``weight``, ``contribution``, ``custom``
+      and, when tracked, ``grad_norm``;
+    * [`total_grad_norm`][jaxreg.CompositeOutput.total_grad_norm],
+      [`grad_cosines`][jaxreg.CompositeOutput.grad_cosines],
+      [`term_grads`][jaxreg.CompositeOutput.term_grads] when the flag that computes them was set
+      (otherwise reading them raises [`NotComputedError`][jaxreg.NotComputedError] naming the flag);
+    * [`as_arrays`][jaxreg.CompositeOutput.as_arrays] (the metrics schema as a dict of arrays, under
+      ``jit`` too), [`to_dict`][jaxreg.CompositeOutput.to_dict] and
+      [`flat`][jaxreg.CompositeOutput.flat] (plain floats, for loggers).
 
     ``print(out)`` shows a table of the terms.
 
@@ -214,7 +219,7 @@ class CompositeOutput:
       >>> mse = jr.Term("mse", lambda x, b: jnp.mean((x - 1.0) ** 2))
       >>> l1 = jr.Term("l1", lambda x, b: jnp.sum(jnp.abs(x)), weight=0.1)
       >>> out = jr.compose(mse, [l1], track_grad_norms=True)(jnp.array([0.0, 2.0]))
-      >>> float(out.regularizers["l1"].contribution)
+      >>> round(float(out.regularizers["l1"].contribution), 6)   # 0.1 * |0| + 0.1 * |2|
       0.2
       >>> out.to_dict()["base_loss"]["value"]
       1.0
@@ -265,7 +270,7 @@ class CompositeOutput:
 
     @property
     def grad_cosines(self) -> jax.Array:
-        """``[n, n]`` cosines between the terms' gradients (order: :attr:`term_names`).
+        """``[n, n]`` cosines between the terms' gradients (order: ``term_names``).
 
         Needs ``grad_conflicts=True``.
         """
@@ -279,8 +284,9 @@ class CompositeOutput:
     def term_grads(self) -> Any:
         """Each term's own unweighted gradient, stacked on a leading axis of size ``n``.
 
-        Same pytree as ``x`` with a leading term axis (order: :attr:`term_names`): what
-        the aggregators of :mod:`jaxreg.aggregators` take. Needs ``term_grads=True``.
+        Same pytree as ``x`` with a leading term axis (order:
+        [`term_names`][jaxreg.CompositeOutput.term_names]): what the aggregators of
+        [`jaxreg.aggregators`][jaxreg.aggregators] take. Needs ``term_grads=True``.
         """
         if self._term_grads is None:
             raise NotComputedError(
@@ -296,12 +302,12 @@ class CompositeOutput:
 
     @property
     def has_grad_cosines(self) -> bool:
-        """Whether :attr:`grad_cosines` was computed (``grad_conflicts=True``)."""
+        """Whether ``grad_cosines`` was computed (``grad_conflicts=True``)."""
         return self._grad_cosines is not None
 
     @property
     def has_term_grads(self) -> bool:
-        """Whether :attr:`term_grads` was computed (``term_grads=True``)."""
+        """Whether ``term_grads`` was computed (``term_grads=True``)."""
         return self._term_grads is not None
 
     def _get(self, k: int) -> jax.Array:
@@ -330,7 +336,7 @@ class CompositeOutput:
 
     @property
     def base_loss(self) -> TermOutput:
-        """The base term's :class:`TermOutput`; needs a base loss in ``compose``."""
+        """The base term's [`TermOutput`][jaxreg.TermOutput]; needs a base loss in ``compose``."""
         if not self.layout.has_base:
             raise NotComputedError(
                 "this objective has no base loss (compose(None, ...)); read its terms "
@@ -350,10 +356,10 @@ class CompositeOutput:
         return {n: self._term(i) for i, n in enumerate(self.layout.names)}
 
     def as_arrays(self) -> dict[str, Any]:
-        """The metrics schema as a dict of arrays: the structure of :meth:`to_dict`.
+        """The metrics schema as a dict of arrays: the structure of ``to_dict``.
 
-        Unlike :meth:`to_dict`, nothing leaves the device, so it works inside
-        ``jax.jit``, ``jax.vmap`` and ``lax.scan`` (the leaves carry the leading axes of
+        Unlike [`to_dict`][jaxreg.CompositeOutput.to_dict], nothing leaves the device, so it works
+        inside ``jax.jit``, ``jax.vmap`` and ``lax.scan`` (the leaves carry the leading axes of
         a vmapped or scanned output). Strings (``grad_space``, host ``errors``) are left
         out: they are static, read them from ``out.grad_space`` and ``out.errors``.
 

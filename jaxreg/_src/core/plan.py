@@ -1,10 +1,10 @@
 """The plan of a composed objective: its terms and flags, validated once and frozen.
 
-A :class:`Plan` is everything static about an objective: which terms, in which order,
+A ``Plan`` is everything static about an objective: which terms, in which order,
 which of them read the model stage's outputs and which the parameters, what to compute
 (norms, cosines, per-term gradients) and how (the groups of terms that share one VJP).
-The compiled program (:mod:`jaxreg._src.core.program`) is a set of pure functions of a
-plan and arrays; :class:`jaxreg.Objective` only adds the call-time conveniences.
+The compiled program (``jaxreg._src.core.program``) is a set of pure functions of a
+plan and arrays; [`jaxreg.Objective`][jaxreg.Objective] only adds the call-time conveniences.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ GRAD_SPACES = ("x", "logits")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
-    """What one composed objective computes (immutable; built by :func:`make_plan`).
+    """What one composed objective computes (immutable; built by ``make_plan``).
 
     Attributes:
       terms: the terms, the base first when ``has_base``.
@@ -111,7 +111,7 @@ def make_plan(
     forward: Callable[[Any, Any], Any] | None = None,
     host_types: tuple[type, ...] = (),
 ) -> Plan:
-    """Validates the flags of ``compose`` and returns the frozen :class:`Plan`.
+    """Validates the flags of ``compose`` and returns the frozen ``Plan``.
 
     ``host_types`` are the term classes that run on the host (``HostTerm``): they may
     not be the base, nor be combined with ``term_grads``/``grad_conflicts``/``forward``.

@@ -1,6 +1,6 @@
 """Process-wide objects made on first use: thread pools, process pools, event loops.
 
-Each is made by its factory the first time :meth:`LazySingleton.get` asks for it (so
+Each is made by its factory the first time ``LazySingleton.get`` asks for it (so
 importing jaxreg starts no thread), then shared by every caller, whatever its thread.
 """
 
@@ -18,7 +18,7 @@ class LazySingleton(Generic[T]):
 
     Args:
       create: makes the object; called with the lock held, so at most once until
-        :meth:`take` detaches the object it made.
+        ``take`` detaches the object it made.
 
     Example:
       >>> from jaxreg._src.core.pools import LazySingleton
@@ -44,7 +44,7 @@ class LazySingleton(Generic[T]):
 
     def take(self) -> T | None:
         """Detaches the object (``None`` if none was made) and returns it, for shutting it
-        down; a later :meth:`get` makes a new one."""
+        down; a later ``get`` makes a new one."""
         with self._lock:
             value, self._value = self._value, None
         return value

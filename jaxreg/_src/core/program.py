@@ -1,8 +1,8 @@
-"""The compiled core of ``compose``: pure functions of a :class:`Plan` and arrays.
+"""The compiled core of ``compose``: pure functions of a ``Plan`` and arrays.
 
-:func:`run` is what :class:`jaxreg.Objective` jits: weights (with schedules), then
+``run`` is what [`jaxreg.Objective`][jaxreg.Objective] jits: weights (with schedules), then
 either exactly one ``value_and_grad`` of the weighted sum (no diagnostics) or every
-term's own gradient by groups (:func:`jacobian`), then the packed output.
+term's own gradient by groups (``jacobian``), then the packed output.
 
 With a model stage (``plan.forward``) the forward runs once: terms on its outputs are
 differentiated with respect to the outputs, and each output term's cotangent is pulled
@@ -308,7 +308,7 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
     """``sqrt(max(x, 0))`` with a finite derivative at 0; NaN stays NaN.
 
     A squared norm that is NaN (a NaN in some gradient) must give a NaN norm, so that
-    :func:`jaxreg.check_finite` names the term instead of reporting a norm of 0.
+    [`jaxreg.check_finite`][jaxreg.check_finite] names the term instead of reporting a norm of 0.
     """
     positive = x > 0
     root = jnp.sqrt(jnp.where(positive, x, 1))

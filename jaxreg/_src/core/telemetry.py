@@ -132,7 +132,7 @@ def attach_logger(
 
 class JSONLinesWriter:
     """Appends every event as one JSON line ``{"event", "measurements", "metadata",
-    "time"}`` to a file; attach with :meth:`attach`, stop with :meth:`close`."""
+    "time"}`` to a file; attach with [`attach`][jaxreg.telemetry.attach], stop with ``close``."""
 
     def __init__(
         self, path: str | Path, handler_id: str = "jaxreg-jsonl", events: Iterable[Event] = EVENTS
@@ -189,8 +189,8 @@ def instrument_compose(
 ) -> Any:
     """Runs one untraced objective call ``call()`` with its events and finiteness check.
 
-    Without a handler for :data:`COMPOSE_EVENTS` this is ``call()`` (plus
-    :func:`jaxreg.check_finite` when ``raises_on_nonfinite``). With one, it emits
+    Without a handler for ``COMPOSE_EVENTS`` this is ``call()`` (plus
+    [`jaxreg.check_finite`][jaxreg.check_finite] when ``raises_on_nonfinite``). With one, it emits
     ``compose.start``, then ``compose.stop`` and a ``term.stop`` per term from one
     transfer of the output's scalars, or ``compose.exception`` if the call raised.
     """

@@ -63,12 +63,13 @@ def check_weight(name: str, weight: Any) -> float:
 class Term:
     """A named, weighted loss term: a pure function of the differentiated input.
 
-    The objective built by :func:`jaxreg.compose` adds ``weight * fn(x, batch)`` to the
+    The objective built by [`jaxreg.compose`][jaxreg.compose] adds ``weight * fn(x, batch)`` to the
     total loss and reports the term's value, contribution and (optionally) gradient norm.
 
     Args:
       name: a non-empty name, unique within one objective; it keys the term's metrics.
-        It may not contain ``"/"``, the separator of :meth:`CompositeOutput.flat`.
+        It may not contain ``"/"``, the separator of
+        [`CompositeOutput.flat`][jaxreg.CompositeOutput.flat].
       fn: a pure, traceable function ``fn(x, batch)`` returning a scalar loss, or a pair
         ``(loss, metrics)`` with ``metrics`` a dict of scalar arrays.
       weight: a finite non-negative number, or an optax-style schedule ``step -> weight``
@@ -124,7 +125,7 @@ class Term:
         """Calls ``fn(x, batch)`` and checks that it returned a scalar and scalar metrics.
 
         An exception raised by ``fn`` keeps its type and gains a note naming the term
-        (``InputError`` becomes a :class:`TermError` prefixed with the name).
+        (``InputError`` becomes a [`TermError`][jaxreg.TermError] prefixed with the name).
         """
         try:
             out = self.fn(x, batch)
@@ -194,7 +195,7 @@ def _check_scalar(name: str, field: str, value: Any) -> jax.Array:
 
 
 def as_term(spec: Any, *, role: str, default_name: str) -> Term:
-    """Normalises a :class:`Term`, an SDK-style dict, or a plain callable to a Term."""
+    """Normalises a [`Term`][jaxreg.Term], an SDK-style dict, or a plain callable to a Term."""
     if isinstance(spec, Term):
         return spec
     if isinstance(spec, Mapping):

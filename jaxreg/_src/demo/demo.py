@@ -209,7 +209,7 @@ def term_table(out: jr.CompositeOutput, param: Any = None) -> str:
     """A per-term table: value, weight, contribution, and each term's gradient.
 
     Gradient columns: the norm in the objective's own space (``out.grad_space``: logit
-    space in the demo) and, when ``param`` (a :class:`~jaxreg.remote.ParamDiagnostics`)
+    space in the demo) and, when ``param`` (a [`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics])
     is given, the norm in parameter space, the term's weighted share of the update's norm
     and its cosine with the base loss there.
     """

@@ -13,21 +13,21 @@ Every method here needs only the Gramian :math:`G = J J^\top` of the ``n`` gradi
 a small solve for the weights ``w``, and one pass to form the update :math:`w^\top J`.
 The three steps are public, and one convention holds for each:
 
-* :func:`gramian` ``(stacked) -> G``.
+* ``gramian`` ``(stacked) -> G``.
 * The Gramian weight functions ``<method>_weights(gramian, *, <options>,
-  with_residual=False) -> weights``: :func:`pcgrad_weights`, :func:`mgda_weights`,
-  :func:`upgrad_weights`, :func:`cagrad_weights`, :func:`nash_mtl_weights`. The
+  with_residual=False) -> weights``: ``pcgrad_weights``, ``mgda_weights``,
+  ``upgrad_weights``, ``cagrad_weights``, ``nash_mtl_weights``. The
   Gramian is the only positional argument; the options are keyword-only, with the
   names and defaults of the aggregator of the same name; ``with_residual=True``
   returns ``(weights, residual)``, the residual of the method's optimality conditions
   (0 for PCGrad, which solves no problem). Randomness comes in as a required
   ``key=``, which is used and not returned, as ``jax.random`` functions do.
-* :func:`apply_weights` ``(weights, stacked) ->`` :math:`w^\top J`.
+* ``apply_weights`` ``(weights, stacked) ->`` :math:`w^\top J`.
 
-:func:`from_gramian_weights` makes an aggregator from any :data:`GramianWeightFn`
+``from_gramian_weights`` makes an aggregator from any ``GramianWeightFn``
 ``fn(gramian, key) -> (weights, residual)``; the aggregators here are built with it
-and share its state, :class:`AggregatorState`. (Adaptive weights on the *losses*, such
-as GradNorm or FAMO, are a different thing: :mod:`jaxreg.weighting`.)
+and share its state, ``AggregatorState``. (Adaptive weights on the *losses*, such
+as GradNorm or FAMO, are a different thing: ``weighting``.)
 
 Example:
   >>> import jax.numpy as jnp
@@ -81,8 +81,8 @@ GramianWeightFn: TypeAlias = Callable[[jax.Array, jax.Array], tuple[jax.Array, A
 
 ``key`` is a fresh PRNG key each step (ignore it if the rule is deterministic);
 ``weights`` has shape ``[n]``; ``residual`` is a scalar (``0.0`` when there is no
-optimality condition to report), kept as float32 in :class:`AggregatorState`. See
-:func:`from_gramian_weights`.
+optimality condition to report), kept as float32 in ``AggregatorState``. See
+``from_gramian_weights``.
 """
 
 
@@ -155,7 +155,7 @@ def apply_weights(weights: jax.Array, stacked: Any) -> Any:
 
 
 class AggregatorState(NamedTuple):
-    """The state of every aggregator of :mod:`jaxreg.aggregators`.
+    """The state of every aggregator of ``aggregators``.
 
     ``init`` returns it and ``update`` returns the next one; it has the same structure
     and dtypes on every step, so it can be carried through ``lax.scan``.
@@ -188,10 +188,10 @@ def _solve_dtype(g: jax.Array) -> jax.Array:
 def from_gramian_weights(fn: GramianWeightFn, seed: int = 0) -> aggregating.Aggregator:
     r"""An ``Aggregator`` from a weight rule on the Gramian.
 
-    Each ``update(stacked, state)`` forms :math:`G` (:func:`gramian`), splits the
+    Each ``update(stacked, state)`` forms :math:`G` (``gramian``), splits the
     state's key, calls ``fn(G, key)`` for ``(weights, residual)`` (a
-    :data:`GramianWeightFn`) and returns :math:`w^\top J` (:func:`apply_weights`) with
-    the next :class:`AggregatorState`.
+    ``GramianWeightFn``) and returns :math:`w^\top J` (``apply_weights``) with
+    the next ``AggregatorState``.
 
     Args:
       fn: ``fn(gramian, key) -> (weights, residual)``.
@@ -306,7 +306,7 @@ def pcgrad_weights(gramian: jax.Array, *, key: jax.Array, with_residual: bool = 
 def pcgrad(seed: int = 0) -> aggregating.Aggregator:
     """PCGrad (Yu et al. 2020): project away conflicting components, then sum.
 
-    See :func:`pcgrad_weights`. The visiting order is random (``seed``), as published.
+    See ``pcgrad_weights``. The visiting order is random (``seed``), as published.
     The state's ``residual`` is 0.
 
     Example:
@@ -329,7 +329,7 @@ def mgda_weights(
 
     Solved exactly by an active-set (Lawson-Hanson) method on the scaled Gramian,
     stopping on the KKT conditions :math:`(Gw)_j \ge w^\top G w` with equality where
-    :math:`w_j > 0` (:func:`~jaxreg._src.optim.gram_solvers.min_norm_simplex`); for two
+    :math:`w_j > 0` (``min_norm_simplex``); for two
     tasks, the closed form.
 
     Args:
@@ -356,9 +356,9 @@ def mgda(iterations: int | None = None) -> aggregating.Aggregator:
     r"""MGDA (Désidéri 2012; Sener & Koltun 2018): the min-norm point of the convex hull.
 
     :math:`w^* = \arg\min_{w \in \Delta_n} \|w^\top J\|^2`, solved exactly on the
-    Gramian (:func:`mgda_weights`); the update is :math:`{w^*}^\top J`, a common descent
-    direction of every term (zero at a Pareto-stationary point). ``iterations`` is the
-    solver's iteration guard (it stops on the KKT conditions). The state's ``residual``
+    Gramian ([`mgda_weights`][jaxreg.aggregators.mgda_weights]); the update is :math:`{w^*}^\top J`,
+    a common descent direction of every term (zero at a Pareto-stationary point). ``iterations`` is
+    the solver's iteration guard (it stops on the KKT conditions). The state's ``residual``
     is the KKT residual.
 
     Example:
@@ -387,7 +387,7 @@ def upgrad_weights(
     the weights are :math:`\frac1n \sum_i v_i` (TorchJD's ``UPGrad()``, without its
     ``reg_eps`` ridge). Each :math:`v_i` is solved exactly by an active-set
     non-negative least-squares method on the unit-diagonal Gramian, stopping on the KKT
-    conditions (:func:`~jaxreg._src.optim.gram_solvers.upgrad_solve`).
+    conditions (``upgrad_solve``).
 
     Args:
       gramian: the ``n x n`` Gramian.
@@ -411,7 +411,7 @@ def upgrad(iterations: int | None = None) -> aggregating.Aggregator:
 
     The result has a non-negative inner product with every term's gradient (no term
     gets worse to first order), and equals the mean when nothing conflicts. Solved
-    exactly (:func:`upgrad_weights`); ``iterations`` is the iteration guard. The state's
+    exactly (``upgrad_weights``); ``iterations`` is the iteration guard. The state's
     ``residual`` is the largest KKT residual of the projections.
 
     Example:
@@ -454,7 +454,7 @@ def cagrad_weights(
     The dual problem is solved exactly: at the optimum, :math:`w^*` is the min-norm
     point of the shifted gradients :math:`g_i + s g_0` with :math:`s = \|g_w\|/(c
     \|g_0\|)`, and on its support :math:`s` has a closed form
-    (:func:`~jaxreg._src.optim.gram_solvers.cagrad_solve`); the solver alternates the two and
+    (``cagrad_solve``); the solver alternates the two and
     stops on the KKT conditions. Unlike the official code, no ``1e-8`` is added to the
     norms (they made the result depend on the gradients' scale). When
     :math:`g_0 = 0` the update is :math:`0`.
@@ -491,7 +491,7 @@ def cagrad(
 ) -> aggregating.Aggregator:
     """CAGrad (Liu et al. 2021): the best worst-case improvement near the mean gradient.
 
-    See :func:`cagrad_weights`. ``c`` in [0, 1) trades the mean's progress for the
+    See ``cagrad_weights``. ``c`` in [0, 1) trades the mean's progress for the
     worst term's (``c = 0`` is the mean). The state's ``residual`` is the KKT residual
     of the dual problem.
 
@@ -531,7 +531,7 @@ def nash_mtl_weights(
     :math:`f(\alpha) = \tfrac12 \alpha^\top G \alpha - \sum_i \log \alpha_i`, found
     here by Newton's method on the unit-diagonal Gramian (damped while the Newton
     decrement is at least 1/4, which keeps :math:`\alpha > 0`), stopping on the Newton
-    decrement (:func:`~jaxreg._src.optim.gram_solvers.nash_solve`). The paper solves a
+    decrement (``nash_solve``). The paper solves a
     sequence of convex programs with CVXPY instead, on :math:`G / \|G\|_F`, so its
     :math:`\alpha` is :math:`\|G\|_F^{1/2}` times this one.
 
@@ -566,9 +566,9 @@ def nash_mtl_weights(
 def nash_mtl(iterations: int | None = None, ridge: float = 0.0) -> aggregating.Aggregator:
     r"""Nash-MTL (Navon et al. 2022): the Nash bargaining solution among the terms.
 
-    See :func:`nash_mtl_weights`. The update has norm :math:`\sqrt n` whatever the
-    gradients' scale (:math:`\alpha \propto 1/\|g\|`): pair it with a scale-free
-    optimizer such as Adam. The state's ``residual`` is
+    See [`nash_mtl_weights`][jaxreg.aggregators.nash_mtl_weights]. The update has norm
+    :math:`\sqrt n` whatever the gradients' scale (:math:`\alpha \propto 1/\|g\|`): pair it
+    with a scale-free optimizer such as Adam. The state's ``residual`` is
     :math:`\max_i |\alpha_i (G\alpha)_i - 1|`.
 
     Example:

@@ -4,13 +4,13 @@ Every problem is solved to a tolerance, not for a fixed number of steps, inside 
 ``lax.while_loop`` with a maximum-iteration guard (so it stays jittable, vmappable and
 fixed-shape), and every solver returns the residual of its optimality conditions.
 
-* :func:`nnls_gram`: :math:`\min_{u \ge 0} \tfrac12 u^\top H u - p^\top u`, the
+* ``nnls_gram``: :math:`\min_{u \ge 0} \tfrac12 u^\top H u - p^\top u`, the
   Lawson-Hanson active-set method in Gram form (Bro & de Jong 1997). It is exact once
   the active set is right: each step solves the free variables' linear system (LU with
   one step of iterative refinement), and it stops when the KKT conditions hold.
-* :func:`min_norm_simplex`: :math:`\min_{w \in \Delta} w^\top G w` (MGDA), reduced to
-  one :func:`nnls_gram` (the least-distance-programming trick).
-* :func:`upgrad_solve`, :func:`cagrad_solve`, :func:`nash_solve`: the weight problems
+* ``min_norm_simplex``: :math:`\min_{w \in \Delta} w^\top G w` (MGDA), reduced to
+  one ``nnls_gram`` (the least-distance-programming trick).
+* ``upgrad_solve``, ``cagrad_solve``, ``nash_solve``: the weight problems
   of UPGrad, CAGrad and Nash-MTL.
 
 The Gramian is first scaled to a unit diagonal, :math:`\hat G = D^{-1} G D^{-1}` with
@@ -135,7 +135,7 @@ def min_norm_simplex(g: jax.Array, max_iter: int | None = None) -> tuple[jax.Arr
     u \ge 0} \tfrac12 \hat u^\top H \hat u - \bar d^\top \hat u`, :math:`w \propto
     D^{-1}\hat u`: the KKT conditions of the two problems coincide (:math:`G w =
     \lambda 1 + \mu`, :math:`\lambda = w^\top G w`), also when :math:`0` is in the
-    convex hull, where :math:`\lambda = 0`. ``residual`` is :func:`mgda_residual`.
+    convex hull, where :math:`\lambda = 0`. ``residual`` is ``mgda_residual``.
     """
     n = g.shape[0]
     if n == 2:
@@ -168,14 +168,14 @@ def upgrad_residual(g: jax.Array, v: jax.Array) -> jax.Array:
 
 def upgrad_solve(g: jax.Array, max_iter: int | None = None) -> tuple[jax.Array, jax.Array]:
     r"""``(weights, residual)`` of UPGrad: the mean of
-    :math:`v_i = \arg\min_{v \ge e_i} v^\top G v`, one :func:`nnls_gram` per task.
+    :math:`v_i = \arg\min_{v \ge e_i} v^\top G v`, one ``nnls_gram`` per task.
 
     With :math:`v = e_i + \|g_i\| D^{-1} \tilde u`, the problem is
     :math:`\min_{\tilde u \ge 0} \tfrac12 \tilde u^\top \hat G \tilde u + \tilde u^\top
     \hat G e_i`, the least-squares projection of :math:`-g_i/\|g_i\|` on the cone of
     the unit gradients. For two tasks, the closed form
     :math:`v_1 = (1, \max(0, -G_{12}/G_{22}))` (and symmetrically).
-    ``residual`` is :func:`upgrad_residual`.
+    ``residual`` is ``upgrad_residual``.
     """
     n = g.shape[0]
     norms, d, gn = unit_diagonal(g)
@@ -211,7 +211,7 @@ def cagrad_solve(
 
     At the optimum, with :math:`s = \|g_w\| / c_n`, :math:`w` is also the minimiser of
     :math:`\|\sum_i w_i (g_i + s\, g_0)\|^2` on the simplex (an MGDA problem, solved
-    exactly by :func:`min_norm_simplex`), and on its support :math:`F` the KKT system is
+    exactly by ``min_norm_simplex``), and on its support :math:`F` the KKT system is
     linear in :math:`s`: :math:`w_F = x_0 + s x_1` with
     :math:`s^2 = x_0^\top G x_0 / (c_n^2 - x_1^\top G x_1)`. Each step solves the MGDA
     problem at the current :math:`s`, then takes the closed form on its support when it

@@ -3,8 +3,9 @@
 ``regularize`` adds penalty *gradients* to the incoming updates, so it must come before
 the transform that turns gradients into steps (``adam``, ``sgd``, ...). Placed after it,
 it adds the raw gradient to the final step: ascent on the penalty, with step size 1.
-The state carries a small probe that recognises this case (see :class:`RegularizeState`);
-:func:`metrics` warns when it fires, and :func:`regularized` builds the right order.
+The state carries a small probe that recognises this case (see
+[`RegularizeState`][jaxreg.transforms.RegularizeState]); [`metrics`][jaxreg.transforms.metrics]
+warns when it fires, and [`regularized`][jaxreg.transforms.regularized] builds the right order.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ PROBE_SIZE = 16
 """Elements per parameter leaf that the order check follows (the first ones, flattened)."""
 
 MISPLACED_AFTER = 2
-"""Consecutive telling steps after which :func:`metrics` reports a misplaced transform."""
+"""Consecutive telling steps after which ``metrics`` reports a misplaced transform."""
 
 
 class TransformError(JaxregError, ValueError):
@@ -49,8 +50,9 @@ class RegularizeOrderWarning(UserWarning):
 
 @jax.tree_util.register_pytree_node_class
 class TermNames(tuple):
-    """The term names of a :class:`RegularizeState`: static (no array leaves), so the
-    state stays a valid JAX and optax state while :func:`metrics` can label its values."""
+    """The term names of a ``RegularizeState``: static (no array leaves), so the
+    state stays a valid JAX and optax state while [`metrics`][jaxreg.transforms.metrics] can
+    label its values."""
 
     def tree_flatten(self):
         return (), tuple(self)
@@ -62,7 +64,7 @@ class TermNames(tuple):
 
 
 class RegularizeState(NamedTuple):
-    """What :func:`regularize` measured on its last update, one entry per term (in order).
+    """What ``regularize`` measured on its last update, one entry per term (in order).
 
     Attributes:
       step: the number of updates so far (the step its schedules are evaluated at).
@@ -72,7 +74,8 @@ class RegularizeState(NamedTuple):
       grad_norm: the norm of each term's own gradient (NaN unless tracked).
       misplaced: how many consecutive updates found the parameters moved by exactly the
         updates this transform returned the step before, i.e. no transform after it
-        scaled them: it sits after the optimizer (see :func:`regularize`). 0 when the
+        scaled them: it sits after the optimizer (see [`regularize`][jaxreg.transforms.regularize]).
+          0 when the
         order is right (and when ``check_order=False``).
       probe_params: the first ``PROBE_SIZE`` elements of each floating parameter leaf
         (the order check's memory; a few numbers per leaf).
@@ -151,12 +154,12 @@ def regularize(
     updates are already steps :math:`-\eta\,\hat g`, and adding :math:`+\nabla r` to
     them climbs the penalty: with an L2 weight of 0.05, a weight of 2.0 becomes 13.46
     in 20 steps. The state recognises that order (the parameters then move by exactly
-    what this transform returned) and :func:`metrics` warns; so does ``update`` when it
-    runs outside ``jit``. Between ``optax.scale_by_adam()`` and
+    what this transform returned) and [`metrics`][jaxreg.transforms.metrics] warns; so does
+    ``update`` when it runs outside ``jit``. Between ``optax.scale_by_adam()`` and
     ``optax.scale_by_learning_rate(lr)`` it adds a decoupled penalty (AdamW style): not
     flagged.
 
-    The terms are :class:`jaxreg.Term` s (or ``{"name", "fn", "weight"}`` dicts) whose
+    The terms are [`jaxreg.Term`][jaxreg.Term] s (or ``{"name", "fn", "weight"}`` dicts) whose
     function takes the parameters: ``fn(params, batch)`` with ``batch`` the ``batch=``
     extra argument of ``update`` (``None`` if not given). Weights may be optax schedules,
     evaluated at the transform's own step count. Integer and boolean parameter leaves (a
@@ -167,7 +170,7 @@ def regularize(
     Args:
       terms: the penalties.
       track_grad_norms: also measure each term's gradient norm (one more VJP per term).
-      check_order: follow :data:`PROBE_SIZE` elements per parameter leaf to recognise a
+      check_order: follow ``PROBE_SIZE`` elements per parameter leaf to recognise a
         transform placed after the optimizer (a few elementwise operations per step).
 
     Returns:
@@ -358,19 +361,21 @@ def metrics(state: Any, names: Sequence[str] | None = None) -> dict[str, dict[st
     """``{name: {"value", "weight", "contribution", "grad_norm"}}`` from a state (host).
 
     Args:
-      state: the state of :func:`regularize`, or of any optimizer that contains it: an
-        ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``... Every
-        :class:`RegularizeState` found in it is read (term names must then be distinct).
+      state: the state of [`regularize`][jaxreg.transforms.regularize], or of any optimizer that
+        contains it: an ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``... Every
+        [`RegularizeState`][jaxreg.transforms.RegularizeState] found in it is read (term names must
+        then be distinct).
       names: the terms' names; by default those the state holds. Given, they must be
         as many as the terms of the (single) regularize state.
 
     Returns:
-      One dict per term. Warns (:class:`RegularizeOrderWarning`) when the state shows
-      that :func:`regularize` runs after the optimizer's scaling.
+      One dict per term. Warns
+      ([`RegularizeOrderWarning`][jaxreg.transforms.RegularizeOrderWarning]) when the state shows
+      that [`regularize`][jaxreg.transforms.regularize] runs after the optimizer's scaling.
 
     Raises:
-      TransformError: no :class:`RegularizeState` in ``state``, duplicate names, or
-        ``names`` of the wrong length.
+      TransformError: no [`RegularizeState`][jaxreg.transforms.RegularizeState] in ``state``,
+        duplicate names, or ``names`` of the wrong length.
     """
     states = _find_states(state)
     if not states:

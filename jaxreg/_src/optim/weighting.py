@@ -2,20 +2,20 @@ r"""Adaptive term weighting: stateful rules that read an output and set the next
 
 In jaxreg, a *weighting* always means this: the weights of the loss terms of a composed
 objective, adapted during training (GradNorm, uncertainty weighting, DWA, FAMO,
-:func:`balance_grad_norms`). The weights that gradient aggregators solve for on a
-Gramian are a different thing, in :mod:`jaxreg.aggregators` (``*_weights``,
+``balance_grad_norms``). The weights that gradient aggregators solve for on a
+Gramian are a different thing, in ``aggregators`` (``*_weights``,
 ``from_gramian_weights``).
 
-A weighting is a :class:`Weighting` ``(init, update)`` in the optax style:
+A weighting is a [`Weighting`][jaxreg.weighting.Weighting] ``(init, update)`` in the optax style:
 
-* ``state = weighting.init(out)`` from a first :class:`~jaxreg.CompositeOutput`;
+* ``state = weighting.init(out)`` from a first [`CompositeOutput`][jaxreg.CompositeOutput];
 * ``weights, state = weighting.update(out, state)`` after each step, where ``weights``
   is a ``{name: scalar array}`` dict for the next call,
   ``objective(x, batch, weights=weights)`` — a traced argument, so it never recompiles.
 
-Each rule's state is a ``NamedTuple`` of arrays (:class:`BalanceGradNormsState`,
-:class:`GradNormState`, :class:`UncertaintyState`, :class:`DWAState`,
-:class:`FAMOState`), with the same structure on every step. Everything is
+Each rule's state is a ``NamedTuple`` of arrays (``BalanceGradNormsState``,
+``GradNormState``, ``UncertaintyState``, ``DWAState``,
+``FAMOState``), with the same structure on every step. Everything is
 ``jax.numpy``: ``update`` can live inside the user's jitted step.
 
 Example:
@@ -69,7 +69,7 @@ class Weighting(NamedTuple):
     """An adaptive weighting of loss terms: a pair of pure functions, as optax's transforms.
 
     Attributes:
-      init: ``init(out) -> state``, from a first :class:`~jaxreg.CompositeOutput`.
+      init: ``init(out) -> state``, from a first ``CompositeOutput``.
       update: ``update(out, state) -> (weights, state)``, with ``weights`` a
         ``{term name: scalar array}`` dict for the objective's next call
         (``objective(x, batch, weights=weights)``).
@@ -116,7 +116,7 @@ def _as_dict(names, w) -> dict[str, jax.Array]:
 
 
 class BalanceGradNormsState(NamedTuple):
-    r"""The state of :func:`balance_grad_norms`.
+    r"""The state of ``balance_grad_norms``.
 
     Attributes:
       step: int32 scalar, the number of updates so far.
@@ -146,7 +146,7 @@ def balance_grad_norms(shares: Mapping[str, float], *, decay: float = 0.9) -> We
       decay: EMA decay of the norms (0: use each step's norms as they are).
 
     Returns:
-      A :class:`Weighting` whose state is a :class:`BalanceGradNormsState`.
+      A ``Weighting`` whose state is a ``BalanceGradNormsState``.
     """
     for name, s in shares.items():
         if not 0 < s < 1:
@@ -191,7 +191,7 @@ def balance_grad_norms(shares: Mapping[str, float], *, decay: float = 0.9) -> We
 
 
 class GradNormState(NamedTuple):
-    """The state of :func:`gradnorm`.
+    """The state of ``gradnorm``.
 
     Attributes:
       weights: float32 ``[n]``, the current weights of the weighted terms (in the order
@@ -218,7 +218,7 @@ def gradnorm(
     uses the last shared layer).
 
     Returns:
-      A :class:`Weighting` whose state is a :class:`GradNormState`.
+      A ``Weighting`` whose state is a ``GradNormState``.
     """
 
     def init(out):
@@ -245,7 +245,7 @@ def gradnorm(
 
 
 class UncertaintyState(NamedTuple):
-    r"""The state of :func:`uncertainty`.
+    r"""The state of ``uncertainty``.
 
     Attributes:
       log_var: float32 ``[n]``, the learned :math:`s_i = \log\sigma_i^2` (the weights
@@ -263,7 +263,7 @@ def uncertainty(names: Sequence[str] | None = None, *, learning_rate: float = 0.
     stationary point is :math:`s_i = \log L_i`: each weighted loss tends to 1).
 
     Returns:
-      A :class:`Weighting` whose state is an :class:`UncertaintyState`.
+      A ``Weighting`` whose state is an ``UncertaintyState``.
     """
 
     def init(out):
@@ -283,7 +283,7 @@ def uncertainty(names: Sequence[str] | None = None, *, learning_rate: float = 0.
 
 
 class DWAState(NamedTuple):
-    """The state of :func:`dwa`.
+    """The state of ``dwa``.
 
     Attributes:
       step: int32 scalar, the number of updates so far.
@@ -303,7 +303,7 @@ def dwa(names: Sequence[str] | None = None, *, temperature: float = 2.0) -> Weig
     Weights are 1 until two losses have been seen.
 
     Returns:
-      A :class:`Weighting` whose state is a :class:`DWAState`.
+      A ``Weighting`` whose state is a ``DWAState``.
     """
 
     def init(out):
@@ -327,7 +327,7 @@ def dwa(names: Sequence[str] | None = None, *, temperature: float = 2.0) -> Weig
 
 
 class FAMOState(NamedTuple):
-    r"""The state of :func:`famo`.
+    r"""The state of ``famo``.
 
     Attributes:
       logits: float32 ``[n]``, the logits :math:`\xi` of the task distribution
@@ -362,7 +362,7 @@ def famo(
     with learning rate ``learning_rate`` and weight decay ``gamma``, as the official code.
 
     Returns:
-      A :class:`Weighting` whose state is a :class:`FAMOState`.
+      A ``Weighting`` whose state is a ``FAMOState``.
     """
     opt = optax.adamw(learning_rate, weight_decay=gamma)
 

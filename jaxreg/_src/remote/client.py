@@ -1,10 +1,11 @@
 """HTTP clients for the reference service and any service speaking its (Tinker's) protocol.
 
-:class:`ServiceClient` owns the connection pool (httpx, sync and async); its
-:meth:`~ServiceClient.create_model` returns a :class:`TrainingClient` bound to one
-model, with the same methods as the official SDK's ``TrainingClient``: ``forward``,
-``forward_backward``, ``optim_step``, ``save_state``, ``load_state``, each returning a
-future (``.result()``), and ``*_async`` variants returning awaitable futures.
+[`ServiceClient`][jaxreg.remote.ServiceClient] owns the connection pool (httpx, sync and async); its
+[`create_model`][jaxreg.remote.ServiceClient.create_model] returns a
+[`TrainingClient`][jaxreg.remote.TrainingClient] bound to one model, with the same methods as the
+official SDK's ``TrainingClient``: ``forward``, ``forward_backward``, ``optim_step``,
+``save_state``, ``load_state``, each returning a future (``.result()``), and ``*_async`` variants
+returning awaitable futures.
 
 Every work request carries a ``seq_id`` taken from the client's counter when the call
 is made, so the service applies a model's requests in call order even when they
@@ -12,9 +13,9 @@ arrive out of order, and a retried request (same ``seq_id``) is never applied tw
 That makes retrying safe: connection errors, timeouts, 429 and 5xx answers are
 retried with exponential backoff and jitter (``Retry-After`` is honoured) for up to
 30 s by default, long enough for a restarted service to come back; any other error
-raises :class:`RemoteError` naming the call, the model, the ``seq_id`` and the
+raises [`RemoteError`][jaxreg.remote.RemoteError] naming the call, the model, the ``seq_id`` and the
 service's reason. The retry loop and its policy are in
-:mod:`jaxreg._src.remote.transport`.
+``jaxreg._src.remote.transport``.
 """
 
 from __future__ import annotations
@@ -67,18 +68,26 @@ class ServiceClient:
       base_url: e.g. ``"http://127.0.0.1:8000"``.
       api_key: sent in the ``X-API-Key`` header; never logged nor shown in ``repr``.
       timeout: seconds for one HTTP exchange.
-      retry: the :class:`RetryPolicy` for connection errors, 429 and 5xx.
+      retry: the [`RetryPolicy`][jaxreg.remote.RetryPolicy] for connection errors, 429 and 5xx.
       tensor_encoding: ``"base64"`` (compact, the default) or ``"json"`` lists, for
         tensors sent and received.
       poll_timeout: how long the service may hold one ``retrieve_future`` call.
-      transport, async_transport: httpx transports (for tests and fault injection).
+      transport: an httpx transport (for tests and fault injection).
+      async_transport: an httpx async transport (for tests and fault injection).
 
     Example:
-      >>> from jaxreg.remote import ServiceClient
-      >>> client = ServiceClient("http://127.0.0.1:8000")  # connects on first use
-      >>> training = client.create_model()  # doctest: +SKIP
-      >>> training.forward_backward(data, "cross_entropy").result()  # doctest: +SKIP
-      >>> training.optim_step({"learning_rate": 1e-3}).result()  # doctest: +SKIP
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> tokens = np.arange(1, 13)                  # a datum of 12 tokens
+      >>> inputs = {"target_tokens": tokens + 1, "weights": np.ones(12, np.float32)}
+      >>> data = [jr.remote.Datum(tokens, inputs)] * 3
+      >>> with jr.remote.ServiceClient(service_url) as client:   # "http://127.0.0.1:8000"
+      ...     training = client.create_model()
+      ...     fb = training.forward_backward(data, "cross_entropy").result()
+      ...     step = training.optim_step({"learning_rate": 1e-3}).result()
+      ...     training.delete()
+      >>> fb["loss_fn_outputs"][0]["logprobs"].shape, step["metrics"]["step"]
+      ((12,), 1)
     """
 
     def __init__(
@@ -147,7 +156,7 @@ class ServiceClient:
         return self._ahttp[loop]
 
     async def post_async(self, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """The ``async`` form of :meth:`post`."""
+        """The ``async`` form of [`post`][jaxreg.remote.ServiceClient.post]."""
         exchange = Exchange(self.retry, endpoint, body)
         http = self._async_http()
         while (delay := exchange.settle(await exchange.send_async(http))) is not None:
@@ -298,7 +307,7 @@ def _decode_outputs(result: dict[str, Any]) -> dict[str, Any]:
 class TrainingClient:
     """A client bound to one model: Tinker's ``TrainingClient`` methods over HTTP.
 
-    Data may be jaxreg :class:`~jaxreg.remote.Datum` objects, official
+    Data may be jaxreg [`Datum`][jaxreg.remote.Datum] objects, official
     ``tinker.types.Datum`` objects or Tinker-shaped dicts.
     """
 
@@ -314,7 +323,7 @@ class TrainingClient:
     @property
     def synchronous(self) -> bool:
         """``False``: requests carry ``seq_id`` s, so a custom step may run on a background
-        thread (see :class:`~jaxreg.remote.TrainingClientLike`)."""
+        thread (see [`TrainingClientLike`][jaxreg.remote.TrainingClientLike])."""
         return False
 
     def reserve_seq_ids(self, n: int = 1) -> list[int]:
@@ -418,10 +427,10 @@ class TrainingClient:
         seq_id: int | None = None,
         param_diagnostics: Mapping[str, Any] | None = None,
     ) -> APIFuture:
-        """Logprobs and ``loss:sum``; the gradient accumulates until :meth:`optim_step`.
+        """Logprobs and ``loss:sum``; the gradient accumulates until ``optim_step``.
 
         ``param_diagnostics``: the jaxreg-service extension field (see
-        :mod:`jaxreg._src.remote.param_diagnostics`), sent only when given.
+        [`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics]), sent only when given.
         """
         body = self._data_body(
             "forward_backward", data, loss_fn, loss_fn_config, seq_id, param_diagnostics
@@ -437,16 +446,17 @@ class TrainingClient:
 
     def save_state(self, name: str, *, seq_id: int | None = None) -> APIFuture:
         """Saves the model (weights, optimizer state, accumulated gradient) as ``name``; the
-        result's ``path`` (``"jaxreg://<name>"``) is what :meth:`load_state` takes."""
+        result's ``path`` (``"jaxreg://<name>"``) is what
+        [`load_state`][jaxreg.remote.TrainingClient.load_state] takes."""
         return self.submit("save_state", self._body("save_state", seq_id, path=name))
 
     def load_state(self, path: str, *, seq_id: int | None = None) -> APIFuture:
-        """Restores the model saved by :meth:`save_state` (``path``:
+        """Restores the model saved by ``save_state`` (``path``:
         its result's ``path``, or the bare name)."""
         return self.submit("load_state", self._body("load_state", seq_id, path=path))
 
     def skip_seq(self, seq_id: int) -> APIFuture:
-        """Releases a reserved ``seq_id`` (see :mod:`jaxreg.service.app`)."""
+        """Releases a reserved ``seq_id`` (see ``jaxreg.service.app``)."""
         return self.submit("skip_seq", self._body("skip_seq", seq_id))
 
     async def forward_async(
@@ -457,7 +467,7 @@ class TrainingClient:
         *,
         seq_id: int | None = None,
     ) -> APIFuture:
-        """The ``async`` form of :meth:`forward`: returns the future once submitted."""
+        """The ``async`` form of ``forward``: returns the future once submitted."""
         body = self._data_body("forward", data, loss_fn, loss_fn_config, seq_id)
         return await self.submit_async("forward", body)
 
@@ -470,7 +480,7 @@ class TrainingClient:
         seq_id: int | None = None,
         param_diagnostics: Mapping[str, Any] | None = None,
     ) -> APIFuture:
-        """The ``async`` form of :meth:`forward_backward`."""
+        """The ``async`` form of ``forward_backward``."""
         body = self._data_body(
             "forward_backward", data, loss_fn, loss_fn_config, seq_id, param_diagnostics
         )
@@ -479,16 +489,16 @@ class TrainingClient:
     async def optim_step_async(
         self, adam_params: Mapping[str, float] | Any = None, *, seq_id: int | None = None
     ) -> APIFuture:
-        """The ``async`` form of :meth:`optim_step`."""
+        """The ``async`` form of [`optim_step`][jaxreg.remote.TrainingClient.optim_step]."""
         body = self._body("optim_step", seq_id, adam_params=_adam_dict(adam_params))
         return await self.submit_async("optim_step", body)
 
     async def save_state_async(self, name: str, *, seq_id: int | None = None) -> APIFuture:
-        """The ``async`` form of :meth:`save_state`."""
+        """The ``async`` form of [`save_state`][jaxreg.remote.TrainingClient.save_state]."""
         return await self.submit_async("save_state", self._body("save_state", seq_id, path=name))
 
     async def load_state_async(self, path: str, *, seq_id: int | None = None) -> APIFuture:
-        """The ``async`` form of :meth:`load_state`."""
+        """The ``async`` form of [`load_state`][jaxreg.remote.TrainingClient.load_state]."""
         return await self.submit_async("load_state", self._body("load_state", seq_id, path=path))
 
     def get_info(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ through the cross-entropy loss by linearisation, as Tinker's own
    compute ``d/dθ [-sum(weights * lp)] = sum(g * dlp/dθ) = dL/dθ`` exactly.
 
 Nothing is sent in step 3 unless every term's value and the whole gradient are finite
-(:class:`NonFiniteError`, naming the terms, is raised instead).
+([`NonFiniteError`][jaxreg.NonFiniteError], naming the terms, is raised instead).
 """
 
 from __future__ import annotations
@@ -52,18 +52,18 @@ logger = logging.getLogger("jaxreg.remote")
 
 @dataclasses.dataclass(frozen=True)
 class CustomResult:
-    """What :func:`forward_backward_custom` returns.
+    """What [`forward_backward_custom`][jaxreg.remote.forward_backward_custom] returns.
 
     Attributes:
       loss_fn_outputs: the service's per-datum outputs of the backward request.
       metrics: the service's metrics, ``loss:sum`` (the custom loss),
         ``surrogate_loss:sum`` (the linearised loss the service computed) and the
-        objective's :meth:`~jaxreg.CompositeOutput.flat` metrics.
-      output: the :class:`~jaxreg.CompositeOutput` (device arrays).
+        objective's [`flat`][jaxreg.CompositeOutput.flat] metrics.
+      output: the [`CompositeOutput`][jaxreg.CompositeOutput] (device arrays).
       logprobs: the per-datum logprobs the loss was computed on.
       param_diagnostics: with ``param_diagnostics=True``, each term's gradient norm and
         the cosines **in parameter space**, measured by the service
-        (:class:`~jaxreg.remote.ParamDiagnostics`; also in ``metrics`` as
+        ([`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics]; also in ``metrics`` as
         ``param/<term>/grad_norm``, ``param/total_grad_norm``, ``param/cos/<a>/<b>``);
         else ``None``.
     """
@@ -76,7 +76,7 @@ class CustomResult:
 
 
 class CustomFuture:
-    """The pending result of :func:`forward_backward_custom`: ``result()`` or ``await``."""
+    """The pending result of ``forward_backward_custom``: ``result()`` or ``await``."""
 
     def __init__(self, future: concurrent.futures.Future, seq_ids: tuple[int, int]):
         self._future = future
@@ -270,36 +270,56 @@ def forward_backward_custom(
     right after this call is therefore applied after the backward, in order.
 
     Args:
-      training: a :class:`~jaxreg.remote.TrainingClient` (or any client with the
-        :class:`~jaxreg.remote.TrainingClientLike` interface), or an official
+      training: a [`TrainingClient`][jaxreg.remote.TrainingClient] (or any client with the
+        [`TrainingClientLike`][jaxreg.remote.TrainingClientLike] interface), or an official
         ``tinker.TrainingClient`` (adapted automatically).
       data: the datums (jaxreg ``Datum``, ``tinker.types.Datum`` or dicts); every
         ``loss_fn_inputs`` field reaches the objective as ``batch.inputs[name]``, except
         Tinker's ``logprobs`` (the sampling policy's), which arrives as
         ``batch.inputs["sampling_logprobs"]`` (``x`` holds the current logprobs).
-      objective: from :func:`jaxreg.compose`. Or give ``base=`` / ``regularizers=`` and
+      objective: from [`jaxreg.compose`][jaxreg.compose]. Or give ``base=`` / ``regularizers=`` and
         any ``compose`` option (``track_grad_norms=True``, ...) instead.
-      weights, step: passed to the objective (no recompilation when they change).
-      bucket, batch_bucket: padding of lengths and batch size (see
-        :meth:`jaxreg.Batch.from_ragged`).
+      weights: passed to the objective (no recompilation when they change).
+      step: passed to the objective (no recompilation when it changes).
+      bucket: padding of lengths (see [`jaxreg.Batch.from_ragged`][jaxreg.Batch.from_ragged]).
+      batch_bucket: padding of the batch size (see
+        [`jaxreg.Batch.from_ragged`][jaxreg.Batch.from_ragged]).
       param_diagnostics: also measure each term's gradient **w.r.t. the model's
         parameters** on the service (norms, cosines; ``result.param_diagnostics``). A
         jaxreg-service extension: needs the objective's ``term_grads=True`` (set
         automatically with ``base=``/``regularizers=``) and a service listing
         ``param_grad_diagnostics``; otherwise raises (``TermError``,
-        :class:`~jaxreg.remote.UnsupportedExtensionError`) before anything is sent.
+        [`UnsupportedExtensionError`][jaxreg.remote.UnsupportedExtensionError]) before anything is
+        sent.
 
     Returns:
-      A :class:`CustomFuture`; its ``result()`` is a :class:`CustomResult`. It raises
-      :class:`NonFiniteError` (nothing sent; the reserved backward ``seq_id`` is
-      released) or :class:`~jaxreg.remote.RemoteError`.
+      A [`CustomFuture`][jaxreg.remote.CustomFuture]; its ``result()`` is a
+      [`CustomResult`][jaxreg.remote.CustomResult]. It raises
+      [`NonFiniteError`][jaxreg.NonFiniteError] (nothing sent; the reserved backward ``seq_id`` is
+      released) or [`RemoteError`][jaxreg.remote.RemoteError].
 
     Example:
-      >>> result = jr.remote.forward_backward_custom(  # doctest: +SKIP
-      ...     training, data, base=jr.losses.cross_entropy,
-      ...     regularizers=[jr.Term("kl", jr.regularizers.kl("ref_logprobs"), 0.1)],
-      ...     track_grad_norms=True).result()
-      >>> training.optim_step({"learning_rate": 1e-3}).result()  # doctest: +SKIP
+      >>> import numpy as np
+      >>> import jaxreg as jr
+      >>> tokens = np.arange(1, 13)
+      >>> inputs = {
+      ...     "target_tokens": tokens + 1,
+      ...     "weights": np.ones(12, np.float32),
+      ...     "ref_logprobs": np.full(12, -3.0, np.float32),   # e.g. from the base model
+      ... }
+      >>> data = [jr.remote.Datum(tokens, inputs)] * 3
+      >>> with jr.remote.ServiceClient(service_url) as client:
+      ...     training = client.create_model()
+      ...     result = jr.remote.forward_backward_custom(
+      ...         training, data, base=jr.losses.cross_entropy,
+      ...         regularizers=[jr.Term("kl", jr.regularizers.kl("ref_logprobs"), 0.1)],
+      ...         track_grad_norms=True).result()
+      ...     step = training.optim_step({"learning_rate": 1e-3}).result()
+      ...     training.delete()
+      >>> result.output.term_names, result.logprobs[0].shape
+      (('base', 'kl'), (12,))
+      >>> result.metrics["regularizers/kl/weight"], "regularizers/kl/grad_norm" in result.metrics
+      (0.1, True)
     """
     obj = _objective(objective, base, regularizers, param_diagnostics, compose_options)
     if param_diagnostics:
@@ -376,10 +396,10 @@ async def forward_backward_custom_async(
     param_diagnostics: bool = False,
     **compose_options: Any,
 ) -> CustomFuture:
-    """The ``async`` form of :func:`forward_backward_custom` (same arguments).
+    """The ``async`` form of ``forward_backward_custom`` (same arguments).
 
     Awaiting it reserves the ``seq_id`` s and submits the forward; await the returned
-    :class:`CustomFuture` for the result.
+    [`CustomFuture`][jaxreg.remote.CustomFuture] for the result.
     """
     obj = _objective(objective, base, regularizers, param_diagnostics, compose_options)
     if param_diagnostics:

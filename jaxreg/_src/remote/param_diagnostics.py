@@ -19,14 +19,34 @@ only ``sum_i w_i g_i`` (the ordinary update), and answers the Gramian
 This is the ``param_grad_diagnostics`` extension of jaxreg's reference service
 (advertised by ``GET /api/v1/capabilities``); it is not part of Tinker's API. Asking a
 service without it, or the official ``tinker`` SDK, raises
-:class:`UnsupportedExtensionError` before anything is sent.
+[`UnsupportedExtensionError`][jaxreg.remote.UnsupportedExtensionError] before anything is sent.
 
 Example:
-  >>> result = jr.remote.forward_backward_custom(
-  ...     training, data, objective, param_diagnostics=True).result()   # doctest: +SKIP
-  >>> result.param_diagnostics.grad_norms["kl"]                        # doctest: +SKIP
-  >>> result.param_diagnostics.cosine("nll", "kl")                     # doctest: +SKIP
-  >>> result.metrics["param/cos/nll/kl"]                               # doctest: +SKIP
+  >>> import numpy as np
+  >>> import jaxreg as jr
+  >>> tokens = np.arange(1, 13)
+  >>> inputs = {"target_tokens": tokens + 1, "weights": np.ones(12, np.float32)}
+  >>> data = [jr.remote.Datum(tokens, inputs)] * 3
+  >>> objective = jr.compose(
+  ...     jr.Term("nll", jr.losses.cross_entropy),
+  ...     [jr.Term("entropy", jr.regularizers.entropy, weight=0.01)],
+  ...     term_grads=True,                           # required: each term's own gradient
+  ... )
+  >>> with jr.remote.ServiceClient(service_url) as client:
+  ...     training = client.create_model()
+  ...     result = jr.remote.forward_backward_custom(
+  ...         training, data, objective, param_diagnostics=True).result()
+  ...     training.delete()
+  >>> d = result.param_diagnostics
+  >>> d.term_names, d.space
+  (('nll', 'entropy'), 'parameters')
+  >>> bool(d.grad_norms["entropy"] > 0)
+  True
+  >>> round(d.cosine("nll", "entropy"), 3)   # on sampled tokens: exactly against the NLL
+  -1.0
+  >>> sorted(k for k in result.metrics if k.startswith("param/"))  # doctest: +NORMALIZE_WHITESPACE
+  ['param/cos/nll/entropy', 'param/entropy/grad_norm', 'param/nll/grad_norm',
+   'param/total_grad_norm']
 """
 
 from __future__ import annotations
@@ -126,9 +146,9 @@ class ParamDiagnostics:
 
 
 def require_extension(training: Any) -> None:
-    """Raises :class:`UnsupportedExtensionError` unless ``training``'s service has it.
+    """Raises ``UnsupportedExtensionError`` unless ``training``'s service has it.
 
-    Only jaxreg's own :class:`~jaxreg.remote.TrainingClient` can send the extension; the
+    Only jaxreg's own [`TrainingClient`][jaxreg.remote.TrainingClient] can send the extension; the
     service must list ``param_grad_diagnostics`` in ``GET /api/v1/capabilities``.
     """
     from jaxreg._src.remote.client import TrainingClient
@@ -150,7 +170,7 @@ def require_extension(training: Any) -> None:
 
 
 def check_objective(objective: Any) -> None:
-    """Raises :class:`~jaxreg.TermError` unless the objective gives every term's gradient."""
+    """Raises [`TermError`][jaxreg.TermError] unless the objective gives every term's gradient."""
     if objective.host_terms:
         raise TermError(
             f"param_diagnostics=True: host terms {[t.name for t in objective.host_terms]} "
@@ -169,8 +189,8 @@ def request_field(out: Any, batch: Any) -> dict[str, Any]:
     """The request's ``param_diagnostics`` field (arrays not yet encoded).
 
     ``term_weights[d]`` is ``-out.term_grads[:, d]`` unpadded to datum ``d``'s tokens:
-    ``[n, T_d]`` or ``[n, T_d, K]``. Raises :class:`NonFiniteError` naming the terms
-    whose gradient is not finite (nothing is sent then).
+    ``[n, T_d]`` or ``[n, T_d, K]``. Raises [`NonFiniteError`][jaxreg.NonFiniteError] naming the
+    terms whose gradient is not finite (nothing is sent then).
     """
     names = tuple(out.term_names)
     term_grads, scalars = jax.device_get((out.term_grads, out.scalars))
@@ -207,7 +227,7 @@ def encode_field(field: Mapping[str, Any], encoding: Encoding | str) -> dict[str
 
 
 def parse_result(result: Mapping[str, Any], sent: Mapping[str, Any]) -> ParamDiagnostics:
-    """The :class:`ParamDiagnostics` of a ``forward_backward`` result."""
+    """The [`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics] of a ``forward_backward`` result."""
     from jaxreg._src.remote.transport import RemoteError
 
     field = result.get(FIELD)

@@ -1,14 +1,14 @@
-"""What :func:`~jaxreg.remote.forward_backward_custom` needs of a training client.
+"""What ``forward_backward_custom`` needs of a training client.
 
-:class:`TrainingClientLike` is the interface it drives: jaxreg's own
-:class:`~jaxreg.remote.TrainingClient` (HTTP to a jaxreg or Tinker-like service) and
-:class:`~jaxreg.remote.TinkerTrainingClient` (the official ``tinker`` SDK) both have
+[`TrainingClientLike`][jaxreg.remote.TrainingClientLike] is the interface it drives: jaxreg's own
+[`TrainingClient`][jaxreg.remote.TrainingClient] (HTTP to a jaxreg or Tinker-like service) and
+[`TinkerTrainingClient`][jaxreg.remote.TinkerTrainingClient] (the official ``tinker`` SDK) both have
 it, and any other client that has it is driven as it is. Anything else (an official
 ``tinker.TrainingClient``, say) is wrapped in a ``TinkerTrainingClient`` first.
 
 Optional capabilities are protocols of their own, checked with ``isinstance``:
-:class:`SupportsSkipSeq` (a reserved ``seq_id`` can be released when a step fails
-before its backward was sent) and :class:`SubmitsCustomSteps` (the client submits the
+[`SupportsSkipSeq`][jaxreg.remote.SupportsSkipSeq] (a reserved ``seq_id`` can be released when a
+step fails before its backward was sent) and ``SubmitsCustomSteps`` (the client submits the
 whole custom step itself, as the SDK adapter does to reserve its request ids together).
 
 The protocols are ``runtime_checkable``: ``isinstance`` checks that the members
@@ -40,12 +40,14 @@ class ResultFuture(Protocol):
 
 @runtime_checkable
 class TrainingClientLike(Protocol):
-    """A training client bound to one model, as :func:`forward_backward_custom` drives it.
+    """A training client bound to one model, as ``forward_backward_custom`` drives it.
 
-    A custom step reserves two ``seq_id`` s (:meth:`reserve_seq_ids`), sends a
-    :meth:`forward` with ``cross_entropy`` on the first, runs the objective on the
-    logprobs, and sends a :meth:`forward_backward` with ``cross_entropy`` and the
-    linearised weights on the second. Loss outputs are dicts of NumPy arrays
+    A custom step reserves two ``seq_id`` s
+    ([`reserve_seq_ids`][jaxreg.remote.TrainingClientLike.reserve_seq_ids]), sends a
+    [`forward`][jaxreg.remote.TrainingClientLike.forward] with ``cross_entropy`` on the first, runs
+    the objective on the logprobs, and sends a
+    [`forward_backward`][jaxreg.remote.TrainingClientLike.forward_backward] with ``cross_entropy``
+    and the linearised weights on the second. Loss outputs are dicts of NumPy arrays
     (``loss_fn_outputs[i]["logprobs"]``).
 
     Example:
@@ -104,7 +106,7 @@ class TrainingClientLike(Protocol):
         *,
         seq_id: int | None = None,
     ) -> ResultFuture:
-        """The ``async`` form of :meth:`forward`."""
+        """The ``async`` form of [`forward`][jaxreg.remote.TrainingClientLike.forward]."""
         ...
 
     async def forward_backward_async(
@@ -115,7 +117,7 @@ class TrainingClientLike(Protocol):
         *,
         seq_id: int | None = None,
     ) -> ResultFuture:
-        """The ``async`` form of :meth:`forward_backward`."""
+        """The ``async`` form of ``forward_backward``."""
         ...
 
 
@@ -143,7 +145,7 @@ class SupportsSkipSeq(Protocol):
 @runtime_checkable
 class SubmitsCustomSteps(Protocol):
     """Optional: a client that submits a whole custom step itself (unless
-    :attr:`~TrainingClientLike.synchronous`).
+    [`synchronous`][jaxreg.remote.TrainingClientLike.synchronous]).
 
     The official SDK numbers requests when they are sent; its adapter reserves the
     forward's and the backward's ids together and submits the forward at once.

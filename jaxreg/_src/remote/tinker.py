@@ -1,6 +1,7 @@
 """Adapter for the official ``tinker`` SDK (``pip install 'jaxreg[tinker]'``).
 
-Wraps a ``tinker.TrainingClient`` so that :func:`jaxreg.remote.forward_backward_custom`
+Wraps a ``tinker.TrainingClient`` so that
+[`jaxreg.remote.forward_backward_custom`][jaxreg.remote.forward_backward_custom]
 can drive it: a Tinker user adds regularizers by changing one call::
 
   result = jr.remote.forward_backward_custom(tinker_training_client, data,
@@ -70,9 +71,9 @@ def _to_dict(output: Any) -> dict[str, Any]:
 
 
 class TinkerTrainingClient:
-    """The :class:`~jaxreg.remote.TrainingClientLike` interface over a
-    ``tinker.TrainingClient``, plus :meth:`submit_custom`
-    (:class:`~jaxreg._src.remote.protocol.SubmitsCustomSteps`).
+    """The [`TrainingClientLike`][jaxreg.remote.TrainingClientLike] interface over a
+    ``tinker.TrainingClient``, plus
+    [`submit_custom`][jaxreg.remote.TinkerTrainingClient.submit_custom] (``SubmitsCustomSteps``).
 
     It has no ``skip_seq``: the SDK numbers requests when it sends them, and a failed
     custom step fills its reserved backward ids itself.
@@ -138,7 +139,7 @@ class TinkerTrainingClient:
         *,
         seq_id: int | None = None,
     ) -> _Done:
-        """The ``async`` form of :meth:`forward`."""
+        """The ``async`` form of [`forward`][jaxreg.remote.TinkerTrainingClient.forward]."""
         return _Done(_to_dict(await self._submit("forward", data, loss_fn).result_async()))
 
     async def forward_backward_async(
@@ -149,7 +150,7 @@ class TinkerTrainingClient:
         *,
         seq_id: int | None = None,
     ) -> _Done:
-        """The ``async`` form of :meth:`forward_backward`."""
+        """The ``async`` form of ``forward_backward``."""
         future = self._submit("forward_backward", data, loss_fn)
         return _Done(_to_dict(await future.result_async()))
 

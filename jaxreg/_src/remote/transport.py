@@ -1,9 +1,9 @@
 """One POST to the service: its errors, the retry policy, and the retry loop.
 
-:class:`Exchange` is the retry loop of one request without any I/O of its own: the
+``Exchange`` is the retry loop of one request without any I/O of its own: the
 sync and the async client each drive it with their own HTTP client and sleep, so the
-two paths cannot drift apart. :class:`RetryPolicy` decides what is retried and how
-long to wait.
+two paths cannot drift apart. [`RetryPolicy`][jaxreg.remote.RetryPolicy] decides what is retried and
+how long to wait.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class RemoteError(JaxregError):
       endpoint: e.g. ``"forward_backward"``.
       status: the HTTP status, or ``None`` for a transport failure or a request that
         failed while running (``category`` then says whose fault it was).
-      model_id, seq_id: the request's model and sequence number, when it had them.
+      model_id: the request's model, when it had one.
+      seq_id: the request's sequence number, when it had one.
     """
 
     def __init__(
@@ -72,8 +73,8 @@ def request_error(
     status: int | None = None,
     category: str | None = None,
 ) -> RemoteError:
-    """A :class:`RemoteError` about one request: the message is the request as
-    :func:`describe` names it followed by ``what``; it carries the model and ``seq_id``."""
+    """A [`RemoteError`][jaxreg.remote.RemoteError] about one request: the message is the request as
+    ``describe`` names it followed by ``what``; it carries the model and ``seq_id``."""
     return RemoteError(
         f"{describe(endpoint, body)}{what}",
         endpoint=endpoint,
@@ -108,7 +109,7 @@ def gave_up(
 class RetryPolicy:
     """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**attempt))``.
 
-    Connection errors, timeouts and the answers in :attr:`RETRY_STATUS` (408, 425,
+    Connection errors, timeouts and the answers in ``RETRY_STATUS`` (408, 425,
     429, 5xx) are retried until ``max_elapsed`` seconds have passed since the first
     attempt (the last wait is shortened to end there), or after ``max_retries``
     retries when that is set. The default window, 30 s, outlasts a restart of the
@@ -116,7 +117,8 @@ class RetryPolicy:
 
     Args:
       max_retries: the most retries (``None``: bounded by ``max_elapsed`` only).
-      base, cap: the backoff's first and largest wait, in seconds.
+      base: the backoff's first wait, in seconds.
+      cap: the backoff's largest wait, in seconds.
       seed: for reproducible jitter.
       max_elapsed: seconds from the first attempt after which no retry starts.
 
@@ -153,7 +155,7 @@ class RetryPolicy:
 
     def retryable(self, outcome: Outcome) -> bool:
         """Whether a failed attempt may succeed when repeated: a connection failure, or
-        an answer in :attr:`RETRY_STATUS`."""
+        an answer in ``RETRY_STATUS``."""
         if isinstance(outcome, httpx.Response):
             return outcome.status_code in self.RETRY_STATUS
         return isinstance(outcome, httpx.TransportError)
@@ -187,11 +189,11 @@ _REQUEST_STOP = ("jaxreg", "remote", "request", "stop")
 class Exchange:
     """The retry loop of one POST, without I/O: the sync and the async client drive it.
 
-    A driver makes an attempt (:meth:`send` or :meth:`send_async`), hands its outcome
-    to :meth:`settle`, sleeps the wait that returns, and repeats until :meth:`settle`
-    returns ``None``; :attr:`answer` is then the JSON answer. :meth:`settle` raises
-    :class:`RemoteError` when the outcome is final (an error answer not worth retrying,
-    or the policy's window or retries used up).
+    A driver makes an attempt (``send`` or ``send_async``), hands its outcome
+    to ``settle``, sleeps the wait that returns, and repeats until ``settle``
+    returns ``None``; ``answer`` is then the JSON answer. ``settle`` raises
+    [`RemoteError`][jaxreg.remote.RemoteError] when the outcome is final (an error answer not worth
+    retrying, or the policy's window or retries used up).
 
     Example:
       >>> import httpx
@@ -226,8 +228,9 @@ class Exchange:
             return e
 
     def settle(self, outcome: Outcome) -> float | None:
-        """``None`` when ``outcome`` is the answer (now in :attr:`answer`), else the wait
-        before the next attempt; raises :class:`RemoteError` when ``outcome`` is final."""
+        """``None`` when ``outcome`` is the answer (now in ``answer``), else the wait
+        before the next attempt; raises [`RemoteError`][jaxreg.remote.RemoteError] when
+        ``outcome`` is final."""
         if isinstance(outcome, httpx.Response) and outcome.status_code < 400:
             self._emit(outcome)
             self.answer = outcome.json()

@@ -10,7 +10,7 @@ converts with ``model_dump`` (or the helpers here) and a plain dict works as wel
 
 ``data`` is either a flat JSON list (Tinker's form) or, for large payloads, a base64
 string of the little-endian bytes (the compact encoding: no float formatting at all).
-Decoding validates everything and raises :class:`WireError` naming the field.
+Decoding validates everything and raises [`WireError`][jaxreg.remote.WireError] naming the field.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def datum_from_json(obj: Any, field: str = "datum") -> Datum:
 
 
 def to_datum(obj: Any, field: str = "datum") -> Datum:
-    """Converts a jaxreg :class:`Datum`, an official ``tinker.types.Datum`` or a dict."""
+    """Converts a jaxreg ``Datum``, an official ``tinker.types.Datum`` or a dict."""
     if isinstance(obj, Datum):
         return obj
     if isinstance(obj, Mapping):

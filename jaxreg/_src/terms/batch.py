@@ -42,12 +42,13 @@ class Batch:
         ``[B, T]`` or ``[B, T, K]``. One exception: the sampling policy's logprobs are
         ``sampling_logprobs`` (Tinker's ``logprobs``; ``forward_backward_custom``
         renames them), since ``x`` is the current policy's logprobs.
-      num_datums: how many leading rows are real datums when :meth:`from_ragged` padded
-        the batch dimension (``batch_bucket``); ``None`` means all rows.
+      num_datums: how many leading rows are real datums when
+        [`from_ragged`][jaxreg.Batch.from_ragged] padded the batch dimension (``batch_bucket``);
+        ``None`` means all rows.
 
     Logprobs ``x`` are ``[B, T]``, or ``[B, T, K]`` for multi-target data; the mask stays
     ``[B, T]``. Build one from per-datum arrays of different lengths with
-    :meth:`from_ragged`, and go back with :meth:`unpad`.
+    [`from_ragged`][jaxreg.Batch.from_ragged], and go back with [`unpad`][jaxreg.Batch.unpad].
 
     Example:
       >>> import numpy as np
@@ -88,7 +89,7 @@ class Batch:
         """Splits a padded ``[B, T, ...]`` array back into per-datum NumPy arrays.
 
         Padded datums (rows added by ``batch_bucket``) are dropped, so the result has one
-        entry per datum given to :meth:`from_ragged`.
+        entry per datum given to [`from_ragged`][jaxreg.Batch.from_ragged].
         """
         array = np.asarray(array)
         mask = np.asarray(self.mask)
@@ -131,7 +132,8 @@ class Batch:
             logprobs become JAX's default float.
 
         Returns:
-          ``(x, batch)``: padded logprobs ``[B, T]`` or ``[B, T, K]`` and the :class:`Batch`.
+          ``(x, batch)``: padded logprobs ``[B, T]`` or ``[B, T, K]`` and the
+          [`Batch`][jaxreg.Batch].
         """
         n = len(logprobs)
         arrays = [np.asarray(a) for a in logprobs]

@@ -53,7 +53,7 @@ def cross_entropy(x: jax.Array, batch: Batch, *, reduction: str = "sum", weights
 
     Args:
       x: logprobs of the target tokens, ``[B, T]`` or ``[B, T, K]``.
-      batch: a :class:`jaxreg.Batch`; ``batch.inputs[weights]`` (shaped like ``x``) holds
+      batch: a [`jaxreg.Batch`][jaxreg.Batch]; ``batch.inputs[weights]`` (shaped like ``x``) holds
         the per-token weights; without it every real token has weight 1.
       reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``.
       weights: the name of the weights input.
@@ -110,8 +110,9 @@ def importance_sampling(
         gave the same tokens; Tinker's ``loss_fn_inputs["logprobs"]``) and
         ``inputs["advantages"]``.
       reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``; the weight
-        note of :func:`cross_entropy` applies.
-      sampling_logprobs, advantages: the names of those inputs.
+        note of [`cross_entropy`][jaxreg.losses.cross_entropy] applies.
+      sampling_logprobs: the name of the sampling policy's logprobs input.
+      advantages: the name of the advantages input.
 
     Returns:
       ``(loss, {"ratio_mean", "ratio_max"})``.
@@ -159,10 +160,12 @@ def ppo(
       x: the current policy's logprobs of the sampled tokens, ``[B, T]``.
       batch: with ``inputs["sampling_logprobs"]`` (:math:`s`; Tinker's
         ``loss_fn_inputs["logprobs"]``) and ``inputs["advantages"]``.
-      clip_low, clip_high: :math:`\epsilon_l, \epsilon_h` (Tinker's thresholds 0.2/0.2).
+      clip_low: :math:`\epsilon_l` (Tinker's threshold 0.2).
+      clip_high: :math:`\epsilon_h` (Tinker's threshold 0.2).
       reduction: ``"sum"`` (Tinker's), ``"token_mean"`` or ``"seq_mean"``; the weight
-        note of :func:`cross_entropy` applies.
-      sampling_logprobs, advantages: the names of those inputs.
+        note of [`cross_entropy`][jaxreg.losses.cross_entropy] applies.
+      sampling_logprobs: the name of the sampling policy's logprobs input.
+      advantages: the name of the advantages input.
 
     Returns:
       ``(loss, {"ratio_mean", "ratio_max", "clip_fraction"})``.

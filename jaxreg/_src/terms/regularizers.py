@@ -83,7 +83,7 @@ def _penalised_leaves(
 
     A leaf is penalised when ``mask`` selects it and it is floating: integer and boolean
     leaves (step counters, RNG keys' data, flags) carry no gradient and are skipped.
-    Padded tokens are zeroed when ``x`` is a token array with its :class:`Batch`.
+    Padded tokens are zeroed when ``x`` is a token array with its [`Batch`][jaxreg.Batch].
     """
     if isinstance(center, str):
         if not isinstance(batch, Batch):
@@ -137,7 +137,7 @@ def l1(x: Any, batch: Any = None, *, center: Any = None, mask: Any = None):
 
     Args:
       x: any pytree (parameters), or token logprobs ``[B, T(, K)]`` with a
-        :class:`jaxreg.Batch`, whose padded positions are then left out.
+        [`jaxreg.Batch`][jaxreg.Batch], whose padded positions are then left out.
       batch: unused except for the mask (and ``center`` when it names an input).
       center: ``None`` (0), a scalar, a pytree shaped like ``x``, or the name of a batch
         input.
@@ -174,10 +174,10 @@ def l2(x: Any, batch: Any = None, *, center: Any = None, mask: Any = None):
     r"""Squared L2 penalty :math:`\sum (x - c)^2` (no 1/2: weight ``wd / 2`` is decay ``wd``).
 
     Args:
-      x: any pytree (parameters), or token logprobs with a :class:`jaxreg.Batch`.
+      x: any pytree (parameters), or token logprobs with a [`jaxreg.Batch`][jaxreg.Batch].
       center: ``None`` (0), a scalar, a pytree shaped like ``x`` (e.g. the initial
         parameters, for L2-SP), or the name of a batch input.
-      mask: as for :func:`l1`.
+      mask: as for [`l1`][jaxreg.regularizers.l1].
 
     Returns:
       ``(loss, {"norm"})`` with ``norm`` the L2 norm :math:`\|x - c\|_2`.
@@ -207,8 +207,8 @@ def elastic_net(
 
     Args:
       l1_ratio: :math:`\alpha \in [0, 1]`.
-      center: as for :func:`l2`.
-      mask: as for :func:`l1`.
+      center: as for [`l2`][jaxreg.regularizers.l2].
+      mask: as for [`l1`][jaxreg.regularizers.l1].
 
     Returns:
       ``(loss, {"l1", "l2"})``, the two unmixed parts.
@@ -266,7 +266,7 @@ def entropy(
 ):
     r"""Entropy of the policy (or classifier), to maximise (an exploration bonus) or minimise.
 
-    Token logprobs come with a :class:`jaxreg.Batch`. For ``[B, T]`` logprobs of sampled
+    Token logprobs come with a [`jaxreg.Batch`][jaxreg.Batch]. For ``[B, T]`` logprobs of sampled
     tokens, the per-token entropy is the sampled-token estimate :math:`\hat H_t = -x_t`
     (unbiased when tokens are drawn from the policy). For ``[B, T, K]`` logprobs of ``K``
     candidates, it is :math:`H_t = -\sum_k p_k \log p_k`, with :math:`p = \exp(x)`, or
@@ -383,7 +383,7 @@ def kl(
     ``direction``: ``"reverse"`` :math:`KL(p\|q)`, ``"forward"`` :math:`KL(q\|p)`, or
     ``"symmetric"`` (their sum, Jeffreys' divergence).
 
-    Token logprobs come with a :class:`jaxreg.Batch` whose ``inputs[ref]`` is shaped like
+    Token logprobs come with a [`jaxreg.Batch`][jaxreg.Batch] whose ``inputs[ref]`` is shaped like
     ``x``. For ``[B, T, K]`` logprobs over ``K`` candidates the KL is exact per token. For
     ``[B, T]`` logprobs of tokens sampled from the policy it is estimated per token from
     the log ratio :math:`\ell = q_t - x_t` (clipped to ``[-clip, clip]``):
@@ -476,7 +476,7 @@ def consistency(
     With ``other=None`` the views are adjacent datums (rows ``2i`` and ``2i + 1``, both
     differentiated); otherwise ``x`` is compared with ``batch.inputs[other]`` (held fixed).
     ``kind="mse"``: :math:`(a - b)^2` per token (summed over ``K``); ``kind="kl"``: the
-    symmetric KL of :func:`kl` between the views.
+    symmetric KL of [`kl`][jaxreg.regularizers.kl] between the views.
 
     Returns:
       ``(loss, {"max"})``: the largest per-token discrepancy.

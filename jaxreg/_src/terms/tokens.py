@@ -19,9 +19,10 @@ REDUCTIONS = ("sum", "token_mean", "seq_mean")
 SAMPLING_LOGPROBS = "sampling_logprobs"
 """The batch input holding the sampling policy's logprobs of the sampled tokens.
 
-Tinker's ``loss_fn_inputs`` call it ``"logprobs"``; :func:`jaxreg.remote.forward_backward_custom`
-renames it when it packs Tinker datums, so that ``"logprobs"`` is never two things in one
-batch (``x`` is the current policy's logprobs).
+Tinker's ``loss_fn_inputs`` call it ``"logprobs"``;
+[`jaxreg.remote.forward_backward_custom`][jaxreg.remote.forward_backward_custom] renames it when it
+packs Tinker datums, so that ``"logprobs"`` is never two things in one batch (``x`` is the current
+policy's logprobs).
 """
 
 
@@ -78,7 +79,7 @@ def _is_data(value: Any) -> bool:
 
 
 def term_function(impl: Callable[..., Any]) -> TermFunction:
-    """Decorator: makes ``impl(x, batch, *, options...)`` a :class:`TermFunction`."""
+    """Decorator: makes ``impl(x, batch, *, options...)`` a ``TermFunction``."""
     return TermFunction(impl)
 
 

@@ -1,0 +1,1 @@
+"""Implementation modules; the public API is re-exported from ``jaxreg`` and its namespaces."""
