@@ -128,7 +128,7 @@ def main(
         tuned, history = train(
             finetune, pretrained, batch, finetune_steps, {"l2_sp": weight}, 100, label
         )
-        test_mse = float(jnp.mean((forward(tuned, test) - test["y"]) ** 2))
+        test_mse = float(jax.jit(mse)(jax.jit(forward)(tuned, test), test)[0])
         runs[label] = {"params": tuned, "test_mse": test_mse, **history}
     print(runs["l2-sp"]["last"])
     for label, run in runs.items():
