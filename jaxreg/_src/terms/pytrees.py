@@ -126,9 +126,10 @@ def _prune(node: Any, nnx: Any) -> Any:
     if isinstance(node, nnx.Variable):
         return node if isinstance(node, nnx.Param) else _DROPPED
     if type(node) is dict or isinstance(node, nnx.State):
+        state: Any = node  # a dict, or a State's underlying dict
+        mapping: dict = state if type(state) is dict else state.raw_mapping
         kept = {}
-        items = node.items() if type(node) is dict else node.raw_mapping.items()
-        for key, value in items:
+        for key, value in mapping.items():
             sub = _prune(value, nnx)
             if sub is not _DROPPED:
                 kept[key] = sub
