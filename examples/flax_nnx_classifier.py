@@ -2,8 +2,8 @@
 
 Run: ``python examples/flax_nnx_classifier.py``. Trains an MLP on synthetic 4-class data
 with one composed objective: cross-entropy on the logits, an entropy bonus on the
-predicted distribution (a confidence penalty) and an L2 penalty on the parameters, and
-prints each term's value, contribution and gradient norm as it trains.
+predicted distribution (a confidence penalty, Pereyra et al. 2017) and an L2 penalty on
+the kernels, and prints each term's value, contribution and gradient norm as it trains.
 
 The pattern:
 
@@ -15,7 +15,7 @@ The pattern:
 * ``forward(params, batch)`` rebuilds the model with ``nnx.merge`` (``copy=True``: fresh
   Variables, which BatchNorm may update inside the gradient's trace) and runs it once
   per step; the cross-entropy and entropy terms read its logits, the L2 term
-  (``on="params"``) the parameters.
+  (``on="params"``) the parameters, of which its ``mask=`` keeps the kernels.
 * ``compose`` returns no updated model state, so the new running statistics come from
   :func:`batch_stats`, the same forward under ``stop_gradient`` in the same jitted step.
 * Dropout keeps no RNG state in the model: each step passes a fresh key in the batch.
@@ -65,25 +65,20 @@ def cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
     return ce, {"accuracy": accuracy}
 
 
-def entropy_bonus(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
-    r"""A confidence penalty: :math:`-\bar H(p)`, minus the mean predictive entropy."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    h = -jnp.sum(jnp.exp(logp) * logp, axis=-1).mean()
-    return -h, {"entropy": h}
-
-
 def make_objective(graphdef: nnx.GraphDef) -> jr.Objective:
-    """CE and the entropy bonus on the model's logits, L2 on its parameters."""
+    """CE and an entropy bonus on the model's logits, L2 on its kernels."""
 
     def forward(params: nnx.State, batch: dict) -> jax.Array:
         model = nnx.merge(graphdef, params, batch["stats"], copy=True)
         return model(batch["x"], key=batch["key"])  # training mode: batch statistics
 
+    # Weight decay on the kernels (2-D), not on biases or BatchNorm's scale and offset.
+    kernels = jr.regularizers.l2(mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p))
     return jr.compose(
         jr.Term("ce", cross_entropy),
         [
-            jr.Term("entropy", entropy_bonus, weight=0.05),
-            jr.Term("l2", jr.regularizers.l2, weight=1e-4, on="params"),
+            jr.Term("entropy", jr.regularizers.entropy, weight=0.05),  # on the [B, K] logits
+            jr.Term("l2", kernels, weight=1e-4, on="params"),
         ],
         forward=forward,
         track_grad_norms=True,
