@@ -1,5 +1,6 @@
 """Regularizers: norms on any pytree, and entropy, KL, consistency... on token batches."""
 
+from jaxreg._src.terms.pytrees import NonParamStateWarning as NonParamStateWarning
 from jaxreg._src.terms.regularizers import confidence_penalty as confidence_penalty
 from jaxreg._src.terms.regularizers import consistency as consistency
 from jaxreg._src.terms.regularizers import elastic_net as elastic_net

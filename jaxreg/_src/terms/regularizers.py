@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxreg._src.core.term import InputError
 from jaxreg._src.terms.batch import Batch
+from jaxreg._src.terms.pytrees import params_only
 from jaxreg._src.terms.tokens import (
     check_dense,
     check_tokens,
@@ -85,6 +86,7 @@ def _penalised_leaves(
     leaves (step counters, RNG keys' data, flags) carry no gradient and are skipped.
     Padded tokens are zeroed when ``x`` is a token array with its [`Batch`][jaxreg.Batch].
     """
+    x, center = params_only(name, x), params_only(name, center, warn=False)  # nnx: Params only
     if isinstance(center, str):
         if not isinstance(batch, Batch):
             raise InputError(
