@@ -1,12 +1,12 @@
 """What a parameter penalty covers in a model's pytree: flax.nnx state that is not a parameter.
 
-``nnx.state(model)`` holds every :class:`flax.nnx.Variable` of a model: its parameters
+``nnx.state(model)`` holds every ``flax.nnx.Variable`` of a model: its parameters
 (``nnx.Param``) and its other state, such as BatchNorm's running statistics
 (``nnx.BatchStat``), RNG keys and counters (``nnx.RngState``) or caches. A norm of the
 whole state would penalise the statistics too (a running variance starts at 1 per
-feature). The built-in parameter penalties (:func:`jaxreg.regularizers.l1`, ``l2``,
-``elastic_net``) pass their input through :func:`params_only`, which leaves that state
-out and says so with a :class:`NonParamStateWarning`.
+feature). The built-in parameter penalties (``jaxreg.regularizers.l1``, ``l2``,
+``elastic_net``) pass their input through ``params_only``, which leaves that state
+out and says so with a ``NonParamStateWarning``.
 
 jaxreg does not depend on flax: nothing is imported, and pytrees pass unchanged, unless
 the program has imported ``flax.nnx`` itself.
@@ -71,7 +71,7 @@ def params_only(name: str, tree: Any, *, warn: bool = True) -> Any:
     Args:
       name: the penalty's name, for the warning.
       tree: the penalty's input (parameters, or anything else).
-      warn: issue a :class:`NonParamStateWarning` naming what was left out (at trace
+      warn: issue a ``NonParamStateWarning`` naming what was left out (at trace
         time: once per compilation under ``jit``).
 
     Returns:
