@@ -16,8 +16,9 @@ The pattern:
   Variables, which BatchNorm may update inside the gradient's trace) and runs it once
   per step; the cross-entropy and entropy terms read its logits, the L2 term
   (``on="params"``) the parameters, of which its ``mask=`` keeps the kernels.
-* ``compose`` returns no updated model state, so the new running statistics come from
-  :func:`batch_stats`, the same forward under ``stop_gradient`` in the same jitted step.
+* The forward also returns BatchNorm's updated running statistics
+  (``forward_has_aux=True``): they come back as ``out.aux`` from the same forward the
+  terms read, not differentiated.
 * Dropout keeps no RNG state in the model: each step passes a fresh key in the batch.
 """
 
@@ -68,9 +69,10 @@ def cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
 def make_objective(graphdef: nnx.GraphDef) -> jr.Objective:
     """CE and an entropy bonus on the model's logits, L2 on its kernels."""
 
-    def forward(params: nnx.State, batch: dict) -> jax.Array:
+    def forward(params: nnx.State, batch: dict) -> tuple[jax.Array, nnx.State]:
         model = nnx.merge(graphdef, params, batch["stats"], copy=True)
-        return model(batch["x"], key=batch["key"])  # training mode: batch statistics
+        logits = model(batch["x"], key=batch["key"])  # training mode: batch statistics
+        return logits, nnx.state(model, nnx.BatchStat)  # the updated running statistics
 
     # Weight decay on the kernels (2-D), not on biases or BatchNorm's scale and offset.
     kernels = jr.regularizers.l2(mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p))
@@ -81,15 +83,9 @@ def make_objective(graphdef: nnx.GraphDef) -> jr.Objective:
             jr.Term("l2", kernels, weight=1e-4, on="params"),
         ],
         forward=forward,
+        forward_has_aux=True,
         track_grad_norms=True,
     )
-
-
-def batch_stats(graphdef: nnx.GraphDef, params: nnx.State, batch: dict) -> nnx.State:
-    """BatchNorm's running statistics after the training forward on ``batch``."""
-    model = nnx.merge(graphdef, jax.lax.stop_gradient(params), batch["stats"], copy=True)
-    model(batch["x"], key=batch["key"])  # updates model.bn.mean and model.bn.var
-    return nnx.state(model, nnx.BatchStat)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -116,7 +112,7 @@ def make_train_step(
         idx = jax.random.randint(k_batch, (batch_size,), 0, data["x"].shape[0])
         batch = {"x": data["x"][idx], "y": data["y"][idx], "stats": stats, "key": k_dropout}
         out = objective(params, batch)
-        stats = batch_stats(graphdef, params, batch)
+        stats = out.aux  # BatchNorm's statistics after this step's forward
         updates, opt_state = optimizer.update(out.grad, opt_state, params)
         return optax.apply_updates(params, updates), stats, opt_state, out
 

@@ -113,15 +113,15 @@ def test_flax_nnx_classifier(capsys):
 
 
 def test_flax_nnx_batch_stats_follow_the_training_forward():
-    """``batch_stats``: BatchNorm's momentum update from the batch, float64 reference."""
+    """``out.aux``: BatchNorm's momentum update from the batch, float64 reference."""
     nnx = pytest.importorskip("flax.nnx")
     module = _load("flax_nnx_classifier.py")
     model = module.MLP(16, 64, 4, rngs=nnx.Rngs(0))  # the shapes of the example: cached
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    x, _ = module.make_data(0, 32)
-    batch = {"x": x, "stats": stats, "key": jax.random.key(1)}
+    x, y = module.make_data(0, 32)
+    batch = {"x": x, "y": y, "stats": stats, "key": jax.random.key(1)}
     with jax.numpy_dtype_promotion("standard"):
-        new = jax.jit(module.batch_stats, static_argnums=0)(graphdef, params, batch)
+        new = module.make_objective(graphdef)(params, batch).aux
     w, b = _f64(model.fc1.kernel[...]), _f64(model.fc1.bias[...])
     h = np.asarray(x, np.float64) @ w[0] + b[0]
     np.testing.assert_allclose(new["bn"]["mean"][...], 0.1 * h.mean(0), rtol=1e-4, atol=1e-6)

@@ -180,3 +180,30 @@ def test_integer_leaves_are_named_with_the_fix():
         objective(params, BATCH)
     with pytest.raises(jr.TermError, match="non-floating leaves"):
         jr.compose(jr.Term("s", lambda x, b: jnp.sum(x).astype(jnp.float32)))(jnp.arange(3))
+
+
+def test_forward_aux_returns_the_models_state_from_the_shared_forward():
+    # A BatchNorm-like running statistic, updated by the forward the terms read.
+    def forward_with_stats(params, batch):
+        h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+        stats = 0.9 * batch["running_mean"] + 0.1 * jnp.mean(h, axis=0)
+        return h @ params["w2"], {"running_mean": stats}
+
+    batch = dict(BATCH, running_mean=jnp.zeros(H))
+    h = np.tanh(np.asarray(BATCH["x"]) @ np.asarray(PARAMS["w1"]) + np.asarray(PARAMS["b1"]))
+    expected = 0.1 * h.mean(axis=0)
+    for flags in ({}, {"track_grad_norms": True, "term_grads": True}):
+        objective = jr.compose(
+            jr.Term("ce", ce), TERMS, forward=forward_with_stats, forward_has_aux=True, **flags
+        )
+        out = objective(PARAMS, batch)
+        np.testing.assert_allclose(out.aux["running_mean"], expected, rtol=1e-5, atol=1e-7)
+        plain = jr.compose(jr.Term("ce", ce), TERMS, forward=forward, **flags)(PARAMS, BATCH)
+        for a, b in zip(jax.tree.leaves(out.grad), jax.tree.leaves(plain.grad), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # aux is not differentiated
+    with pytest.raises(jr.NotComputedError, match="forward_has_aux=True"):
+        _ = jr.compose(jr.Term("ce", ce), forward=forward)(PARAMS, BATCH).aux
+    with pytest.raises(jr.TermError, match=r"pair \(outputs, aux\)"):
+        jr.compose(jr.Term("ce", ce), forward=forward, forward_has_aux=True)(PARAMS, BATCH)
+    with pytest.raises(jr.TermError, match="forward=apply_fn"):
+        jr.compose(jr.Term("ce", ce), forward_has_aux=True)

@@ -185,6 +185,7 @@ def compose(
     check_finite: bool = False,
     grad_space: GradSpace = "x",
     forward: Callable[[Any, Any], Any] | None = None,
+    forward_has_aux: bool = False,
 ) -> Objective:
     r"""Composes a base loss and weighted regularizers into one compiled objective.
 
@@ -251,6 +252,9 @@ def compose(
         logits ``[B, K]``), shared by every term: terms read its output, except those
         declared ``Term(..., on="params")``, which read ``x``. Gradients stay with
         respect to ``x``. Not combinable with host terms or ``grad_space="logits"``.
+      forward_has_aux: ``forward`` returns ``(outputs, aux)``, and ``aux`` (not
+        differentiated) comes back as ``out.aux``: a model's updated state, such as
+        BatchNorm statistics, from the same forward the terms read.
 
     Returns:
       An [`Objective`][jaxreg.Objective], called as ``objective(x, batch, *, weights=None,
@@ -296,6 +300,7 @@ def compose(
         grad_strategy=grad_strategy,
         grad_space=grad_space,
         forward=forward,
+        forward_has_aux=forward_has_aux,
         host_types=(host.HostTerm,),
     )
     return Objective(plan, raises_on_nonfinite=check_finite)

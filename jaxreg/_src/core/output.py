@@ -133,6 +133,7 @@ def pack(
     term_grads: Any = None,
     grad_space: str = "x",
     errors: tuple[tuple[str, str], ...] = (),
+    aux: Any = None,
     xp: Any = jnp,
 ) -> CompositeOutput:
     """Packs one call's results into a ``CompositeOutput``: the one owner of the layout.
@@ -175,6 +176,7 @@ def pack(
         scalars=xp.concatenate(parts),
         _grad_cosines=grad_cosines,
         _term_grads=term_grads,
+        _aux=aux,
         layout=layout,
         errors=errors,
     )
@@ -197,7 +199,8 @@ class CompositeOutput:
       and, when tracked, ``grad_norm``;
     * [`total_grad_norm`][jaxreg.CompositeOutput.total_grad_norm],
       [`grad_cosines`][jaxreg.CompositeOutput.grad_cosines],
-      [`term_grads`][jaxreg.CompositeOutput.term_grads] when the flag that computes them was set
+      [`term_grads`][jaxreg.CompositeOutput.term_grads] and
+      [`aux`][jaxreg.CompositeOutput.aux] when the flag that computes them was set
       (otherwise reading them raises [`NotComputedError`][jaxreg.NotComputedError] naming the flag);
     * [`as_arrays`][jaxreg.CompositeOutput.as_arrays] (the metrics schema as a dict of arrays, under
       ``jit`` too), [`to_dict`][jaxreg.CompositeOutput.to_dict] and
@@ -229,6 +232,7 @@ class CompositeOutput:
     scalars: jax.Array
     _grad_cosines: jax.Array | None = None
     _term_grads: Any = None
+    _aux: Any = None
     layout: Layout = dataclasses.field(default=None, metadata={"static": True})  # type: ignore[assignment]
     errors: tuple[tuple[str, str], ...] = dataclasses.field(default=(), metadata={"static": True})
 
@@ -294,6 +298,20 @@ class CompositeOutput:
                 "(the aggregators of jaxreg.aggregators read out.term_grads)."
             )
         return self._term_grads
+
+    @property
+    def aux(self) -> Any:
+        """What the model stage returned beside its outputs (``forward_has_aux=True``).
+
+        For example a model's updated BatchNorm statistics: ``forward(params, batch)``
+        returns ``(outputs, aux)``; ``aux`` is not differentiated.
+        """
+        if self._aux is None:
+            raise NotComputedError(
+                "aux was not computed; compose the objective with forward=apply_fn and "
+                "forward_has_aux=True, apply_fn returning (outputs, aux)."
+            )
+        return self._aux
 
     @property
     def has_grad_norms(self) -> bool:

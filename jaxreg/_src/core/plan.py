@@ -37,6 +37,8 @@ class Plan:
       grad_strategy: as given to ``compose`` (``"auto"`` is resolved at trace time).
       grad_space: ``"x"`` or ``"logits"``.
       forward: the model stage ``forward(params, batch) -> outputs``, or ``None``.
+      forward_has_aux: ``forward`` returns ``(outputs, aux)``; ``aux`` is returned as
+        ``out.aux`` (e.g. a model's updated BatchNorm statistics).
     """
 
     terms: tuple[Term, ...]
@@ -47,6 +49,7 @@ class Plan:
     grad_strategy: GradStrategy
     grad_space: str
     forward: Callable[[Any, Any], Any] | None
+    forward_has_aux: bool = False
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:
@@ -109,6 +112,7 @@ def make_plan(
     grad_strategy: GradStrategy = "auto",
     grad_space: GradSpace = "x",
     forward: Callable[[Any, Any], Any] | None = None,
+    forward_has_aux: bool = False,
     host_types: tuple[type, ...] = (),
 ) -> Plan:
     """Validates the flags of ``compose`` and returns the frozen ``Plan``.
@@ -121,6 +125,11 @@ def make_plan(
     if forward is not None and not callable(forward):
         raise TermError(
             f"forward must be callable as forward(params, batch) -> outputs; found {forward!r}."
+        )
+    if forward_has_aux and forward is None:
+        raise TermError(
+            "forward_has_aux=True describes the model stage's return value; pass "
+            "forward=apply_fn returning (outputs, aux) too."
         )
     if forward is not None and grad_space != "x":
         raise TermError(
@@ -158,6 +167,7 @@ def make_plan(
         grad_strategy=grad_strategy,
         grad_space=grad_space,
         forward=forward,
+        forward_has_aux=bool(forward_has_aux),
     )
     _ = plan.groups  # validates an explicit list of groups now, not at the first call
     return plan

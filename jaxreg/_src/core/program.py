@@ -43,11 +43,11 @@ def run(plan: Plan, x: Any, batch: Any, w: jax.Array, step: Any) -> CompositeOut
     check_differentiable(x)
     w = resolve_weights(plan, w, step)
     if plan.needs_jacobian:
-        values, metrics, grad, gram, jac = jacobian(plan, x, batch, w)
+        values, metrics, grad, gram, jac, aux = jacobian(plan, x, batch, w)
     else:
-        values, metrics, grad = value_and_grad(plan, x, batch, w)
+        values, metrics, grad, aux = value_and_grad(plan, x, batch, w)
         gram = jac = None
-    return _output(plan, values, metrics, grad, w, gram, jac)
+    return _output(plan, values, metrics, grad, w, gram, jac, aux)
 
 
 def resolve_weights(plan: Plan, w: jax.Array, step: Any) -> jax.Array:
@@ -79,13 +79,28 @@ def _stack(values: list[jax.Array]) -> jax.Array:
     return jnp.stack([v.astype(dtype) for v in values])
 
 
-def _forward(plan: Plan, x: Any, batch: Any) -> Any:
+def _forward(plan: Plan, x: Any, batch: Any) -> tuple[Any, Any]:
+    """``(outputs, aux)`` of the model stage (``aux`` is ``None`` without ``has_aux``)."""
     assert plan.forward is not None
-    return plan.forward(x, batch)
+    result = plan.forward(x, batch)
+    if not plan.forward_has_aux:
+        return result, None
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TermError(
+            "forward_has_aux=True: forward must return a pair (outputs, aux); found "
+            f"{type(result).__name__}"
+            + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+            + "."
+        )
+    outputs, aux = result
+    return outputs, jax.lax.stop_gradient(aux)
 
 
 def value_and_grad(plan: Plan, x: Any, batch: Any, w: jax.Array):
-    """Exactly one ``value_and_grad`` of the weighted sum (one forward, one backward)."""
+    """Exactly one ``value_and_grad`` of the weighted sum (one forward, one backward).
+
+    Returns ``(values [n], metrics, grad, aux)``.
+    """
     n = len(plan.terms)
     on_params = [i for i in range(n) if plan.reads_params[i]]
     on_outputs = [i for i in range(n) if not plan.reads_params[i]]
@@ -94,8 +109,12 @@ def value_and_grad(plan: Plan, x: Any, batch: Any, w: jax.Array):
         values: list[Any] = [None] * n
         metrics: list[Any] = [None] * n
         parts = [(on_params, x)]
-        if on_outputs:
-            parts.append((on_outputs, x if plan.forward is None else _forward(plan, x, batch)))
+        aux = None
+        if plan.forward is not None:
+            outputs, aux = _forward(plan, x, batch)
+            parts.append((on_outputs, outputs))
+        else:
+            parts.append((on_outputs, x))
         for indices, inputs in parts:
             if not indices:
                 continue
@@ -103,12 +122,12 @@ def value_and_grad(plan: Plan, x: Any, batch: Any, w: jax.Array):
             for k, i in enumerate(indices):
                 values[i], metrics[i] = vals[k], mets[k]
         stacked = _stack(values)
-        return jnp.dot(w.astype(stacked.dtype), stacked), (stacked, metrics)
+        return jnp.dot(w.astype(stacked.dtype), stacked), (stacked, metrics, aux)
 
-    (_, (values, metrics)), grad = jax.value_and_grad(total, has_aux=True)(x)
+    (_, (values, metrics, aux)), grad = jax.value_and_grad(total, has_aux=True)(x)
     if plan.grad_space == "logits":
         grad = to_logit_space(grad, x)
-    return values, metrics, grad
+    return values, metrics, grad, aux
 
 
 def _rows(f, inputs: Any, size: int):
@@ -132,17 +151,19 @@ def _pull_rows(pullback, rows: Any, size: int) -> Any:
 def jacobian(plan: Plan, x: Any, batch: Any, w: jax.Array):
     """Every term's own gradient by groups: one VJP each, ``vmap``-ed over groups > 1.
 
-    Returns ``(values [n], metrics, grad, gram, jac)``: ``gram`` is the full Gramian
-    ``J J^T`` with ``grad_conflicts``, else its diagonal; ``jac`` the stacked rows in term
-    order with ``term_grads``, else ``None``; ``grad = w^T J``.
+    Returns ``(values [n], metrics, grad, gram, jac, aux)``: ``gram`` is the full
+    Gramian ``J J^T`` with ``grad_conflicts``, else its diagonal; ``jac`` the stacked
+    rows in term order with ``term_grads``, else ``None``; ``grad = w^T J``; ``aux`` the
+    model stage's aux output (or ``None``).
     """
     n = len(plan.terms)
     values: list[Any] = [None] * n
     metrics: list[Any] = [None] * n
     blocks = []  # (indices, stacked per-term gradients with a leading group axis)
     groups = plan.groups or auto_groups(n, x, forward=plan.forward is not None)
+    aux = None
     if plan.forward is not None:
-        outputs, pull = jax.vjp(lambda p: _forward(plan, p, batch), x)
+        outputs, pull, aux = jax.vjp(lambda p: _forward(plan, p, batch), x, has_aux=True)
     for group in groups:
         parts = [[i for i in group if plan.reads_params[i]]]
         parts.append([i for i in group if not plan.reads_params[i]])
@@ -200,10 +221,10 @@ def jacobian(plan: Plan, x: Any, batch: Any, w: jax.Array):
             return jnp.concatenate([leaves[b][k : k + 1] for b, k in rows], axis=0)
 
         jac_full = jax.tree.map(stack, *(j for _, j in blocks))
-    return values_arr, metrics, grad, gram, jac_full
+    return values_arr, metrics, grad, gram, jac_full, aux
 
 
-def _output(plan: Plan, values, metrics, grad, w, gram, jac) -> CompositeOutput:
+def _output(plan: Plan, values, metrics, grad, w, gram, jac, aux) -> CompositeOutput:
     dtype = values.dtype
     w = w.astype(dtype)
     norms = total_norm = cosines = None
@@ -233,6 +254,7 @@ def _output(plan: Plan, values, metrics, grad, w, gram, jac) -> CompositeOutput:
         grad_cosines=cosines,
         term_grads=jac,
         grad_space=plan.grad_space,
+        aux=aux if plan.forward_has_aux else None,
     )
 
 
