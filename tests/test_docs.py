@@ -96,7 +96,11 @@ def _metrics(fn) -> set[str]:
 
 
 def _public_functions(module) -> set[str]:
-    return {n for n, o in vars(module).items() if not n.startswith("_") and callable(o)}
+    return {
+        n
+        for n, o in vars(module).items()
+        if not n.startswith("_") and callable(o) and not isinstance(o, type)
+    }
 
 
 @pytest.mark.parametrize(
