@@ -1,7 +1,7 @@
 """Built-in losses: the sampling policy's logprobs under one name, and what the default
 reductions mean for a weight (against float64 NumPy).
 
-(Values and gradients of every loss under padding are in tests/test_library.py.)"""
+(Values and gradients of every loss under padding are in tests/test_terms.py.)"""
 
 from __future__ import annotations
 

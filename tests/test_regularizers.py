@@ -1,7 +1,7 @@
 """Built-in regularizers on model code: classifier outputs ``[B, K]`` (entropy, KL) and
 optax-style ``mask=`` / integer leaves for the norms, against float64 NumPy closed forms.
 
-(Token-batch behaviour is in tests/test_library.py.)"""
+(Token-batch behaviour is in tests/test_terms.py.)"""
 
 from __future__ import annotations
 
