@@ -26,7 +26,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check jaxreg tests benchmarks examples
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy jaxreg
+	$(VENV)/bin/mypy jaxreg tests/typing
+	$(VENV)/bin/pyright --pythonpath $(PY) tests/typing
 
 BENCHMARKS := compose_bench batch_bench service_bench remote_bench aggregators_bench \
 	host_bench grad_space_bench param_diagnostics_bench aggregators_accuracy tinker_bench \
