@@ -12,6 +12,7 @@ from jaxreg._src.terms.regularizers import length_penalty as length_penalty
 from jaxreg._src.terms.regularizers import smoothness as smoothness
 
 __all__ = [
+    "NonParamStateWarning",
     "confidence_penalty",
     "consistency",
     "elastic_net",
