@@ -1,37 +1,143 @@
-"""``grad_strategy="auto"``: how per-term gradients are grouped, from static shapes."""
+r"""``grad_strategy="auto"``: which terms share one ``vmap``-ed VJP, decided at trace time.
+
+``compose`` computes the ``n`` per-term gradients in one of two ways (``_jacobian``):
+
+* **per term**: one VJP per term. Each term's backward runs once, for its own cotangent,
+  so the backward work is :math:`W_b = \sum_i w_i`, in a few XLA kernels per term.
+* **vmap**: one VJP of all terms, ``vmap``-ed over the cotangent basis. ``vmap`` does
+  not prune the zero rows of the basis, so every term's backward runs ``n`` times:
+  :math:`n W_b`, in fewer kernels (one batched kernel where per-term has ``n``).
+
+With ``n`` terms, ``vmap`` saves a fixed cost per term (the kernels it merges) and adds
+:math:`(n - 1) W_b`; both grow with ``n - 1``, so it pays exactly when the terms' total
+work is below a threshold, whatever ``n``:
+
+.. math:: \text{vmap} \iff W \le W^\ast
+
+where :math:`W` is the terms' forward work (element operations, read off their jaxpr)
+and :math:`W^\ast` (:data:`VMAP_MAX_WORK`) was fitted on CPU measurements. ``W`` is
+needed only when the shapes alone leave ``vmap`` possible (``n * x.size`` small), so the
+terms are traced a second time only for tiny problems, and never compiled twice.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend.core as jex
 import numpy as np
 
-__all__ = ["AUTO_VMAP_MAX_ELEMENTS", "auto_groups"]
+Groups = tuple[tuple[int, ...], ...]
 
-# "auto" uses one vmap-ed VJP for a single array x of at most this many elements (the
-# per-call cost of the per-term program's extra kernels dominates there: 1.02-1.10x the
-# floor instead of 1.50-1.61x at [8, 512]) and per-term VJPs otherwise (1.0-1.4x against
-# 1.5-2.2x at [32, 2048] and up; parameter pytrees always go per term).
-AUTO_VMAP_MAX_ELEMENTS = 1 << 14
+# The most forward work (element operations of all terms together, see forward_work)
+# for which one vmap-ed VJP is chosen. Fitted on 2 CPU cores (benchmarks/RESULTS.md,
+# "grad_strategy=auto"): FILLED IN BELOW.
+VMAP_MAX_WORK = 1 << 16
+
+# The least forward work a term can have per element of x: it reads x once. Used to
+# rule vmap out from the shapes alone, before any tracing.
+_MIN_WORK_PER_ELEMENT = 1
 
 
-def auto_groups(n_terms: int, x: Any, *, forward: bool = False) -> tuple[tuple[int, ...], ...]:
-    """The VJP groups ``"auto"`` uses for ``n_terms`` terms at input ``x`` (trace time).
+def per_term(n_terms: int) -> Groups:
+    """One group per term: ``((0,), (1,), ..., (n - 1,))``."""
+    return tuple((i,) for i in range(n_terms))
+
+
+def auto_groups(n_terms: int, x: Any, terms: Callable[[Any], Any] | None = None) -> Groups:
+    r"""The groups ``grad_strategy="auto"`` uses: all terms in one group, or one each.
+
+    One ``vmap``-ed VJP of all terms when ``x`` is one array and the terms' forward work
+    :math:`W` is at most :data:`VMAP_MAX_WORK` element operations; one VJP per term
+    otherwise. Parameter pytrees always go per term: their terms usually run a model,
+    whose backward ``vmap`` would repeat for every term (6.45x the floor against 1.72x
+    per term on the MLP of ``benchmarks/compose_bench.py``).
+
+    Decided at trace time from static shapes: ``x`` may be a tracer.
 
     Args:
       n_terms: the number of terms.
-      x: the differentiated input (only its static structure and shapes are read).
-      forward: whether the objective has a model stage; its output terms then each
-        need one backward through the model, which a ``vmap`` would batch into one
-        ``[n, ...]`` pass over every activation, so they go per term.
+      x: the differentiated input (an array or a pytree; only its structure and shapes
+        are read).
+      terms: the terms' forward, ``x -> anything``; traced (not run) to measure
+        :math:`W` with :func:`forward_work` when the shapes alone do not rule ``vmap``
+        out. Without it, :math:`W` is taken as its lower bound ``n_terms * x.size``.
 
     Returns:
-      A tuple of groups of term indices: one group of all terms (``"vmap"``) or one
-      group per term (``"per_term"``).
+      A tuple of groups of term indices, covering ``range(n_terms)`` once.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxreg._src.core.strategy import auto_groups
+      >>> auto_groups(3, jnp.zeros((8, 512)))        # many elements: per term
+      ((0,), (1,), (2,))
+      >>> auto_groups(2, jnp.zeros((4, 16)), lambda x: (jnp.sum(x), jnp.sum(x**2)))
+      ((0, 1),)
+      >>> auto_groups(2, {"w": jnp.zeros(4)})         # a pytree: per term
+      ((0,), (1,))
     """
-    per_term = tuple((i,) for i in range(n_terms))
-    if forward or n_terms <= 1:
-        return per_term
-    small = isinstance(x, jax.Array | np.ndarray) and x.size <= AUTO_VMAP_MAX_ELEMENTS
-    return (tuple(range(n_terms)),) if small else per_term
+    if n_terms < 2 or not isinstance(x, jax.Array | np.ndarray):
+        return per_term(n_terms)
+    if n_terms * x.size * _MIN_WORK_PER_ELEMENT > VMAP_MAX_WORK:
+        return per_term(n_terms)
+    work = n_terms * x.size if terms is None else forward_work(terms, x)
+    return (tuple(range(n_terms)),) if work <= VMAP_MAX_WORK else per_term(n_terms)
+
+
+def forward_work(fn: Callable[[Any], Any], x: Any) -> int:
+    """Element operations in ``fn(x)``'s jaxpr: a static estimate of its cost.
+
+    Each equation counts its largest operand or result (an elementwise op or a
+    reduction touches every element once), a ``dot_general`` or a convolution its
+    multiply-adds, a ``scan`` its body times its length, a ``cond`` its costliest branch.
+
+    Args:
+      fn: any function of ``x`` JAX can trace; it is traced once, not run.
+      x: its argument (an array, a pytree, or tracers of an enclosing trace).
+
+    Returns:
+      The estimate, an ``int``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxreg._src.core.strategy import forward_work
+      >>> forward_work(lambda x: jnp.sum(jnp.exp(x)), jnp.zeros(100))  # exp, sum
+      200
+      >>> a = jnp.ones((8, 4))
+      >>> forward_work(lambda w: a @ w, jnp.zeros((4, 3)))  # 8 * 3 outputs of 4 terms
+      96
+    """
+    return _jaxpr_work(jax.make_jaxpr(fn)(x).jaxpr)
+
+
+def _size(var: Any) -> int:
+    shape = getattr(getattr(var, "aval", None), "shape", None)
+    return int(np.prod(shape)) if shape is not None else 0
+
+
+def _jaxpr_work(jaxpr: jex.Jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        subs = [_jaxpr_work(j) for j in jex.jaxprs_in_params(eqn.params)]
+        name = eqn.primitive.name
+        if subs:
+            if name == "cond":
+                total += max(subs)
+            elif name == "scan":
+                total += sum(subs) * int(eqn.params["length"])
+            else:
+                total += sum(subs)
+        elif name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += _size(eqn.outvars[0]) * int(np.prod([lhs[d] for d in contract]))
+        elif name == "conv_general_dilated":
+            # Multiply-adds: each output element reads one filter's worth of inputs.
+            rhs = eqn.invars[1].aval.shape
+            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += _size(eqn.outvars[0]) * int(np.prod(rhs)) // max(out_features, 1)
+        else:
+            total += max((_size(v) for v in (*eqn.invars, *eqn.outvars)), default=0)
+    return total
