@@ -8,7 +8,13 @@ import pytest
 
 import jaxreg as jr
 from jaxreg._src.core import strategy
-from jaxreg._src.core.strategy import VMAP_MAX_WORK, auto_groups, forward_work, per_term
+from jaxreg._src.core.strategy import (
+    TYPICAL_WORK_PER_ELEMENT,
+    VMAP_MAX_WORK,
+    auto_groups,
+    forward_work,
+    per_term,
+)
 
 RNG = np.random.default_rng(7)
 
@@ -61,8 +67,8 @@ def test_threshold_is_on_the_measured_work_and_inclusive():
     assert auto_groups(2, jnp.zeros(s + 1), two_sums) == ((0,), (1,))
 
 
-def test_without_the_terms_the_work_is_its_lower_bound():
-    s = VMAP_MAX_WORK // 3
+def test_without_the_terms_each_does_the_typical_work_per_element():
+    s = VMAP_MAX_WORK // (3 * TYPICAL_WORK_PER_ELEMENT)
     assert auto_groups(3, jnp.zeros(s)) == ((0, 1, 2),)
     assert auto_groups(3, jnp.zeros(s + 1)) == ((0,), (1,), (2,))
 
@@ -116,6 +122,7 @@ def test_forward_work_control_flow_and_convolutions():
         return jax.lax.scan(lambda c, xi: (c + xi, xi * 2.0), 0.0, x)[1]
 
     assert forward_work(scan, jnp.zeros(5)) == 15
+
     # cond: slice (reads 3), squeeze, gt, convert, then the costlier branch: sin, mul on 3.
     def cond(x):
         return jax.lax.cond(x[0] > 0, lambda x: jnp.sin(x) * 2.0, lambda x: x, x)
