@@ -22,10 +22,10 @@ from jaxreg._src.core import host, program, telemetry
 from jaxreg._src.core.errors import TermError
 from jaxreg._src.core.output import CompositeOutput
 from jaxreg._src.core.plan import GradSpace, GradStrategy, Plan, make_plan
-from jaxreg._src.core.strategy import AUTO_VMAP_MAX_ELEMENTS
+from jaxreg._src.core.strategy import VMAP_MAX_WORK
 from jaxreg._src.core.term import Term, check_weight, normalize_terms
 
-__all__ = ["AUTO_VMAP_MAX_ELEMENTS", "Objective", "compose"]
+__all__ = ["VMAP_MAX_WORK", "Objective", "compose"]
 
 
 class Objective:
@@ -219,9 +219,10 @@ def compose(
       term_grads: return each term's unweighted gradient, stacked (``out.term_grads``).
       grad_conflicts: return the pairwise cosine matrix of the terms' gradients.
       grad_strategy: how per-term gradients are computed when any of the above is set.
-        ``"auto"`` (default): ``"vmap"`` when ``x`` is one array of at most
-        ``AUTO_VMAP_MAX_ELEMENTS`` (2^14) elements, where fewer kernels matter most,
-        else ``"per_term"`` (decided at trace time from the static shape).
+        ``"auto"`` (default): ``"per_term"``, except ``"vmap"`` when ``x`` is one array
+        and the terms' forward work is tiny (at most ``VMAP_MAX_WORK`` element
+        operations, read off their jaxpr at trace time: never a second compile); see
+        ``jaxreg/_src/core/strategy.py`` for the cost model and its measurements.
         ``"per_term"``: one VJP per term in the same program; XLA shares the
         forward and fuses each backward with its norm reduction, and a term pays only
         for the backward of what it depends on. ``"vmap"``: one VJP of all terms,

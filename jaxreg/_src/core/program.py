@@ -160,7 +160,9 @@ def jacobian(plan: Plan, x: Any, batch: Any, w: jax.Array):
     values: list[Any] = [None] * n
     metrics: list[Any] = [None] * n
     blocks = []  # (indices, stacked per-term gradients with a leading group axis)
-    groups = plan.groups or auto_groups(n, x, forward=plan.forward is not None)
+    groups = plan.groups or auto_groups(
+        n, x, lambda v: _evaluate(plan, range(n), v, batch)[0], forward=plan.forward is not None
+    )
     aux = None
     if plan.forward is not None:
         outputs, pull, aux = jax.vjp(lambda p: _forward(plan, p, batch), x, has_aux=True)

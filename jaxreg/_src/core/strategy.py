@@ -29,6 +29,8 @@ import jax
 import jax.extend.core as jex
 import numpy as np
 
+__all__ = ["VMAP_MAX_WORK", "auto_groups", "forward_work"]
+
 Groups = tuple[tuple[int, ...], ...]
 
 # The most forward work (element operations of all terms together, see forward_work)
@@ -52,14 +54,20 @@ def per_term(n_terms: int) -> Groups:
     return tuple((i,) for i in range(n_terms))
 
 
-def auto_groups(n_terms: int, x: Any, terms: Callable[[Any], Any] | None = None) -> Groups:
+def auto_groups(
+    n_terms: int,
+    x: Any,
+    terms: Callable[[Any], Any] | None = None,
+    *,
+    forward: bool = False,
+) -> Groups:
     r"""The groups ``grad_strategy="auto"`` uses: all terms in one group, or one each.
 
     One ``vmap``-ed VJP of all terms when ``x`` is one array and the terms' forward work
     :math:`W` is at most :data:`VMAP_MAX_WORK` element operations; one VJP per term
-    otherwise. Parameter pytrees always go per term: their terms usually run a model,
-    whose backward ``vmap`` would repeat for every term (6.45x the floor against 1.72x
-    per term on the MLP of ``benchmarks/compose_bench.py``).
+    otherwise. Parameter pytrees, and objectives with a model stage, always go per term:
+    their terms usually run a model, whose backward ``vmap`` would repeat for every term
+    (6.45x the floor against 1.72x per term on the MLP of ``benchmarks/compose_bench.py``).
 
     Decided at trace time from static shapes: ``x`` may be a tracer.
 
@@ -71,6 +79,9 @@ def auto_groups(n_terms: int, x: Any, terms: Callable[[Any], Any] | None = None)
         :math:`W` with :func:`forward_work` when the shapes alone do not rule ``vmap``
         out. Without it, each term is assumed to do :data:`TYPICAL_WORK_PER_ELEMENT`
         operations per element of ``x``.
+      forward: whether the objective has a model stage; its output terms then each
+        need one backward through the model, which a ``vmap`` would batch into one
+        ``[n, ...]`` pass over every activation, so they go per term.
 
     Returns:
       A tuple of groups of term indices, covering ``range(n_terms)`` once.
@@ -85,7 +96,7 @@ def auto_groups(n_terms: int, x: Any, terms: Callable[[Any], Any] | None = None)
       >>> auto_groups(2, {"w": jnp.zeros(4)})         # a pytree: per term
       ((0,), (1,))
     """
-    if n_terms < 2 or not isinstance(x, jax.Array | np.ndarray):
+    if forward or n_terms < 2 or not isinstance(x, jax.Array | np.ndarray):
         return per_term(n_terms)
     if n_terms * x.size * _MIN_WORK_PER_ELEMENT > VMAP_MAX_WORK:
         return per_term(n_terms)
