@@ -34,9 +34,17 @@ __all__ = ["VMAP_MAX_WORK", "auto_groups", "forward_work"]
 Groups = tuple[tuple[int, ...], ...]
 
 # The most forward work (element operations of all terms together, see forward_work)
-# for which one vmap-ed VJP is chosen. Fitted on 2 CPU cores (benchmarks/RESULTS.md,
-# "grad_strategy=auto"): FILLED IN BELOW.
-VMAP_MAX_WORK = 1 << 16
+# for which one vmap-ed VJP is chosen. Fitted on 2 shared CPU cores, jax 0.10.2: the
+# library's token terms, vmap time / per_term time (10th percentile / median of 300
+# interleaved calls), by W:
+#   W =  4.6k-9.5k  (2-5 cheap terms, or ce + l1 + entropy, on [2,128]):  0.95-1.05: a tie
+#   W = 15k-20k     (8 cheap terms, 2 heavy, or 5 incl. kl on [2,128]):   1.08-1.94
+#   W = 18k-80k     (2-5 terms on [2,512]):                               1.26-2.8
+#   W = 74k-315k    (2-5 terms on [8,512]):                               0.68-2.3, mostly > 1
+#   W > 300k        (more terms or larger):                               1.1-3x, and ~n/2 the
+#                   floor for n >= 20 (benchmarks/RESULTS.md, "grad_strategy=auto")
+# vmap never won clearly; it ties below ~10k, so the threshold sits just below that.
+VMAP_MAX_WORK = 1 << 13
 
 # The least forward work a term can have per element of x: it reads x once. Used to
 # rule vmap out from the shapes alone, before any tracing.
