@@ -1,27 +1,31 @@
 """grad_strategy: per_term, vmap and auto against the floor, by number of terms and size.
 
 Run: ``make bench`` or ``python -m benchmarks.strategy_bench [--quick]``. Prints one
-ratio table measured side by side (interleaved rounds, medians) over term counts and
-``[B, T]`` sizes, then a held-out 5-term workload the ``auto`` rule was not fitted on
-(see ``benchmarks/RESULTS.md``, section "grad_strategy=auto").
+ratio table measured side by side over term counts and ``[B, T]`` sizes, then a held-out
+5-term workload the ``auto`` rule was not fitted on (``benchmarks/RESULTS.md``, section
+"grad_strategy=auto").
 
 Every cell compiles four programs: the **floor** (one jitted ``value_and_grad`` of the
 weighted sum, no tracking) and ``compose(..., track_grad_norms=True)`` with
-``grad_strategy`` ``"per_term"``, ``"vmap"`` and ``"auto"``. Ratios are time / floor;
-``auto / best`` is auto's time over the faster of per_term and vmap. Where auto picks the
-same groups as per_term, the two are the same program compiled twice, so their ratio
-shows the timing noise of the run.
+``grad_strategy`` ``"per_term"``, ``"vmap"`` and ``"auto"``. They are timed in
+interleaved rounds (every round times each program in turn, over at least 10 ms), and
+each ratio is the median over rounds of the per-round ratio, so that the drift of a
+shared machine cancels. ``auto / best`` is auto over the faster of per_term and vmap.
+Where auto picks per_term, the two are the same program compiled twice: how far apart
+they measure is the noise of the run, printed under each table.
 
-``vmap`` grows with the square of the number of terms (several seconds a call at
-``[64,8192]`` with 50 terms): a strategy whose first call takes over ``--slow`` seconds is
-timed on one more call instead of interleaved rounds, and one whose call the ``n^2``
-law predicts above ``--skip`` seconds from a smaller term count is not run (shown as
-``>`` the prediction; it cannot be the best there).
+Bounded cost: a cell's rounds take about ``--budget`` seconds (at least 7 rounds). ``vmap``
+grows with the square of the number of terms (seconds a call at ``[64,8192]`` with 50
+terms): a program whose call takes over ``--slow`` seconds is timed on two calls, and
+one the ``n^2`` law predicts over ``--skip`` seconds a call from the previous term count
+is not run (shown as ``> r``, the predicted ratio; it cannot be the best there).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -31,13 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxreg as jr
-from benchmarks.common import block, table, time_interleaved
-from jaxreg._src.core.strategy import auto_groups
+from benchmarks.common import block, table
+from jaxreg._src.core.strategy import VMAP_MAX_WORK, auto_groups, forward_work
 
 L, R = jr.losses, jr.regularizers
 TERM_COUNTS = (1, 5, 20, 50, 100)
 SIZES = ((8, 512), (16, 1024), (32, 2048), (64, 8192))
 STRATEGIES = ("per_term", "vmap", "auto")
+# Around auto's threshold (VMAP_MAX_WORK): tiny inputs, where vmap can be chosen.
+THRESHOLD_SIZES = ((2, 64), (2, 128), (2, 512))
+THRESHOLD_COUNTS = (2, 3, 5)
 
 # The library's [B, T] token terms, cycled: the mix the auto rule was fitted on.
 LIBRARY = (
@@ -115,12 +122,46 @@ def workload(b: int, t: int, seed: int = 0):
     return logprobs(), jr.Batch(jnp.asarray(mask), inputs)
 
 
+def _forward(terms: list[jr.Term], batch):
+    """The terms' stacked values as a function of ``x``: what compose hands auto_groups."""
+    return lambda x: jnp.stack([t.evaluate(x, batch)[0] for t in terms])
+
+
 def auto_choice(terms: list[jr.Term], x, batch) -> str:
-    """What auto decides for these terms, in words."""
-    groups = auto_groups(len(terms), x, lambda x: [t.fn(x, batch) for t in terms])
+    """What auto decides for these terms, in words (the same call as compose makes)."""
+    groups = auto_groups(len(terms), x, _forward(terms, batch))
     if len(groups) == len(terms):
         return "per_term"
     return "vmap"
+
+
+@dataclasses.dataclass
+class Cell:
+    """One cell's medians: seconds per call, and ratios taken round by round."""
+
+    seconds: dict[str, float]  # median seconds per call; negative: predicted, not run
+    ratio: dict[str, float]  # strategy: median over rounds of its time / the floor's
+    auto_best: float  # median over rounds of auto's time / the faster strategy's
+    auto_per_term: float  # the same for auto / per_term
+
+
+def _interleaved(fns, first: dict[str, float], rounds: int, min_time: float):
+    """Per-call seconds of each function, ``rounds`` samples each, measured round-robin.
+
+    Each sample times enough calls to last ``min_time``, so that a sample is never a
+    single microsecond call, and every round times all the functions in turn, so that
+    the drift of a shared machine hits them alike and ratios can be taken round by round.
+    """
+    loops = {name: max(1, math.ceil(min_time / max(first[name], 1e-7))) for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(loops[name]):
+                out = fn()
+            block(out)
+            samples[name].append((time.perf_counter() - start) / loops[name])
+    return samples
 
 
 def measure(
@@ -129,14 +170,16 @@ def measure(
     batch,
     *,
     repeats: int,
+    budget: float,
     slow: float,
     skip: float,
     predicted: dict[str, float],
-) -> dict[str, float]:
-    """Median seconds per call of the floor and the three strategies (see the module doc).
+) -> Cell:
+    """The floor and the three strategies on one workload (see the module doc).
 
-    ``predicted`` maps a strategy to its predicted seconds per call; those above ``skip``
-    are not run and come back negative (minus the prediction).
+    ``repeats`` rounds at most, fewer where a round is long, so that the timed rounds of
+    a cell take about ``budget`` seconds (at least 7 rounds). ``predicted`` maps a
+    strategy to its predicted seconds per call; those above ``skip`` are not run.
     """
     weights = [t.weight for t in terms]
 
@@ -145,100 +188,137 @@ def measure(
 
     floor = jax.jit(jax.value_and_grad(total))
     fns = {"floor": lambda: floor(x, batch)}
-    out: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     for s in STRATEGIES:
         if predicted.get(s, 0.0) > skip:
-            out[s] = -predicted[s]
+            seconds[s] = -predicted[s]
             continue
         objective = jr.compose(terms[0], terms[1:], track_grad_norms=True, grad_strategy=s)
         fns[s] = lambda o=objective: o(x, batch)
-    fast = {}
+    first, fast = {}, {}
     for name, fn in fns.items():
         block(fn())  # compile
         start = time.perf_counter()
         block(fn())
-        first = time.perf_counter() - start
-        if first > slow:
-            calls = [first]
+        first[name] = time.perf_counter() - start
+        if first[name] > slow and name != "floor":
             start = time.perf_counter()
             block(fn())
-            calls.append(time.perf_counter() - start)
-            out[name] = statistics.median(calls)
+            seconds[name] = statistics.median([first[name], time.perf_counter() - start])
         else:
             fast[name] = fn
-    out.update(time_interleaved(fast, repeats=repeats, min_time=0.02))
-    return out
+    min_time = 0.01
+    round_time = sum(max(first[k], min_time) for k in fast)
+    rounds = max(7, min(repeats, int(budget / round_time)))
+    samples = _interleaved(fast, first, rounds, min_time)
+    seconds.update({k: statistics.median(v) for k, v in samples.items()})
+
+    def paired(a: str, b: str) -> float:
+        if a in samples and b in samples:
+            return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
+        return seconds[a] / seconds[b]
+
+    ratio = {
+        s: paired(s, "floor") if seconds[s] > 0 else seconds[s] / seconds["floor"]
+        for s in STRATEGIES
+    }
+    best = min(("per_term", "vmap"), key=lambda s: seconds[s] if seconds[s] > 0 else math.inf)
+    return Cell(seconds, ratio, paired("auto", best), paired("auto", "per_term"))
 
 
-def _ratio(times: dict[str, float], name: str) -> str:
-    t = times[name]
-    return f"> {-t / times['floor']:.0f}" if t < 0 else f"{t / times['floor']:.2f}"
+def _row(label: list[str], cell: Cell, choice: str) -> list[str]:
+    def show(r: float) -> str:
+        return f"> {-r:.0f}" if r < 0 else f"{r:.2f}"
 
-
-def _row(label: list[str], times: dict[str, float], choice: str) -> list[str]:
-    best = min(t for s, t in times.items() if s in ("per_term", "vmap") and t > 0)
     return [
         *label,
-        f"{times['floor'] * 1e3:.3f}",
-        *(_ratio(times, s) for s in STRATEGIES),
+        f"{cell.seconds['floor'] * 1e3:.3f}",
+        *(show(cell.ratio[s]) for s in STRATEGIES),
         choice,
-        f"**{times['auto'] / best:.2f}**",
+        f"**{cell.auto_best:.2f}**",
     ]
 
 
-def bench_grid(repeats: int, slow: float, skip: float, term_counts, sizes) -> list[list[str]]:
-    rows = []
+@dataclasses.dataclass(frozen=True)
+class Options:
+    repeats: int  # rounds per cell, at most
+    budget: float  # seconds of timed rounds per cell, about
+    slow: float  # seconds: a strategy slower than this a call is timed on two calls
+    skip: float  # seconds: a strategy predicted slower than this a call is not run
+
+
+def bench_grid(opts: Options, term_counts, sizes) -> tuple[list[list[str]], list[Cell]]:
+    rows, cells = [], []
     for b, t in sizes:
         x, batch = workload(b, t)
         last: tuple[int, float] | None = None  # (n, vmap seconds) at this size
         for n in term_counts:
             terms = library_terms(n)
             predicted = {}
-            if last is not None and last[1] > 0:
+            if last is not None:
+                # vmap runs every term's backward once per term: n^2.
                 predicted["vmap"] = last[1] * (n / last[0]) ** 2
             choice = auto_choice(terms, x, batch)
             if choice == "vmap" and "vmap" in predicted:
                 predicted["auto"] = predicted["vmap"]
-            times = measure(
-                terms, x, batch, repeats=repeats, slow=slow, skip=skip, predicted=predicted
-            )
-            if times["vmap"] > 0:
-                last = (n, times["vmap"])
-            rows.append(_row([f"[{b},{t}]", str(n)], times, choice))
+            cell = measure(terms, x, batch, predicted=predicted, **dataclasses.asdict(opts))
+            if cell.seconds["vmap"] > 0:
+                last = (n, cell.seconds["vmap"])
+            rows.append(_row([f"[{b},{t}]", str(n)], cell, choice))
+            cells.append(cell)
             print(rows[-1], file=sys.stderr, flush=True)
-    return rows
+    return rows, cells
 
 
-def bench_held_out(repeats: int, slow: float, skip: float, sizes) -> list[list[str]]:
-    rows = []
+def bench_threshold(opts: Options) -> tuple[list[list[str]], list[Cell]]:
+    rows, cells = [], []
+    for b, t in THRESHOLD_SIZES:
+        x, batch = workload(b, t)
+        for n in THRESHOLD_COUNTS:
+            terms = library_terms(n)
+            work = forward_work(_forward(terms, batch), x)
+            cell = measure(terms, x, batch, predicted={}, **dataclasses.asdict(opts))
+            rows.append(_row([f"[{b},{t}]", str(n), str(work)], cell, auto_choice(terms, x, batch)))
+            cells.append(cell)
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows, cells
+
+
+def bench_held_out(opts: Options, sizes) -> tuple[list[list[str]], list[Cell]]:
+    rows, cells = [], []
     for b, t in sizes:
         x, batch = workload(b, t, seed=1)
         terms = held_out_terms()
-        times = measure(terms, x, batch, repeats=repeats, slow=slow, skip=skip, predicted={})
-        rows.append(_row([f"[{b},{t}]"], times, auto_choice(terms, x, batch)))
+        cell = measure(terms, x, batch, predicted={}, **dataclasses.asdict(opts))
+        rows.append(_row([f"[{b},{t}]"], cell, auto_choice(terms, x, batch)))
+        cells.append(cell)
         print(rows[-1], file=sys.stderr, flush=True)
-    return rows
+    return rows, cells
 
 
-def _summary(rows: list[list[str]]) -> str:
-    worst = max(float(r[-1].strip("*")) for r in rows)
-    within = sum(float(r[-1].strip("*")) <= 1.10 for r in rows)
-    # Where auto picked per_term, auto and per_term are one program compiled twice.
-    same = [float(r[-3]) / float(r[-5]) for r in rows if r[-2] == "per_term"]
+def _summary(rows: list[list[str]], cells: list[Cell]) -> str:
+    ratios = [c.auto_best for c in cells]
+    within = sum(r <= 1.10 for r in ratios)
+    # Where auto picked per_term, auto and per_term are one program compiled twice: how
+    # far apart they measured is the noise of this run.
+    same = [c.auto_per_term for r, c in zip(rows, cells, strict=True) if r[-2] == "per_term"]
     noise = max(abs(v - 1) for v in same) if same else 0.0
     return (
-        f"auto within 1.10x of the best in {within}/{len(rows)} cells (worst {worst:.2f}); "
-        f"identical programs (auto = per_term) differed by up to {noise:.0%} in this run."
+        f"auto within 1.10x of the best in {within}/{len(cells)} cells (worst "
+        f"{max(ratios):.2f}); where auto = per_term (the same program compiled twice) "
+        f"their medians differed by up to {noise:.0%}: the noise of this run."
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
-    parser.add_argument("--slow", type=float, default=0.2, help="seconds: time one call")
-    parser.add_argument("--skip", type=float, default=4.0, help="seconds: do not run")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, 2 of the 4 sizes")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of rounds a cell")
+    parser.add_argument("--slow", type=float, default=1.0, help="seconds a call: time 2 calls")
+    parser.add_argument("--skip", type=float, default=4.0, help="seconds a call: do not run")
     args = parser.parse_args(argv)
-    repeats = 5 if args.quick else 11
+    budget = args.budget if args.budget is not None else (1.5 if args.quick else 4.0)
+    opts = Options(15 if args.quick else 41, budget, args.slow, args.skip)
     sizes = (SIZES[0], SIZES[-1]) if args.quick else SIZES
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {jax.device_count()} device(s)\n"
@@ -246,18 +326,26 @@ def main(argv: list[str] | None = None) -> None:
     header = ["floor ms", "per_term", "vmap", "auto", "auto chose", "auto / best"]
     print("## Library token terms, cycled (the fit workload)\n")
     print(
-        "Ratios are time / floor (floor = one jitted value_and_grad of the weighted sum); "
-        "auto / best = auto over the faster of per_term and vmap.\n"
+        "Ratios are time / floor (floor = one jitted value_and_grad of the weighted sum, no "
+        "tracking), medians over interleaved rounds of the per-round ratios; auto / best = "
+        "auto over the faster of per_term and vmap. '> r': not run, predicted r from a "
+        "smaller term count (n^2).\n"
     )
-    grid = bench_grid(repeats, args.slow, args.skip, TERM_COUNTS, sizes)
+    grid, grid_cells = bench_grid(opts, TERM_COUNTS, sizes)
     print(table(grid, ["[B,T]", "terms", *header]))
     print()
-    print(_summary(grid))
+    print(_summary(grid, grid_cells))
+    print(f"\n## Around the threshold: auto picks vmap up to {VMAP_MAX_WORK} element ops\n")
+    print("W: the terms' forward work (element operations, strategy.forward_work).\n")
+    near, near_cells = bench_threshold(opts)
+    print(table(near, ["[B,T]", "terms", "W", *header]))
+    print()
+    print(_summary(near, near_cells))
     print("\n## Held out: DPO + symmetric KL (k2) + KL consistency + Huber + entropy (5)\n")
-    held = bench_held_out(repeats, args.slow, args.skip, sizes)
+    held, held_cells = bench_held_out(opts, sizes)
     print(table(held, ["[B,T]", *header]))
     print()
-    print(_summary(held))
+    print(_summary(held, held_cells))
 
 
 if __name__ == "__main__":
