@@ -8,9 +8,9 @@ ratio table measured side by side over term counts and ``[B, T]`` sizes, then a 
 Every cell compiles four programs: the **floor** (one jitted ``value_and_grad`` of the
 weighted sum, no tracking) and ``compose(..., track_grad_norms=True)`` with
 ``grad_strategy`` ``"per_term"``, ``"vmap"`` and ``"auto"``. They are timed in
-interleaved rounds (every round times each program in turn, over at least 10 ms), and
-each ratio is the median over rounds of the per-round ratio, so that the drift of a
-shared machine cancels. ``auto / best`` is auto over the faster of per_term and vmap.
+interleaved rounds (every round calls each program once, in turn), and each ratio is
+the median over rounds of the per-round ratio, so that the drift of a shared machine
+cancels. ``auto / best`` is auto over the faster of per_term and vmap.
 Where auto picks per_term, the two are the same program compiled twice: how far apart
 they measure is the noise of the run, printed under each table.
 
@@ -145,22 +145,20 @@ class Cell:
     auto_per_term: float  # the same for auto / per_term
 
 
-def _interleaved(fns, first: dict[str, float], rounds: int, min_time: float):
-    """Per-call seconds of each function, ``rounds`` samples each, measured round-robin.
+def _interleaved(fns, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call of each function, ``rounds`` calls each, call by call.
 
-    Each sample times enough calls to last ``min_time``, so that a sample is never a
-    single microsecond call, and every round times all the functions in turn, so that
-    the drift of a shared machine hits them alike and ratios can be taken round by round.
+    Every round calls each function once, in turn: a burst of load from the other users
+    of a shared machine (milliseconds) then hits neighbouring calls of all of them alike,
+    and ratios can be taken round by round. (Timing loops of calls per function instead
+    let one such burst land on one function: identical programs then differed by 2x.)
     """
-    loops = {name: max(1, math.ceil(min_time / max(first[name], 1e-7))) for name in fns}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
-            for _ in range(loops[name]):
-                out = fn()
-            block(out)
-            samples[name].append((time.perf_counter() - start) / loops[name])
+            block(fn())
+            samples[name].append(time.perf_counter() - start)
     return samples
 
 
@@ -207,10 +205,8 @@ def measure(
             seconds[name] = statistics.median([first[name], time.perf_counter() - start])
         else:
             fast[name] = fn
-    min_time = 0.01
-    round_time = sum(max(first[k], min_time) for k in fast)
-    rounds = max(7, min(repeats, int(budget / round_time)))
-    samples = _interleaved(fast, first, rounds, min_time)
+    rounds = max(7, min(repeats, int(budget / sum(first[k] for k in fast))))
+    samples = _interleaved(fast, rounds)
     seconds.update({k: statistics.median(v) for k, v in samples.items()})
 
     def paired(a: str, b: str) -> float:
@@ -318,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", type=float, default=4.0, help="seconds a call: do not run")
     args = parser.parse_args(argv)
     budget = args.budget if args.budget is not None else (1.5 if args.quick else 4.0)
-    opts = Options(15 if args.quick else 41, budget, args.slow, args.skip)
+    opts = Options(200 if args.quick else 500, budget, args.slow, args.skip)
     sizes = (SIZES[0], SIZES[-1]) if args.quick else SIZES
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {jax.device_count()} device(s)\n"
