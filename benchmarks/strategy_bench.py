@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import random
 import statistics
 import sys
 import time
@@ -154,12 +155,15 @@ def _interleaved(fns, rounds: int) -> dict[str, list[float]]:
     let one such burst land on one function: identical programs then differed by 2x.)
     """
     names = list(fns)
+    order = random.Random(0)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        # The order rotates: a program that runs after a large one finds the caches
-        # cold (after vmap with 20 terms and more, measured 15-20% slower), and each
-        # must come after each of the others as often.
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for _ in range(rounds):
+        # A new order each round: a program that runs right after a large one finds the
+        # caches cold (after vmap with 20 terms and more, 15-20% slower), so each must
+        # follow each of the others as often. (A fixed order, or a rotation of it, put
+        # auto after vmap every time: identical programs then differed by 20%.)
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
             block(fns[name]())
             samples[name].append(time.perf_counter() - start)
