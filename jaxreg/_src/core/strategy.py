@@ -34,17 +34,19 @@ __all__ = ["VMAP_MAX_WORK", "auto_groups", "forward_work"]
 Groups = tuple[tuple[int, ...], ...]
 
 # The most forward work (element operations of all terms together, see forward_work)
-# for which one vmap-ed VJP is chosen. Fitted on 2 shared CPU cores, jax 0.10.2: the
-# library's token terms, vmap time / per_term time (10th percentile / median of 300
-# interleaved calls), by W:
-#   W =  4.6k-9.5k  (2-5 cheap terms, or ce + l1 + entropy, on [2,128]):  0.95-1.05: a tie
-#   W = 15k-20k     (8 cheap terms, 2 heavy, or 5 incl. kl on [2,128]):   1.08-1.94
-#   W = 18k-80k     (2-5 terms on [2,512]):                               1.26-2.8
-#   W = 74k-315k    (2-5 terms on [8,512]):                               0.68-2.3, mostly > 1
-#   W > 300k        (more terms or larger):                               1.1-3x, and ~n/2 the
-#                   floor for n >= 20 (benchmarks/RESULTS.md, "grad_strategy=auto")
-# vmap never won clearly; it ties below ~10k, so the threshold sits just below that.
-VMAP_MAX_WORK = 1 << 13
+# for which one vmap-ed VJP is chosen. Fitted on 2 CPU cores (jax 0.10.2, load 0.3-3.7):
+# vmap time / per_term time, the median of per-call ratios over 200-1000 interleaved
+# rounds, for 2, 3, 5 and 8 of the library's token terms (strategy_bench's cycle, and
+# cheap and heavy subsets of it) on [2,64], [2,128], [2,512] and [8,512], 48 cells:
+#   W <= 4.8k (7 cells):      0.93-0.99, vmap never lost
+#   4.8k < W <= 10k (6):      0.92-0.99 in 3 cells; 1.44 (8 cheap terms), 1.50 (kl + ppo)
+#                             and 1.65 (5 terms with kl and smoothness)
+#   10k < W <= 100k (22):     1.09-2.24, except 0.98-1.00 (2 terms on [8,512]) and 0.71
+#   W > 100k (13):            0.94-1.85; from 20 terms on ~n/2 (n^2 work against n),
+#                             see benchmarks/RESULTS.md, "grad_strategy=auto"
+# vmap's best gain is 3-8% of a call of ~50 us, and it loses up to 1.65x from 7.7k on:
+# the threshold keeps the smallest cells, where it never lost.
+VMAP_MAX_WORK = 1 << 12
 
 # The least forward work a term can have per element of x: it reads x once. Used to
 # rule vmap out from the shapes alone, before any tracing.
