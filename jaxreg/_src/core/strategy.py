@@ -141,9 +141,13 @@ def forward_work(fn: Callable[[Any], Any], x: Any) -> int:
     return _jaxpr_work(jax.make_jaxpr(fn)(x).jaxpr)
 
 
+def _shape(var: Any) -> tuple[int, ...]:
+    """A jaxpr variable's shape (``()`` for tokens and other shapeless values)."""
+    return tuple(getattr(getattr(var, "aval", None), "shape", ()))
+
+
 def _size(var: Any) -> int:
-    shape = getattr(getattr(var, "aval", None), "shape", None)
-    return int(np.prod(shape)) if shape is not None else 0
+    return int(np.prod(_shape(var)))
 
 
 def _jaxpr_work(jaxpr: jex.Jaxpr) -> int:
@@ -160,11 +164,11 @@ def _jaxpr_work(jaxpr: jex.Jaxpr) -> int:
                 total += sum(subs)
         elif name == "dot_general":
             (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
+            lhs = _shape(eqn.invars[0])
             total += _size(eqn.outvars[0]) * int(np.prod([lhs[d] for d in contract]))
         elif name == "conv_general_dilated":
             # Multiply-adds: each output element reads one filter's worth of inputs.
-            rhs = eqn.invars[1].aval.shape
+            rhs = _shape(eqn.invars[1])
             out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
             total += _size(eqn.outvars[0]) * int(np.prod(rhs)) // max(out_features, 1)
         else:
