@@ -60,11 +60,18 @@ def test_many_terms_go_per_term_from_the_shapes_alone():
     assert auto_groups(2, jnp.zeros((64, 8192)), never_traced) == ((0,), (1,))
 
 
+def three_sums(x):
+    """Work exactly ``3 * x.size``: three reductions over ``x``."""
+    return jnp.sum(x), jnp.sum(x), jnp.sum(x)
+
+
 def test_threshold_is_on_the_measured_work_and_inclusive():
-    s = VMAP_MAX_WORK // 2
-    assert forward_work(two_sums, jnp.zeros(s)) == 2 * s <= VMAP_MAX_WORK
-    assert auto_groups(2, jnp.zeros(s), two_sums) == ((0, 1),)
-    assert auto_groups(2, jnp.zeros(s + 1), two_sums) == ((0,), (1,))
+    # 2 terms doing 3 reductions: the shapes (2 * size) pass, the work (3 * size) decides.
+    s = VMAP_MAX_WORK // 3
+    assert forward_work(three_sums, jnp.zeros(s)) == 3 * s <= VMAP_MAX_WORK
+    assert forward_work(three_sums, jnp.zeros(s + 1)) > VMAP_MAX_WORK >= 2 * (s + 1)
+    assert auto_groups(2, jnp.zeros(s), three_sums) == ((0, 1),)
+    assert auto_groups(2, jnp.zeros(s + 1), three_sums) == ((0,), (1,))
 
 
 def test_without_the_terms_each_does_the_typical_work_per_element():
@@ -231,3 +238,25 @@ def test_compose_consults_the_cost_model_once_per_trace(monkeypatch):
     objective("per_term")(jnp.ones((2, 3)))
     objective("auto")(jnp.ones((64, 1024)))  # ruled out from the shapes: no tracing
     assert len(calls) == 1
+
+
+def test_auto_attributes_a_nan_gradient_exactly_beyond_toy_sizes():
+    """Before issue 15, auto ran one vmap-ed VJP on any x of at most 2^14 elements, which
+    spread one term's NaN gradient (0 * inf in the other rows) to every term's norm."""
+    x = np.abs(RNG.normal(size=(8, 512))).astype(np.float32)
+    x[3, 7] = 0.0  # sqrt's derivative is infinite here: 0 * inf = NaN
+    objective = jr.compose(
+        jr.Term("ok", quad),
+        [
+            jr.Term("bad", lambda x, b: jnp.sum(jnp.sqrt(x) * 0.0)),
+            jr.Term("lin", mean3, 0.1),
+        ],
+        track_grad_norms=True,
+    )
+    d = objective(jnp.asarray(x)).to_dict()
+    assert np.isnan(d["regularizers"]["bad"]["grad_norm"])
+    assert d["base_loss"]["grad_norm"] == pytest.approx(2 * np.linalg.norm(x), rel=1e-5)
+    assert d["regularizers"]["lin"]["grad_norm"] == pytest.approx(3 / np.sqrt(x.size), rel=1e-5)
+    with pytest.raises(jr.NonFiniteError) as e:
+        jr.check_finite(objective(jnp.asarray(x)))
+    assert e.value.where == {"bad": "gradient"}
