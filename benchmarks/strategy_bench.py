@@ -117,7 +117,7 @@ def workload(b: int, t: int, seed: int = 0):
     inputs = {
         "weights": jnp.asarray(mask),
         "ref_logprobs": logprobs(),
-        "logprobs": logprobs(),
+        "sampling_logprobs": logprobs(),
         "advantages": jnp.asarray(rng.normal(size=(b, t)).astype(np.float32)),
     }
     return logprobs(), jr.Batch(jnp.asarray(mask), inputs)
