@@ -16,7 +16,7 @@ work is below a threshold, whatever ``n``:
 .. math:: \text{vmap} \iff W \le W^\ast
 
 where :math:`W` is the terms' forward work (element operations, read off their jaxpr)
-and :math:`W^\ast` (:data:`VMAP_MAX_WORK`) was fitted on CPU measurements. ``W`` is
+and :math:`W^\ast` (``VMAP_MAX_WORK``) was fitted on CPU measurements. ``W`` is
 needed only when the shapes alone leave ``vmap`` possible (``n * x.size`` small), so the
 terms are traced a second time only for tiny problems, and never compiled twice.
 
@@ -82,7 +82,7 @@ def auto_groups(
     r"""The groups ``grad_strategy="auto"`` uses: all terms in one group, or one each.
 
     One ``vmap``-ed VJP of all terms when ``x`` is one array and the terms' forward work
-    :math:`W` is at most :data:`VMAP_MAX_WORK` element operations; one VJP per term
+    :math:`W` is at most ``VMAP_MAX_WORK`` element operations; one VJP per term
     otherwise. Parameter pytrees, and objectives with a model stage, always go per term:
     their terms usually run a model, whose backward ``vmap`` would repeat for every term
     (6.45x the floor against 1.72x per term on the MLP of ``benchmarks/compose_bench.py``).
@@ -94,8 +94,8 @@ def auto_groups(
       x: the differentiated input (an array or a pytree; only its structure and shapes
         are read).
       terms: the terms' forward, ``x -> anything``; traced (not run) to measure
-        :math:`W` with :func:`forward_work` when the shapes alone do not rule ``vmap``
-        out. Without it, each term is assumed to do :data:`TYPICAL_WORK_PER_ELEMENT`
+        :math:`W` with ``forward_work`` when the shapes alone do not rule ``vmap``
+        out. Without it, each term is assumed to do ``TYPICAL_WORK_PER_ELEMENT``
         operations per element of ``x``.
       forward: whether the objective has a model stage; its output terms then each
         need one backward through the model, which a ``vmap`` would batch into one
