@@ -170,3 +170,17 @@ def test_no_document_points_to_removed_files():
         text = path.read_text(encoding="utf-8")
         assert "DESIGN.md" not in text, path
         assert "../shared" not in text, path
+
+
+def test_docstrings_use_no_sphinx_roles():
+    """The API reference is built by mkdocstrings (``make docs``, strict): a Sphinx role
+    such as ``:func:`x``` renders as raw text there, and the strict build fails on it.
+    Caught here too, so that ``make test`` names the file before the docs build does."""
+    role = re.compile(r":(?:func|class|data|mod|meth|attr|obj|exc):`")
+    offenders = [
+        f"{path}:{number}"
+        for path in sorted((DOCS.parent / "jaxreg").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if role.search(line)
+    ]
+    assert offenders == [], offenders
