@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 # The documentation site (mkdocs.yml) into site/; --strict: any warning fails the build.
 docs: $(STAMP)

@@ -199,7 +199,9 @@ def value(fn):
     return lambda x, b: (lambda out: out[0] if isinstance(out, tuple) else out)(fn(x, b))
 
 
-@pytest.mark.parametrize(("name", "fn", "ref"), CASES + CASES_K, ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    ("name", "fn", "ref"), CASES + CASES_K, ids=[c[0] for c in CASES + CASES_K]
+)
 def test_value_gradient_and_padding(name, fn, ref):
     data = DATA_K if name.endswith(("_k", "_k_renormalized", "_k_reverse")) else DATA
     x, batch = pack(data)
@@ -225,7 +227,9 @@ def test_value_gradient_and_padding(name, fn, ref):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize(("name", "fn", "ref"), CASES + CASES_K, ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    ("name", "fn", "ref"), CASES + CASES_K, ids=[c[0] for c in CASES + CASES_K]
+)
 def test_extreme_logprobs_stay_finite(name, fn, ref):
     data = DATA_K if name.endswith(("_k", "_k_renormalized", "_k_reverse")) else DATA
     x, batch = pack(data)
