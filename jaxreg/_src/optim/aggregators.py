@@ -57,25 +57,6 @@ from jaxreg._src.core.errors import ConfigError
 from jaxreg._src.core.linalg import cross_gram, weighted_rows
 from jaxreg._src.optim import gram_solvers
 
-__all__ = [
-    "AggregatorState",
-    "GramianWeightFn",
-    "apply_weights",
-    "cagrad",
-    "cagrad_weights",
-    "from_gramian_weights",
-    "gramian",
-    "mgda",
-    "mgda_weights",
-    "nash_mtl",
-    "nash_mtl_weights",
-    "pcgrad",
-    "pcgrad_weights",
-    "upgrad",
-    "upgrad_weights",
-    "weighted_sum",
-]
-
 GramianWeightFn: TypeAlias = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
 """``fn(gramian, key) -> (weights, residual)``: a weight rule on the ``n x n`` Gramian.
 

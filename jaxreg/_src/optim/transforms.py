@@ -24,15 +24,6 @@ from jaxreg._src.core.errors import JaxregError
 from jaxreg._src.core.output import CompositeOutput
 from jaxreg._src.core.term import normalize_terms
 
-__all__ = [
-    "RegularizeOrderWarning",
-    "RegularizeState",
-    "TransformError",
-    "metrics",
-    "regularize",
-    "regularized",
-]
-
 PROBE_SIZE = 16
 """Elements per parameter leaf that the order check follows (the first ones, flattened)."""
 

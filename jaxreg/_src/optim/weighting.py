@@ -50,20 +50,6 @@ import optax
 from jaxreg._src.core.errors import ConfigError
 from jaxreg._src.core.output import CompositeOutput
 
-__all__ = [
-    "BalanceGradNormsState",
-    "DWAState",
-    "FAMOState",
-    "GradNormState",
-    "UncertaintyState",
-    "Weighting",
-    "balance_grad_norms",
-    "dwa",
-    "famo",
-    "gradnorm",
-    "uncertainty",
-]
-
 
 class Weighting(NamedTuple):
     """An adaptive weighting of loss terms: a pair of pure functions, as optax's transforms.
