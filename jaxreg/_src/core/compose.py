@@ -80,7 +80,14 @@ class Objective:
     grad_space = property(lambda self: self.plan.grad_space)
 
     def __repr__(self) -> str:
-        return repr(self.plan)
+        plan = self.plan
+        flags = [
+            f for f in ("track_grad_norms", "term_grads", "grad_conflicts") if getattr(plan, f)
+        ]
+        extra = "" if plan.grad_space == "x" else f", grad_space={plan.grad_space!r}"
+        if plan.forward is not None:
+            extra += f", forward={getattr(plan.forward, '__name__', plan.forward)!r}"
+        return f"Objective(terms={list(plan.names)}, {', '.join(flags) or 'plain'}{extra})"
 
     def __call__(
         self,

@@ -92,15 +92,6 @@ class Plan:
             grad_strategy=_restrict_strategy(self.grad_strategy, [self.names[i] for i in keep]),
         )
 
-    def __repr__(self) -> str:
-        flags = [
-            f for f in ("track_grad_norms", "term_grads", "grad_conflicts") if getattr(self, f)
-        ]
-        extra = "" if self.grad_space == "x" else f", grad_space={self.grad_space!r}"
-        if self.forward is not None:
-            extra += f", forward={getattr(self.forward, '__name__', self.forward)!r}"
-        return f"Objective(terms={list(self.names)}, {', '.join(flags) or 'plain'}{extra})"
-
 
 def make_plan(
     base: Term | None,
