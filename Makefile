@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test docs demo lint typecheck bench clean
+.PHONY: test e2e docs demo lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 -m "not e2e"
+
+# The long end-to-end runs (cookbook loops, multi-process training): .ci/run runs them too.
+e2e: $(STAMP)
+	$(PY) -m pytest -n 2 -m e2e tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5  # 5: none selected
 
 # The documentation site (mkdocs.yml) into site/; --strict: any warning fails the build.
 docs: $(STAMP)
