@@ -136,8 +136,24 @@ def _rows(f, inputs: Any, size: int):
     if size == 1:
         jac = jax.tree.map(lambda g: g[None], pullback(jnp.ones_like(vals))[0])
     else:
-        jac = jax.vmap(pullback)(jnp.eye(size, dtype=vals.dtype))[0]
+        jac = _batched_pullback(pullback, jnp.eye(size, dtype=vals.dtype), size)
     return vals, jac, mets
+
+
+def _batched_pullback(pullback, rows: Any, size: int) -> Any:
+    """``jax.vmap(pullback)(rows)[0]``, except on XLA:CPU: one pullback per row, stacked.
+
+    XLA:CPU (jaxlib 0.10.2) miscompiles the batched backward of LayerNorm, softmax and
+    log_softmax in float32: its YNNPACK reduce fusion of ``c + (x[None] * c).sum(-1)``
+    gives every element past the first 32768 of ``c`` the reduction of an earlier row
+    (docs/compose.md, "XLA:CPU and vmap"). A compiler option on jaxreg's own ``jit``
+    would not reach a ``compose`` called inside the user's ``jit``, so on CPU the rows
+    are pulled back one at a time, in the same program and through the one saved forward.
+    """
+    if jax.default_backend() != "cpu":
+        return jax.vmap(pullback)(rows)[0]
+    pulled = [pullback(jax.tree.map(lambda r, k=k: r[k], rows))[0] for k in range(size)]
+    return jax.tree.map(lambda *g: jnp.stack(g), *pulled)
 
 
 def _pull_rows(pullback, rows: Any, size: int) -> Any:
@@ -145,7 +161,7 @@ def _pull_rows(pullback, rows: Any, size: int) -> Any:
     if size == 1:
         row = jax.tree.map(lambda r: r[0], rows)
         return jax.tree.map(lambda g: g[None], pullback(row)[0])
-    return jax.vmap(pullback)(rows)[0]
+    return _batched_pullback(pullback, rows, size)
 
 
 def jacobian(plan: Plan, x: Any, batch: Any, w: jax.Array):
