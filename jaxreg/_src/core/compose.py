@@ -236,6 +236,10 @@ def compose(
         ``vmap``-ed over the cotangent basis (materialises the ``[n, ...]`` Jacobian).
         A list of groups of names, e.g. ``[("ce", "entropy")]``: one ``vmap``-ed VJP per
         group (terms not listed get their own), for terms sharing an expensive model.
+        On XLA:CPU a ``vmap``-ed group's rows are pulled back one at a time (jaxlib
+        0.10.2 miscompiles the batched backward of LayerNorm and softmax in float32;
+        see "XLA:CPU and vmap" in docs/compose.md), so every strategy gives the same
+        gradients as a loop of per-term ``jax.grad``.
       check_finite: after each (untraced) call, raise
         [`jaxreg.NonFiniteError`][jaxreg.NonFiniteError] naming the terms whose value, gradient or
         metrics are not finite. It brings the scalars to the host once per call (a sync); the remote
