@@ -23,6 +23,7 @@ from jaxreg._src.core.errors import TermError
 from jaxreg._src.core.linalg import cross_gram, to_logit_space, weighted_rows
 from jaxreg._src.core.output import CompositeOutput, pack
 from jaxreg._src.core.plan import Plan
+from jaxreg._src.core.sequential import materialised_bytes, sequential
 from jaxreg._src.core.strategy import auto_groups
 
 __all__ = ["jacobian", "run", "value_and_grad"]
@@ -42,12 +43,32 @@ def run(plan: Plan, x: Any, batch: Any, w: jax.Array, step: Any) -> CompositeOut
         check_logprobs_input(x)
     check_differentiable(x)
     w = resolve_weights(plan, w, step)
-    if plan.needs_jacobian:
+    if plan.needs_jacobian and use_sequential(plan, x):
+        values, metrics, grad, gram, jac, aux = sequential(plan, x, batch, w)
+    elif plan.needs_jacobian:
         values, metrics, grad, gram, jac, aux = jacobian(plan, x, batch, w)
     else:
         values, metrics, grad, aux = value_and_grad(plan, x, batch, w)
         gram = jac = None
     return _output(plan, values, metrics, grad, w, gram, jac, aux)
+
+
+def use_sequential(plan: Plan, x: Any) -> bool:
+    """Whether the per-term gradients are accumulated one at a time (trace time).
+
+    ``grad_strategy="sequential"``, or ``"auto"`` with a ``memory_budget`` that the ``n``
+    stacked gradients would exceed. ``term_grads=True`` returns every gradient, so it
+    always materialises them.
+    """
+    if plan.term_grads:
+        return False
+    if plan.grad_strategy == "sequential":
+        return True
+    return (
+        plan.grad_strategy == "auto"
+        and plan.memory_budget is not None
+        and materialised_bytes(len(plan.terms), x) > plan.memory_budget
+    )
 
 
 def resolve_weights(plan: Plan, w: jax.Array, step: Any) -> jax.Array:
