@@ -39,6 +39,7 @@ def run(plan: Plan, x: Any, batch: Any, w: jax.Array, step: Any) -> CompositeOut
       w: ``[n]`` float32 weights; NaN where a term's schedule is evaluated at ``step``.
       step: the schedules' step (an int32 array), or ``None`` without schedules.
     """
+    check_not_in_shard_map()
     if plan.grad_space == "logits":
         check_logprobs_input(x)
     check_differentiable(x)
@@ -310,6 +311,25 @@ def _tree_sq_norm(tree: Any) -> jax.Array:
         (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
         start=jnp.zeros((), jnp.float32),
     )
+
+
+def check_not_in_shard_map() -> None:
+    """Raises when traced inside ``shard_map`` (manual mesh axes), at trace time.
+
+    Inside ``shard_map`` each shard would compute its own token means, norms and Gramian
+    from its part of the batch: per-shard numbers that are not the global ones (a masked
+    mean over unequal token counts, a norm of a partial gradient), and that a ``psum``
+    does not repair. They are refused rather than returned silently mixed.
+    """
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if manual:
+        raise TermError(
+            f"compose was called inside shard_map (manual mesh axes {list(manual)}): each "
+            "shard would report its own token means, gradient norms and Gramian, which are "
+            "not the global values and cannot be recovered by a psum. Call the objective "
+            "under jax.jit on globally sharded arrays instead (values, norms and cosines "
+            "are then global, and the outputs keep the data sharding)."
+        )
 
 
 def check_differentiable(x: Any) -> None:
