@@ -8,8 +8,8 @@ the running total and one gradient, whatever the number of terms.
 
 The Gramian is built by columns without holding the gradients: column ``j`` of
 :math:`G = J J^\top` is :math:`J g_j`, the directional derivatives of all terms along
-term ``j``'s gradient, one JVP of all terms (``jax.linearize`` once, outside the loop)
-per term:
+term ``j``'s gradient: per term, one JVP of the model (``jax.linearize`` once, outside
+the loop) and each term's own JVP in turn:
 
 .. math:: G_{ij} = \langle \nabla r_i, g_j \rangle = \partial_t\, r_i(x + t\, g_j)|_{t=0}.
 
@@ -105,20 +105,31 @@ def sequential(plan: Plan, x: Any, batch: Any, w: jax.Array):
 
     if plan.grad_conflicts:
 
-        def all_values(x_: Any, outputs_: Any) -> jax.Array:
-            return jnp.stack(
-                [
-                    t.evaluate(inputs_of(i, x_, outputs_), batch)[0].astype(acc)
-                    for i, t in enumerate(plan.terms)
-                ]
-            )
+        def directional(i: int):
+            term = plan.terms[i]
+            through_model = model and not plan.reads_params[i]
+
+            def jvp_i(tangents):
+                d, dout = tangents
+                inputs, tangent = (outputs, dout) if through_model else (x, d)
+                return jax.jvp(
+                    lambda v: term.evaluate(v, batch)[0].astype(acc), (inputs,), (tangent,)
+                )[1]
+
+            return jvp_i
+
+        jvps = [directional(i) for i in range(n)]
 
         def column(g: Any) -> jax.Array:
-            d = g
-            if plan.grad_space == "logits":
-                d = _logit_adjoint(g, x)
-            dout = lin_model(d) if model else outputs
-            return jax.jvp(all_values, (x, outputs), (d, dout))[1]
+            # The model's JVP once; then each term's JVP in turn (a loop, so that no
+            # two terms' temporaries are alive together).
+            d = _logit_adjoint(g, x) if plan.grad_space == "logits" else g
+            dout = lin_model(d) if model else None
+
+            def one(k, col):
+                return col.at[k].set(jax.lax.switch(k, jvps, (d, dout)))
+
+            return jax.lax.fori_loop(0, n, one, jnp.zeros((n,), acc))
 
     def body(carry, i):
         grad, sq = carry
