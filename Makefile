@@ -36,7 +36,7 @@ typecheck: $(STAMP)
 BENCHMARKS := compose_bench batch_bench service_bench remote_bench aggregators_bench \
 	host_bench grad_space_bench param_diagnostics_bench aggregators_accuracy tinker_bench \
 	service_limits_bench service_stall_bench service_load_bench model_stage_bench regularize_bench \
-	strategy_bench vmap_miscompile_bench
+	strategy_bench vmap_miscompile_bench memory_bench
 
 bench: $(STAMP)
 	for b in $(BENCHMARKS); do $(PY) -m benchmarks.$$b || exit 1; done

@@ -193,6 +193,7 @@ def compose(
     grad_space: GradSpace = "x",
     forward: Callable[[Any, Any], Any] | None = None,
     forward_has_aux: bool = False,
+    memory_budget: int | None = None,
 ) -> Objective:
     r"""Composes a base loss and weighted regularizers into one compiled objective.
 
@@ -240,6 +241,12 @@ def compose(
         0.10.2 miscompiles the batched backward of LayerNorm and softmax in float32;
         see "XLA:CPU and vmap" in docs/compose.md), so every strategy gives the same
         gradients as a loop of per-term ``jax.grad``.
+        ``"sequential"``: a ``lax.scan`` over the terms computes one gradient at a time,
+        keeping only the running total and the squared norms, and the Gramian by
+        columns (:math:`G_{\cdot j} = J g_j`, one VJP and one JVP per term): extra memory
+        of about two gradients whatever the number of terms (three with
+        ``grad_conflicts``), for some more time. With ``term_grads=True`` every gradient
+        is returned, so they are materialised one VJP per term.
       check_finite: after each (untraced) call, raise
         [`jaxreg.NonFiniteError`][jaxreg.NonFiniteError] naming the terms whose value, gradient or
         metrics are not finite. It brings the scalars to the host once per call (a sync); the remote
@@ -267,6 +274,9 @@ def compose(
       forward_has_aux: ``forward`` returns ``(outputs, aux)``, and ``aux`` (not
         differentiated) comes back as ``out.aux``: a model's updated state, such as
         BatchNorm statistics, from the same forward the terms read.
+      memory_budget: bytes that the ``n`` stacked per-term gradients (``n`` times the
+        size of ``x``) may take: above it, ``grad_strategy="auto"`` uses
+        ``"sequential"``. ``None`` (default): no budget.
 
     Returns:
       An [`Objective`][jaxreg.Objective], called as ``objective(x, batch, *, weights=None,
@@ -313,6 +323,7 @@ def compose(
         grad_space=grad_space,
         forward=forward,
         forward_has_aux=forward_has_aux,
+        memory_budget=memory_budget,
         host_types=(host.HostTerm,),
     )
     return Objective(plan, raises_on_nonfinite=check_finite)

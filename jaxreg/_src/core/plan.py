@@ -21,7 +21,7 @@ from jaxreg._src.core.term import Term
 
 __all__ = ["GRAD_SPACES", "GradSpace", "GradStrategy", "Plan", "make_plan"]
 
-GradStrategy = Literal["auto", "per_term", "vmap"] | Sequence[Sequence[str]]
+GradStrategy = Literal["auto", "per_term", "vmap", "sequential"] | Sequence[Sequence[str]]
 GradSpace = Literal["x", "logits"]
 GRAD_SPACES = ("x", "logits")
 
@@ -39,6 +39,8 @@ class Plan:
       forward: the model stage ``forward(params, batch) -> outputs``, or ``None``.
       forward_has_aux: ``forward`` returns ``(outputs, aux)``; ``aux`` is returned as
         ``out.aux`` (e.g. a model's updated BatchNorm statistics).
+      memory_budget: bytes the stacked per-term gradients may take before ``"auto"``
+        switches to ``"sequential"``; ``None``: no budget.
     """
 
     terms: tuple[Term, ...]
@@ -50,6 +52,7 @@ class Plan:
     grad_space: str
     forward: Callable[[Any, Any], Any] | None
     forward_has_aux: bool = False
+    memory_budget: int | None = None
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:
@@ -104,6 +107,7 @@ def make_plan(
     grad_space: GradSpace = "x",
     forward: Callable[[Any, Any], Any] | None = None,
     forward_has_aux: bool = False,
+    memory_budget: int | None = None,
     host_types: tuple[type, ...] = (),
 ) -> Plan:
     """Validates the flags of ``compose`` and returns the frozen ``Plan``.
@@ -159,9 +163,20 @@ def make_plan(
         grad_space=grad_space,
         forward=forward,
         forward_has_aux=bool(forward_has_aux),
+        memory_budget=_check_budget(memory_budget),
     )
     _ = plan.groups  # validates an explicit list of groups now, not at the first call
     return plan
+
+
+def _check_budget(budget: Any) -> int | None:
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+        raise TermError(
+            f"memory_budget must be a positive number of bytes or None; found {budget!r}."
+        )
+    return int(budget)
 
 
 def _restrict_strategy(strategy: GradStrategy, names: list[str]) -> GradStrategy:
@@ -173,14 +188,15 @@ def _restrict_strategy(strategy: GradStrategy, names: list[str]) -> GradStrategy
 
 def _groups(strategy: GradStrategy, names: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
     n = len(names)
-    if strategy == "per_term":
+    if strategy in ("per_term", "sequential"):
+        # "sequential" materialises per term only with term_grads (see program.run).
         return tuple((i,) for i in range(n))
     if strategy == "vmap":
         return (tuple(range(n)),)
     if isinstance(strategy, str) or not isinstance(strategy, Sequence):
         raise TermError(
-            "grad_strategy must be 'auto', 'per_term', 'vmap' or a list of groups of term "
-            f"names; found {strategy!r}."
+            "grad_strategy must be 'auto', 'per_term', 'vmap', 'sequential' or a list of "
+            f"groups of term names; found {strategy!r}."
         )
     index = {name: i for i, name in enumerate(names)}
     groups, seen = [], set()

@@ -23,6 +23,7 @@ from jaxreg._src.core.errors import TermError
 from jaxreg._src.core.linalg import cross_gram, to_logit_space, weighted_rows
 from jaxreg._src.core.output import CompositeOutput, pack
 from jaxreg._src.core.plan import Plan
+from jaxreg._src.core.sequential import materialised_bytes, sequential
 from jaxreg._src.core.strategy import auto_groups
 
 __all__ = ["jacobian", "run", "value_and_grad"]
@@ -38,16 +39,37 @@ def run(plan: Plan, x: Any, batch: Any, w: jax.Array, step: Any) -> CompositeOut
       w: ``[n]`` float32 weights; NaN where a term's schedule is evaluated at ``step``.
       step: the schedules' step (an int32 array), or ``None`` without schedules.
     """
+    check_not_in_shard_map()
     if plan.grad_space == "logits":
         check_logprobs_input(x)
     check_differentiable(x)
     w = resolve_weights(plan, w, step)
-    if plan.needs_jacobian:
+    if plan.needs_jacobian and use_sequential(plan, x):
+        values, metrics, grad, gram, jac, aux = sequential(plan, x, batch, w)
+    elif plan.needs_jacobian:
         values, metrics, grad, gram, jac, aux = jacobian(plan, x, batch, w)
     else:
         values, metrics, grad, aux = value_and_grad(plan, x, batch, w)
         gram = jac = None
     return _output(plan, values, metrics, grad, w, gram, jac, aux)
+
+
+def use_sequential(plan: Plan, x: Any) -> bool:
+    """Whether the per-term gradients are accumulated one at a time (trace time).
+
+    ``grad_strategy="sequential"``, or ``"auto"`` with a ``memory_budget`` that the ``n``
+    stacked gradients would exceed. ``term_grads=True`` returns every gradient, so it
+    always materialises them.
+    """
+    if plan.term_grads:
+        return False
+    if plan.grad_strategy == "sequential":
+        return True
+    return (
+        plan.grad_strategy == "auto"
+        and plan.memory_budget is not None
+        and materialised_bytes(len(plan.terms), x) > plan.memory_budget
+    )
 
 
 def resolve_weights(plan: Plan, w: jax.Array, step: Any) -> jax.Array:
@@ -305,6 +327,25 @@ def _tree_sq_norm(tree: Any) -> jax.Array:
         (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
         start=jnp.zeros((), jnp.float32),
     )
+
+
+def check_not_in_shard_map() -> None:
+    """Raises when traced inside ``shard_map`` (manual mesh axes), at trace time.
+
+    Inside ``shard_map`` each shard would compute its own token means, norms and Gramian
+    from its part of the batch: per-shard numbers that are not the global ones (a masked
+    mean over unequal token counts, a norm of a partial gradient), and that a ``psum``
+    does not repair. They are refused rather than returned silently mixed.
+    """
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if manual:
+        raise TermError(
+            f"compose was called inside shard_map (manual mesh axes {list(manual)}): each "
+            "shard would report its own token means, gradient norms and Gramian, which are "
+            "not the global values and cannot be recovered by a psum. Call the objective "
+            "under jax.jit on globally sharded arrays instead (values, norms and cosines "
+            "are then global, and the outputs keep the data sharding)."
+        )
 
 
 def check_differentiable(x: Any) -> None:
