@@ -282,7 +282,7 @@ class Engine:
           ServiceError: 409 when the service already holds ``limits.max_models``.
         """
         base = body.get("base_model", BASE_MODEL)
-        if base != BASE_MODEL:
+        if base not in (BASE_MODEL, "jaxreg/base"):  # the org/model name (service.tokenizer)
             raise ServiceError(400, f"base_model: expected {BASE_MODEL!r}, found {_short(base)}")
         with self._lock:
             self._check_capacity()

@@ -71,6 +71,14 @@ _TINKER_PATH = re.compile(r"^tinker://([^/]+)/(weights|sampler_weights)/([^/]+)$
 _KEEP = 4096
 
 
+def _tokenizer_id() -> str:
+    """The base tokenizer's hub id, installed into the local HF cache on first use."""
+    from jaxreg.service.tokenizer import TOKENIZER_ID, install_tokenizer
+
+    install_tokenizer()
+    return TOKENIZER_ID
+
+
 def is_sdk_request(request: Request) -> bool:
     """Whether a request comes from the official tinker SDK (its header, or protobuf)."""
     ctype = request.headers.get("content-type", "")
@@ -334,7 +342,7 @@ class TinkerAPI:
             )
 
     def _check_base(self, base: Any) -> None:
-        if base is not None and base != BASE_MODEL:
+        if base is not None and base not in (BASE_MODEL, "jaxreg/base"):  # org/model alias
             raise ServiceError(
                 400, f"base_model: expected {BASE_MODEL!r} (see get_server_capabilities), "
                 f"found {base!r}"
@@ -365,7 +373,11 @@ class TinkerAPI:
         return {
             "type": "get_info",
             "model_id": m.model_id,
-            "model_data": {"arch": "jaxreg decoder-only transformer", "model_name": BASE_MODEL},
+            "model_data": {
+                "arch": "jaxreg decoder-only transformer",
+                "model_name": BASE_MODEL,
+                "tokenizer_id": _tokenizer_id(),
+            },
             "model_name": BASE_MODEL,
             "is_lora": bool(rank),
             "lora_rank": rank or None,
