@@ -59,6 +59,7 @@ from jaxreg.service import checkpoint, tasks, tinker_proto
 from jaxreg.service import lora as lora_lib
 from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps, remember
 from jaxreg.service.sampling import Sampler
+from jaxreg.service.tinker_rest import TinkerREST
 
 logger = logging.getLogger("jaxreg.service")
 
@@ -797,7 +798,7 @@ class TinkerAPI:
         routes.append(
             Route("/api/v1/samplers/{sampler_id}", e(self.get_sampler, raw=True), methods=["GET"])
         )
-        return routes
+        return routes + TinkerREST(self).routes()
 
     def shared(self, name: str):
         """The SDK's handler of a path jaxreg's JSON API also serves."""
