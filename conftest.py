@@ -35,6 +35,7 @@ def _doctest_service_url(request, doctest_namespace):
     if _uses(request.node, "service_url"):
         doctest_namespace["service_url"] = request.getfixturevalue("server").url
 
+
 # jaxreg/cookbook.py imports tinker-cookbook (installed by `make`, see the cookbook extra).
 try:
     import tinker_cookbook  # noqa: F401
