@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,service,demo,tinker,docs]'
+	$(PY) -m pip install -q -e '.[dev,service,demo,tinker,docs,cookbook]'
+	$(PY) -m pip install -q --no-deps tinker-cookbook==0.6.1  # see the cookbook extra
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -134,8 +134,9 @@ def test_idempotency_retry_statuses_and_unknown_loss(sdk):
     assert bad.status_code == 400
     for name in ("cross_entropy", "importance_sampling", "ppo", "cispo"):
         assert name in bad.json()["error"]
-    assert proto("ppo", 1, {"clip_epsilon": 0.1}).status_code == 400
-    first, retry = proto("cross_entropy", 1), proto("cross_entropy", 1)  # a retried seq_id
+    # A refused request uses up its seq_id (the SDK never resends one): the next is 2.
+    assert proto("ppo", 2, {"clip_epsilon": 0.1}).status_code == 400
+    first, retry = proto("cross_entropy", 3), proto("cross_entropy", 3)  # a retried seq_id
     assert first.json()["request_id"] == retry.json()["request_id"]
     result = _raw(srv, "retrieve_future", json={"request_id": first.json()["request_id"]},
                   headers={"Accept": "application/x-protobuf"})  # fmt: skip

@@ -282,7 +282,7 @@ class Engine:
           ServiceError: 409 when the service already holds ``limits.max_models``.
         """
         base = body.get("base_model", BASE_MODEL)
-        if base != BASE_MODEL:
+        if base not in (BASE_MODEL, "jaxreg/base"):  # the org/model name (service.tokenizer)
             raise ServiceError(400, f"base_model: expected {BASE_MODEL!r}, found {_short(base)}")
         with self._lock:
             self._check_capacity()
@@ -403,6 +403,32 @@ class Engine:
             for r in due:  # under the lock: lane order must follow seq_id order
                 r()
         return rid
+
+    def refuse_seq(self, model_id: Any, seq: Any, kind: str, message: str) -> None:
+        """Uses up ``seq`` of a request refused before it was queued (the tinker front door).
+
+        The tinker SDK numbers requests itself and never resends a number, so a refused
+        request's ``seq_id`` must count as used or every later request would wait for
+        it. The ``seq_id`` is held as a failed request of ``kind`` (a retry of it gets
+        the refusal again) and the requests behind it are released. A ``seq_id`` that is
+        already held, out of range, or of an unknown model is left alone.
+        """
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            return
+        with self._lock:
+            m = self._models.get(model_id) if isinstance(model_id, str) else None
+            if m is None or m.deleted:
+                return
+            try:
+                if m.seq.known(seq, kind) is not None:
+                    return
+            except OrderError:
+                return
+            rid, fut = self._new_future()
+            _fail(fut, message, "user")
+            due = m.seq.add(seq, kind, rid, release=_noop, fail=lambda _msg: None)
+            for r in due:
+                r()
 
     def add_model(self, model_id: str, *, first_seq: int = 0, params: Any = None) -> _Model:
         """Registers a model under ``model_id`` whose first request has ``seq_id`` ``first_seq``.
@@ -854,6 +880,10 @@ def _short(value: Any, limit: int = 80) -> str:
     except (ValueError, RecursionError):
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _noop() -> None:
+    return None
 
 
 def _fail(fut: concurrent.futures.Future, message: str, category: str) -> None:

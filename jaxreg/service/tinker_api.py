@@ -59,6 +59,7 @@ from jaxreg.service import checkpoint, tasks, tinker_proto
 from jaxreg.service import lora as lora_lib
 from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps, remember
 from jaxreg.service.sampling import Sampler
+from jaxreg.service.tinker_rest import TinkerREST
 
 logger = logging.getLogger("jaxreg.service")
 
@@ -69,6 +70,14 @@ RETRIEVE_WAIT_S = 30.0  # below the SDK's 45 s read timeout
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TINKER_PATH = re.compile(r"^tinker://([^/]+)/(weights|sampler_weights)/([^/]+)$")
 _KEEP = 4096
+
+
+def _tokenizer_id() -> str:
+    """The base tokenizer's hub id, installed into the local HF cache on first use."""
+    from jaxreg.service.tokenizer import TOKENIZER_ID, install_tokenizer
+
+    install_tokenizer()
+    return TOKENIZER_ID
 
 
 def is_sdk_request(request: Request) -> bool:
@@ -188,22 +197,34 @@ class TinkerAPI:
             )
         return body
 
-    def endpoint(self, handler, *, raw: bool = False):
-        """Wraps ``handler(body or request)`` with auth, errors and idempotency."""
+    def endpoint(self, handler, *, raw: bool = False, seq_kind: str | None = None):
+        """Wraps ``handler(body or request)`` with auth, errors and idempotency.
+
+        ``seq_kind``: the engine's kind of the model request the handler queues; a
+        refusal then uses up the body's ``seq_id`` (``Engine.refuse_seq``).
+        """
 
         async def run(request: Request) -> Response:
+            arg: Any = None
             try:
                 arg = request if raw else await self._json_body(request)
                 result = await handler(arg)
                 return result if isinstance(result, Response) else _json(result)
-            except ServiceError as e:
-                # The SDK retries 409 (a lock timeout on Tinker) for minutes; ours (a seq_id
-                # reused for another request, the model limit) are final: say so.
-                final = 400 <= e.status < 500 and e.status not in (408, 429)
+            except (ServiceError, WireError) as e:
+                if seq_kind is not None and isinstance(arg, dict):
+                    message = e.message if isinstance(e, ServiceError) else str(e)
+                    self.engine.refuse_seq(
+                        arg.get("model_id"), arg.get("seq_id"), seq_kind, message
+                    )
+                if isinstance(e, WireError):
+                    return _json({"error": str(e)}, 400)
+                # The SDK retries 408, 409, 429 and 5xx whatever x-should-retry says (a 409
+                # is a lock timeout on Tinker); ours (a seq_id reused for another request,
+                # the model limit) are final, so they are answered as 400.
+                status = 400 if e.status == 409 else e.status
+                final = 400 <= status < 500 and status not in (408, 429)
                 headers = {"x-should-retry": "false"} if final else None
-                return _json({"error": e.message}, e.status, headers)
-            except WireError as e:
-                return _json({"error": str(e)}, 400)
+                return _json({"error": e.message}, status, headers)
 
         async def wrapped(request: Request) -> Response:
             if not self.authorised(request):
@@ -243,6 +264,19 @@ class TinkerAPI:
         with self._lock:
             remember(self._results, rid, job_future, _KEEP)
         return rid
+
+    async def _guarded(self, model_id: Any, seq: Any, kind: str, run):
+        """Awaits ``run()``; if it refuses the request, its ``seq_id`` still counts as used.
+
+        The SDK never resends a ``seq_id``: without this, the request after a refused
+        one would wait for it (``Limits.seq_wait_s``) and every later one behind it.
+        """
+        try:
+            return await run()
+        except (ServiceError, WireError) as e:
+            message = e.message if isinstance(e, ServiceError) else str(e)
+            self.engine.refuse_seq(model_id, seq, kind, message)
+            raise
 
     def _done(self, result: dict[str, Any]) -> str:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -334,7 +368,7 @@ class TinkerAPI:
             )
 
     def _check_base(self, base: Any) -> None:
-        if base is not None and base != BASE_MODEL:
+        if base is not None and base not in (BASE_MODEL, "jaxreg/base"):  # org/model alias
             raise ServiceError(
                 400, f"base_model: expected {BASE_MODEL!r} (see get_server_capabilities), "
                 f"found {base!r}"
@@ -365,7 +399,11 @@ class TinkerAPI:
         return {
             "type": "get_info",
             "model_id": m.model_id,
-            "model_data": {"arch": "jaxreg decoder-only transformer", "model_name": BASE_MODEL},
+            "model_data": {
+                "arch": "jaxreg decoder-only transformer",
+                "model_name": BASE_MODEL,
+                "tokenizer_id": _tokenizer_id(),
+            },
             "model_name": BASE_MODEL,
             "is_lora": bool(rank),
             "lora_rank": rank or None,
@@ -380,10 +418,17 @@ class TinkerAPI:
                 415, f"forward_backward: the SDK path expects {tinker_proto.PROTO_CONTENT_TYPE}"
             )
         fb = await asyncio.to_thread(tinker_proto.decode_forward_backward, raw)
-        if fb.seq_id < 1:
-            raise ServiceError(400, f"seq_id: the SDK numbers requests from 1, found {fb.seq_id}")
-        kind, body = fb.engine_body()
-        rid = await asyncio.to_thread(self.engine.submit, kind, body)
+        kind = "forward" if fb.forward_only else "forward_backward"
+
+        async def run():
+            if fb.seq_id < 1:
+                raise ServiceError(
+                    400, f"seq_id: the SDK numbers requests from 1, found {fb.seq_id}"
+                )
+            engine_kind, body = fb.engine_body()
+            return await asyncio.to_thread(self.engine.submit, engine_kind, body)
+
+        rid = await self._guarded(fb.model_id, fb.seq_id, kind, run)
         return {"request_id": rid, "model_id": fb.model_id}
 
     async def optim_step(self, body):
@@ -431,7 +476,11 @@ class TinkerAPI:
         path = f"tinker://{m.model_id}/weights/{name}"
         file = self._file(m.model_id, "weights", name)
         if file.exists() and not body.get("overwrite", False):
-            raise ServiceError(409, f"path: checkpoint {path!r} exists (pass overwrite=True)")
+            # 400, not 409: the SDK retries a 409 for minutes whatever x-should-retry says.
+            raise ServiceError(
+                400, f"path: a checkpoint named {name!r} already exists ({path!r}); "
+                "save under another name"
+            )  # fmt: skip
         info = self._model_info(m.model_id)
 
         def job():
@@ -745,9 +794,9 @@ class TinkerAPI:
             "telemetry": e(self.telemetry),
             "cancel_future": e(self.cancel_future),
             "weights_info": e(self.weights_info),
-            "save_weights": e(self.save_weights),
-            "load_weights": e(self.load_weights),
-            "save_weights_for_sampler": e(self.save_weights_for_sampler),
+            "save_weights": e(self.save_weights, seq_kind="_job"),
+            "load_weights": e(self.load_weights, seq_kind="_job"),
+            "save_weights_for_sampler": e(self.save_weights_for_sampler, seq_kind="_job"),
             "create_sampling_session": e(self.create_sampling_session),
             "asample": e(self.asample),
             "sessions/{session_id}/finish": e(self.finish_session, raw=True),
@@ -761,7 +810,7 @@ class TinkerAPI:
         routes.append(
             Route("/api/v1/samplers/{sampler_id}", e(self.get_sampler, raw=True), methods=["GET"])
         )
-        return routes
+        return routes + TinkerREST(self).routes()
 
     def shared(self, name: str):
         """The SDK's handler of a path jaxreg's JSON API also serves."""
@@ -769,7 +818,7 @@ class TinkerAPI:
             "create_model": self.endpoint(self.create_model),
             "get_info": self.endpoint(self.get_info),
             "forward_backward": self.endpoint(self.forward_backward, raw=True),
-            "optim_step": self.endpoint(self.optim_step),
+            "optim_step": self.endpoint(self.optim_step, seq_kind="optim_step"),
             "retrieve_future": self.endpoint(self.retrieve_future, raw=True),
         }
         return handlers[name]

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxreg._src.remote.wire import Datum, WireError, decode_tensor
+from jaxreg._src.remote.wire import Datum, WireError, decode_tensor, densify_csr
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
 
@@ -83,11 +83,22 @@ class ForwardBackward:
 
 
 def _tensor(msg, field: str) -> np.ndarray:
-    if msg.WhichOneof("encoding") == "sparse_csr":
-        raise WireError(f"{field}: sparse TensorData is not supported; send it dense")
     dtype = _DTYPES.get(msg.dtype)
     if dtype is None:
         raise WireError(f"{field}.dtype: expected float32 or int64, found proto DType {msg.dtype}")
+    if msg.WhichOneof("encoding") == "sparse_csr":  # the SDK's encoding of sparse 2-D tensors
+        csr = msg.sparse_csr
+        parts = []
+        for name, raw, dt in (
+            ("values", csr.values, dtype),
+            ("crow_indices", csr.crow_indices, np.dtype("<i8")),
+            ("col_indices", csr.col_indices, np.dtype("<i8")),
+        ):
+            if len(raw) % dt.itemsize:
+                raise WireError(f"{field}.sparse_csr.{name}: not a whole number of {dt} values")
+            parts.append(np.frombuffer(raw, dt))
+        values = parts[0].astype(np.int64) if dtype == np.dtype("<i4") else parts[0]
+        return densify_csr(values, parts[1], parts[2], list(msg.shape), field)
     if len(msg.dense) % dtype.itemsize:
         raise WireError(f"{field}: {len(msg.dense)} bytes is not a whole number of {dtype} values")
     flat = np.frombuffer(msg.dense, dtype)

@@ -60,12 +60,49 @@ def encode_tensor(array: Any, encoding: Encoding = "json") -> dict[str, Any]:
     return {"data": data, "dtype": dtype, "shape": list(a.shape)}
 
 
+def densify_csr(
+    values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: Any, field: str
+) -> np.ndarray:
+    """The dense 2-D array of a CSR ``TensorData`` (the tinker SDK's sparse encoding).
+
+    Entries not listed are 0 (the SDK's ``TensorData.to_numpy()`` default pad value).
+    Raises ``WireError`` naming ``field`` unless ``crow`` (``nrows + 1`` row pointers
+    from 0 to ``nnz``, non-decreasing) and ``col`` (``nnz`` column indices in
+    ``[0, ncols)``, increasing within a row) describe ``values``.
+
+    Example:
+      >>> import numpy as np
+      >>> densify_csr(np.array([5, 7]), np.array([0, 1, 1, 2]), np.array([1, 0]), [3, 2], "t")
+      array([[0, 5],
+             [0, 0],
+             [7, 0]])
+    """
+    shape = [int(n) for n in shape] if shape is not None else []
+    if len(shape) != 2 or min(shape) < 0:
+        raise WireError(f"{field}: sparse TensorData must be 2-D, found shape {shape}")
+    nrows, ncols = shape
+    nnz = values.size
+    if crow.shape != (nrows + 1,) or col.shape != (nnz,):
+        raise WireError(
+            f"{field}: sparse TensorData of shape {shape} with {nnz} values needs "
+            f"{nrows + 1} row pointers and {nnz} column indices, found {crow.size} and {col.size}"
+        )
+    if crow[0] != 0 or crow[-1] != nnz or (np.diff(crow) < 0).any():
+        raise WireError(f"{field}: sparse row pointers must rise from 0 to {nnz}")
+    if nnz and (col.min() < 0 or col.max() >= ncols):
+        raise WireError(f"{field}: sparse column index outside [0, {ncols})")
+    rows = np.repeat(np.arange(nrows), np.diff(crow))
+    if nnz > 1 and ((np.diff(col) <= 0) & (np.diff(rows) == 0)).any():
+        raise WireError(f"{field}: sparse column indices must increase within a row")
+    out = np.zeros(shape, values.dtype)
+    out[rows, col] = values
+    return out
+
+
 def decode_tensor(obj: Any, field: str = "tensor") -> np.ndarray:
     """Decodes a ``TensorData`` dict (JSON list or base64 data) into a NumPy array."""
     if not isinstance(obj, Mapping):
         raise WireError(f"{field}: expected a TensorData object, found {type(obj).__name__}")
-    if obj.get("sparse_crow_indices") is not None:
-        raise WireError(f"{field}: sparse TensorData is not supported; send it dense")
     dtype_name = obj.get("dtype")
     if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
         shown = repr(dtype_name) if isinstance(dtype_name, str) else type(dtype_name).__name__
@@ -100,6 +137,13 @@ def decode_tensor(obj: Any, field: str = "tensor") -> np.ndarray:
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
     ):
         raise WireError(f"{field}.shape: expected a list of non-negative ints, found {shape!r}")
+    crow, col = obj.get("sparse_crow_indices"), obj.get("sparse_col_indices")
+    if crow is not None or col is not None:  # the SDK's CSR encoding of a 2-D tensor
+        try:
+            crow_a, col_a = np.asarray(crow, np.int64), np.asarray(col, np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise WireError(f"{field}: sparse indices: expected lists of ints") from None
+        return densify_csr(flat, crow_a.ravel(), col_a.ravel(), shape, field)
     if math.prod(shape) != flat.size:
         raise WireError(
             f"{field}: shape {list(shape)} needs {math.prod(shape)} values, found {flat.size}"
