@@ -436,7 +436,11 @@ def cagrad_weights(
     point of the shifted gradients :math:`g_i + s g_0` with :math:`s = \|g_w\|/(c
     \|g_0\|)`, and on its support :math:`s` has a closed form
     (``cagrad_solve``); the solver alternates the two and
-    stops on the KKT conditions. Unlike the official code, no ``1e-8`` is added to the
+    stops on the KKT conditions. Where the optimum has :math:`g_w = 0` (0 in the
+    convex hull of the gradients), the direction of :math:`g_w` is undetermined, and
+    the projection of :math:`g_0` on the dual cone is taken instead when it is in the
+    ball and better (``cagrad_direction``): every result is certified by its duality
+    gap. Unlike the official code, no ``1e-8`` is added to the
     norms (they made the result depend on the gradients' scale). When
     :math:`g_0 = 0` the update is :math:`0`.
 
@@ -445,7 +449,9 @@ def cagrad_weights(
       c: the radius ``c`` in [0, 1) around the mean gradient.
       rescale: 0, 1 or 2 (see above).
       iterations: the outer iteration guard (default 20; about 2 are used).
-      with_residual: also return the KKT residual of the dual problem.
+      with_residual: also return the duality gap :math:`(F(w) - \min_i \langle g_i,
+        d\rangle) / \|g_0\|^2` (before the rescaling; :math:`F` the dual objective
+        above, an upper bound on the primal value): 0 at the optimum.
 
     Example:
       >>> import jax.numpy as jnp
@@ -456,12 +462,10 @@ def cagrad_weights(
     """
     _check_cagrad(c, rescale)
     iterations = _iterations(iterations, "cagrad")
-    n = gramian.shape[0]
     gd = _solve_dtype(gramian)
-    w, s, residual = gram_solvers.cagrad_solve(gd, c, iterations)
-    mean = jnp.full((n,), 1.0 / n, gd.dtype)
-    # d = g0 + (c |g0| / |g_w|) g_w and s = |g_w| / (c |g0|).
-    weights = mean + jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0) * w
+    # d = g0 + (c |g0| / |g_w|) g_w, or the projection of g0 on the dual cone when it is
+    # better (cagrad_direction); the residual is the duality gap.
+    weights, residual = gram_solvers.cagrad_direction(gd, c, iterations)
     divisor = {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
     weights = weights / divisor
     return (weights, residual) if with_residual else weights
@@ -473,8 +477,8 @@ def cagrad(
     """CAGrad (Liu et al. 2021): the best worst-case improvement near the mean gradient.
 
     See ``cagrad_weights``. ``c`` in [0, 1) trades the mean's progress for the
-    worst term's (``c = 0`` is the mean). The state's ``residual`` is the KKT residual
-    of the dual problem.
+    worst term's (``c = 0`` is the mean). The state's ``residual`` is the duality gap
+    (``cagrad_weights``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -512,13 +516,17 @@ def nash_mtl_weights(
     :math:`f(\alpha) = \tfrac12 \alpha^\top G \alpha - \sum_i \log \alpha_i`, found
     here by Newton's method on the unit-diagonal Gramian (damped while the Newton
     decrement is at least 1/4, which keeps :math:`\alpha > 0`), stopping on the Newton
-    decrement (``nash_solve``). The paper solves a
-    sequence of convex programs with CVXPY instead, on :math:`G / \|G\|_F`, so its
-    :math:`\alpha` is :math:`\|G\|_F^{1/2}` times this one.
+    decrement (``nash_solve``). The paper (and TorchJD) solve a
+    sequence of convex programs with CVXPY instead, on :math:`G / \|G\|_F` with the
+    factor put back in the constraint: their :math:`\alpha` solves the same equation
+    for :math:`G` itself.
 
-    A solution exists iff :math:`0` is not in the convex hull of the gradients (no
-    Pareto-stationary point); there, and when a gradient is zero, the weights are zero
-    and the residual is ``inf``. Then :math:`\|\sum_i \alpha_i g_i\|^2 = n` exactly.
+    A solution exists iff :math:`0` is not in the convex hull of the gradients (the
+    gradients are not weakly Pareto-stationary); it is decided on the distance of the
+    hull of the unit gradients to 0 (``nash_solve``), not on the Newton iterates (which
+    run off to infinity without converging on rank-deficient stationary inputs). When
+    none exists, or a gradient is zero, the weights are zero and the residual is
+    ``inf``. Otherwise :math:`\|\sum_i \alpha_i g_i\|^2 = n` exactly.
 
     Args:
       gramian: the ``n x n`` Gramian.

@@ -305,9 +305,17 @@ def nash_solve(
     \epsilon)^2` or a full step stops shrinking it fourfold (the rounding floor). For
     two tasks the start is the solution, :math:`a_i = 1/\sqrt{1 + \cos(g_1, g_2)}`.
 
-    A solution exists iff :math:`0` is not in the convex hull of the gradients; when
-    none does (or a gradient is zero), the Newton decrement never falls below 1/4 and
-    the weights are zero. ``ridge`` adds :math:`\rho \|g_i\|^2` to :math:`G_{ii}`.
+    A solution exists iff :math:`0` is not in the convex hull of the gradients (else
+    :math:`f` decreases without bound along the non-negative :math:`v` with
+    :math:`v^\top J = 0`). Existence is decided first, on the squared distance
+    :math:`\lambda = \min_{w\in\Delta} w^\top \hat G w` of the hull of the unit
+    gradients to 0 (``min_norm_simplex``): none exists when :math:`\lambda \le 10\, n\,
+    \epsilon`, the rounding floor of :math:`\hat G` (so in float32, hulls within about
+    :math:`5\cdot 10^{-3}` of 0 count as stationary), and then, or when a gradient is
+    zero, or when Newton's method ends at a point with a residual of 1 or more, the
+    weights are zero and the residual is ``inf``. (The Newton decrement alone does not
+    decide it: on rank-deficient stationary inputs it falls below 1/4 while the iterate
+    runs off along :math:`v`.) ``ridge`` adds :math:`\rho \|g_i\|^2` to :math:`G_{ii}`.
     ``residual`` is :math:`\max_i |\alpha_i (G\alpha)_i - 1|` (``inf`` when unsolved).
     """
     n = g.shape[0]
@@ -319,7 +327,8 @@ def nash_solve(
     a0 = jnp.full((n,), 1.0, dtype) * jnp.sqrt(n / jnp.where(total > 0, total, n))
     if n == 2:  # the solution is symmetric: a_i = 1/sqrt(1 + ridge + cos), the start a0
         a = a0
-        solved = (total > 0) & jnp.all(jnp.diagonal(g) > 0)
+        # lambda = (1 + cos) / 2 = total / 4 for two unit gradients.
+        solved = (total / 4 > 10 * n * _eps(dtype)) & jnp.all(jnp.diagonal(g) > 0)
         residual = jnp.max(jnp.abs(a * (gn @ a) - 1.0))
         inf = jnp.asarray(jnp.inf, dtype)
         return jnp.where(solved, a / d, 0.0), jnp.where(solved, residual, inf)
@@ -347,7 +356,69 @@ def nash_solve(
 
     inf = jnp.asarray(jnp.inf, dtype)
     a, _, best, _, _ = lax.while_loop(cond, body, (a0, inf, inf, 0, jnp.asarray(False)))
-    solved = (best < 1.0 / 16) & jnp.all(jnp.isfinite(a)) & jnp.all(jnp.diagonal(g) > 0)
+    w, _ = min_norm_simplex(gn)
+    exists = w @ gn @ w > 10 * n * _eps(dtype)
     residual = jnp.max(jnp.abs(a * (gn @ a) - 1.0))
+    solved = (
+        exists
+        & (best < 1.0 / 16)
+        & jnp.all(jnp.isfinite(a))
+        & jnp.all(jnp.diagonal(g) > 0)
+        & (residual < 1.0)
+    )
     alpha = jnp.where(solved, a / d, 0.0)
     return alpha, jnp.where(solved, residual, inf)
+
+
+def cagrad_direction(
+    g: jax.Array, c: float, max_iter: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    r"""``(coef, gap)``: CAGrad's direction :math:`d = \mathrm{coef}^\top J` (before the
+    rescaling), certified by its duality gap.
+
+    The primal problem is :math:`\max_d \min_i \langle g_i, d\rangle` over the ball
+    :math:`\|d - g_0\| \le c_n`. Two feasible candidates are compared on their primal
+    value :math:`p(d) = \min_i (G\,\mathrm{coef})_i`:
+
+    * the dual one, :math:`d = g_0 + g_w / s` from ``cagrad_solve``;
+    * the projection of :math:`g_0` on the dual cone :math:`\{x : Jx \ge 0\}`,
+      :math:`d = g_0 + J^\top u`, :math:`u = \arg\min_{u\ge0} \tfrac12 u^\top G u +
+      u^\top G m` (``nnls_gram``), when it lies in the ball. Where the dual optimum is
+      :math:`g_w = 0` (0 in the convex hull, e.g. weakly stationary inputs), the dual
+      one's direction :math:`g_w / \|g_w\|` is rounding noise, while this one attains
+      the optimum 0 and is unique (so the result does not depend on the row order).
+
+    ``gap`` is :math:`(F(w) - p(d)) / \|g_0\|^2 \ge 0` (up to rounding), with
+    :math:`F(w) = b^\top w + c_n \|g_w\|` the dual value (the smaller of its values at
+    the solver's :math:`w` and at the min-norm point), an upper bound on every
+    :math:`p`: a solver-free certificate of optimality. For a zero mean gradient the
+    direction is 0 and the gap 0.
+    """
+    n = g.shape[0]
+    dtype = g.dtype
+    scale = jnp.maximum(jnp.trace(g) / n, jnp.finfo(dtype).tiny)
+    gs = g / scale
+    m = jnp.full((n,), 1.0 / n, dtype)
+    b = gs @ m
+    g0sq = jnp.maximum(m @ b, 0.0)
+    cn = c * jnp.sqrt(g0sq)
+    w, s, _ = cagrad_solve(g, c, max_iter)
+    dual_coef = m + jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0) * w
+    u, _ = nnls_gram(gs, -b, max_iter)
+    proj_coef = m + u
+    in_ball = u @ gs @ u <= cn**2
+
+    def primal(coef):
+        return jnp.min(gs @ coef)
+
+    take_proj = in_ball & (primal(proj_coef) > primal(dual_coef))
+    coef = jnp.where(take_proj, proj_coef, dual_coef)
+
+    def dual(v):
+        return v @ b + cn * jnp.sqrt(jnp.maximum(v @ gs @ v, 0.0))
+
+    # The bound at the min-norm point is tight where the dual optimum has g_w = 0.
+    dual_value = jnp.minimum(dual(w), dual(min_norm_simplex(gs)[0]))
+    trivial = cn <= 0
+    gap = (dual_value - primal(coef)) / jnp.where(trivial, 1.0, g0sq)
+    return jnp.where(trivial, m, coef), jnp.where(trivial, 0.0, jnp.maximum(gap, 0.0))
