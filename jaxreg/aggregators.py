@@ -27,6 +27,10 @@ from jaxreg._src.optim.aggregators import pcgrad_weights as pcgrad_weights
 from jaxreg._src.optim.aggregators import upgrad as upgrad
 from jaxreg._src.optim.aggregators import upgrad_weights as upgrad_weights
 from jaxreg._src.optim.aggregators import weighted_sum as weighted_sum
+from jaxreg._src.optim.aggregators_jd import imtl_g as imtl_g
+from jaxreg._src.optim.aggregators_jd import imtl_g_weights as imtl_g_weights
+from jaxreg._src.optim.aggregators_jd import random as random
+from jaxreg._src.optim.aggregators_jd import random_weights as random_weights
 
 __all__ = [
     "AggregatorState",
@@ -36,12 +40,16 @@ __all__ = [
     "cagrad_weights",
     "from_gramian_weights",
     "gramian",
+    "imtl_g",
+    "imtl_g_weights",
     "mgda",
     "mgda_weights",
     "nash_mtl",
     "nash_mtl_weights",
     "pcgrad",
     "pcgrad_weights",
+    "random",
+    "random_weights",
     "upgrad",
     "upgrad_weights",
     "weighted_sum",

@@ -186,7 +186,12 @@ WEIGHT_FNS = {
 
 def test_weight_functions_are_exactly_the_star_weights_names():
     names = {n for n in jr.aggregators.__all__ if n.endswith("_weights")}
-    assert names == {f"{m}_weights" for m in WEIGHT_FNS} | {"apply_weights", "from_gramian_weights"}
+    assert names == {f"{m}_weights" for m in WEIGHT_FNS} | {
+        "apply_weights",
+        "from_gramian_weights",
+        "imtl_g_weights",
+        "random_weights",
+    }
     # "weighting" is jr.weighting's word (adaptive loss weights), not the aggregators'.
     assert not [n for n in jr.aggregators.__all__ if "weighting" in n.lower()]
     assert not [n for n in jr.weighting.__all__ if "gram" in n.lower()]
