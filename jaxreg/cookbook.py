@@ -1,12 +1,12 @@
 """tinker-cookbook support: the base model's renderer, registered with the cookbook.
 
 ``import jaxreg.cookbook`` (the one import a cookbook script needs) installs the base
-tokenizer into the HuggingFace hub cache (:mod:`jaxreg.service.tokenizer`) and registers
-:data:`RENDERER_NAME` with ``tinker_cookbook.renderers.register_renderer``. The renderer
+tokenizer into the HuggingFace hub cache (``jaxreg.service.tokenizer``) and registers
+``RENDERER_NAME`` with ``tinker_cookbook.renderers.register_renderer``. The renderer
 spells a conversation in the service's task format: a user turn is its content followed
 by ``>``; an assistant turn is its content followed by the end-of-turn ``\\n`` (the
 tokenizer's EOS); a prompt starts with ``<bos>``. So ``[user "R123", assistant "321"]``
-renders as ``<bos>R123>321\\n``, exactly a :func:`jaxreg.service.tasks.make_example` text.
+renders as ``<bos>R123>321\\n``, exactly a ``jaxreg.service.tasks.make_example`` text.
 
 Example (needs tinker-cookbook, so not run as a doctest)::
 
@@ -38,7 +38,7 @@ MODEL_NAME = TOKENIZER_ID
 """The base model's ``org/model`` name (the service also accepts ``jaxreg-base``)."""
 
 RENDERER_NAME = "jaxreg/digits"
-"""The name :class:`DigitsRenderer` is registered under in the cookbook."""
+"""The name ``DigitsRenderer`` is registered under in the cookbook."""
 
 _END = "\n"
 _PROMPT_END = ">"

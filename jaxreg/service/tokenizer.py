@@ -1,10 +1,10 @@
 """The base model's tokenizer in HuggingFace's own format, where HuggingFace tools look.
 
-The service's base model reads the 32-symbol vocabulary of :mod:`jaxreg.service.tasks`.
+The service's base model reads the 32-symbol vocabulary of ``jaxreg.service.tasks``.
 This module spells that vocabulary as a ``tokenizers`` JSON (a ``WordLevel`` model that
 splits text into single characters; ``<pad>``, ``<bos>`` and the ``<unusedN>`` slots are
 special tokens) and installs it into the HuggingFace hub cache under the repository id
-:data:`TOKENIZER_ID`, in the cache's own layout
+``TOKENIZER_ID``, in the cache's own layout
 (``models--jaxreg--base/refs/main`` and ``snapshots/<revision>/``). After that,
 ``transformers.AutoTokenizer.from_pretrained("jaxreg/base")`` loads it with
 ``HF_HUB_OFFLINE=1``, and so do the Tinker SDK's ``TrainingClient.get_tokenizer()`` (it
@@ -39,7 +39,7 @@ def tokenizer_json() -> str:
     """The base vocabulary as a HuggingFace ``tokenizers`` JSON document.
 
     Returns:
-        The ``tokenizer.json`` text: a ``WordLevel`` model over :data:`tasks.VOCAB`
+        The ``tokenizer.json`` text: a ``WordLevel`` model over ``tasks.VOCAB``
         (token id = position in the vocabulary), a pre-tokenizer that isolates every
         character, a ``Fuse`` decoder (decoding concatenates symbols), and the
         ``<...>`` symbols as special added tokens.
@@ -108,13 +108,13 @@ def hub_cache_dir() -> Path:
 
 
 def install_tokenizer(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Write the base tokenizer into the HuggingFace hub cache under :data:`TOKENIZER_ID`.
+    """Write the base tokenizer into the HuggingFace hub cache under ``TOKENIZER_ID``.
 
     Idempotent: the revision is a hash of the files, so reinstalling writes the same
     snapshot; ``refs/main`` points at it.
 
     Args:
-        cache_dir: The hub cache; defaults to :func:`hub_cache_dir`.
+        cache_dir: The hub cache; defaults to ``hub_cache_dir``.
 
     Returns:
         The snapshot directory (also a path ``AutoTokenizer.from_pretrained`` accepts).
