@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
+from jaxreg._src.core import gather
 from jaxreg._src.core.term import InputError
 
 
@@ -32,6 +32,10 @@ def check_finite(out: Any, context: str = "") -> dict[str, Any]:
     norm, when tracked) or its ``metrics``. A non-finite total gradient with no term to
     blame (norms not tracked) is reported as such. Returns ``out.to_dict()`` (one
     transfer) for reuse.
+
+    Works on outputs whose gradient spans several processes (``jax.distributed``): the
+    gradient's finiteness is reduced on device and only that flag is fetched, so every
+    process must call it (as it calls the objective).
     """
     d = out.to_dict()
     entries = dict(d["regularizers"])
@@ -45,7 +49,8 @@ def check_finite(out: Any, context: str = "") -> dict[str, Any]:
             where[name] = "gradient"
         elif not all(np.isfinite(list(e.get("custom", {}).values()))):
             where[name] = "metrics"
-    grad_ok = all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(out.grad))
+    # On device, fetching one flag: the gradient may span other processes' devices.
+    grad_ok = gather.all_finite(out.grad)
     if where or not grad_ok or not np.isfinite(d["loss_total"]):
         if where:
             what = ", ".join(f"term {n!r} ({w})" for n, w in where.items())

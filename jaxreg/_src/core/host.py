@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxreg._src.core import telemetry
+from jaxreg._src.core import gather, telemetry
 from jaxreg._src.core.linalg import to_logit_space
 from jaxreg._src.core.output import CompositeOutput, pack
 from jaxreg._src.core.pools import LazySingleton
@@ -437,14 +437,19 @@ def call_with_host_terms(
 
     Dispatches the compiled program of the JAX terms (asynchronously), runs the host
     terms meanwhile on their pools, then merges both into one output.
+
+    Under ``jax.distributed``, an ``x`` or ``batch`` that spans other processes' devices is
+    gathered whole on every process (a collective), so each process runs its host terms
+    on the global batch, as one process would, and adds their gradients to its own
+    shards of ``grad``.
     """
     if weights is not None:
         objective.weight_vector(weights)  # validates names and values
     device_out = None
     if objective.device_plan is not None:
         device_out = objective.compiled(x, batch, weights, step, device_only=True)
-    x_host = np.asarray(x)
-    batch_host = jax.tree.map(np.asarray, batch)
+    x_host = gather.to_host(x)
+    batch_host = jax.tree.map(gather.to_host, batch)
     results = run_all(list(objective.host_terms), x_host, batch_host, data)
     host_weights = {
         t.name: float((weights or {}).get(t.name, t.weight)) for t in objective.host_terms
@@ -457,7 +462,7 @@ def call_with_host_terms(
                     {"duration": r.seconds},
                     {"name": r.name, "error": r.error},
                 )
-    return merge_host_results(objective.plan, device_out, results, host_weights, x)
+    return merge_host_results(objective.plan, device_out, results, host_weights, x, x_host)
 
 
 def merge_host_results(
@@ -466,6 +471,7 @@ def merge_host_results(
     results: list[HostResult],
     host_weights: dict[str, float],
     x: Any,
+    x_host: np.ndarray | None = None,
 ) -> CompositeOutput:
     """One [`CompositeOutput`][jaxreg.CompositeOutput] from the compiled part and the host terms.
 
@@ -476,7 +482,11 @@ def merge_host_results(
     """
     by_name = {r.name: r for r in results}
     track = plan.track_grad_norms
-    device_terms = jax.device_get(device_out).terms if device_out is not None else {}
+    device_terms = {}
+    if device_out is not None:  # the scalars only: grad may span other processes' devices
+        scalars = gather.to_host(device_out.scalars)
+        device_terms = CompositeOutput(None, scalars, layout=device_out.layout).terms
+    x_host = gather.to_host(x) if x_host is None else x_host
     grad = device_out.grad if device_out is not None else jnp.zeros_like(jnp.asarray(x))
     values, weights, contributions, norms, custom, differentiable = [], [], [], [], [], []
     for term in plan.terms:
@@ -492,7 +502,7 @@ def merge_host_results(
         r = by_name[term.name]
         w = host_weights[term.name]
         if r.grad is not None and plan.grad_space == "logits":
-            r = dataclasses.replace(r, grad=np.asarray(to_logit_space(np.asarray(r.grad), x)))
+            r = dataclasses.replace(r, grad=np.asarray(to_logit_space(np.asarray(r.grad), x_host)))
         values.append(r.value)
         weights.append(w)
         contributions.append(w * r.value if r.ok else 0.0)
@@ -500,7 +510,7 @@ def merge_host_results(
         custom.append(r.metrics)
         differentiable.append(term.gradient)
         if r.grad is not None and w != 0:
-            grad = grad + jnp.asarray(w * r.grad, jnp.result_type(grad))
+            grad = grad + gather.like(np.asarray(w * r.grad, jnp.result_type(grad)), grad)
     f64 = lambda v: np.asarray(v, np.float64)
     out = pack(
         names=plan.names,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.core import gather
 from jaxreg._src.core.errors import InputError, NotComputedError
 
 __all__ = ["CompositeOutput", "Layout", "TermOutput", "format_table", "pack"]
@@ -255,12 +256,12 @@ class CompositeOutput:
     @property
     def loss_total(self) -> jax.Array:
         """``base + sum_i weight_i * value_i``."""
-        return self.scalars[..., LOSS_TOTAL]
+        return self._get(LOSS_TOTAL)
 
     @property
     def regularizer_total(self) -> jax.Array:
         """``sum_i weight_i * value_i`` over the regularizers."""
-        return self.scalars[..., REGULARIZER_TOTAL]
+        return self._get(REGULARIZER_TOTAL)
 
     @property
     def total_grad_norm(self) -> jax.Array:
@@ -270,7 +271,7 @@ class CompositeOutput:
                 "total_grad_norm was not computed; compose the objective with "
                 "track_grad_norms=True."
             )
-        return self.scalars[..., TOTAL_GRAD_NORM]
+        return self._get(TOTAL_GRAD_NORM)
 
     @property
     def grad_cosines(self) -> jax.Array:
@@ -329,6 +330,7 @@ class CompositeOutput:
         return self._term_grads is not None
 
     def _get(self, k: int) -> jax.Array:
+        _check_size(self.layout, np.shape(self.scalars))
         return self.scalars[..., k]
 
     def _term(self, i: int, get: Any = None) -> TermOutput:
@@ -405,10 +407,13 @@ class CompositeOutput:
         qualifies), ``base_loss`` only with a base.
         """
         if self._grad_cosines is None:
-            scalars, cosines = _host(self.scalars), None
+            scalars, cosines = _host(self.scalars, self.layout), None
         else:
-            scalars, cosines = jax.device_get((self.scalars, self._grad_cosines))
-            scalars = _host(scalars)
+            if gather.fully_addressable((self.scalars, self._grad_cosines)):
+                scalars, cosines = jax.device_get((self.scalars, self._grad_cosines))
+            else:  # replicated global arrays: read from local copies
+                scalars, cosines = self.scalars, gather.to_host(self._grad_cosines)
+            scalars = _host(scalars, self.layout)
         result = _schema(self.layout, scalars.__getitem__, cosines, strings=True, to=_float)
         if self.errors:
             result["errors"] = dict(self.errors)
@@ -531,8 +536,31 @@ def _float(value: Any) -> float:
     return float(value)
 
 
-def _host(scalars: Any) -> list[float]:
+def _check_size(layout: Layout, shape: tuple[int, ...]) -> None:
+    """Refuses packed scalars whose length is not the layout's (e.g. concatenated shards)."""
+    if shape and shape[-1] != layout.size:
+        shards = f" ({shape[-1] // layout.size} copies)" if shape[-1] % layout.size == 0 else ""
+        raise InputError(
+            f"the packed scalars have {shape[-1]} entries where the layout of terms "
+            f"{list(layout.names)} has {layout.size}{shards}: the output was concatenated "
+            "across shards (a shard_map with out_specs=P('data') for the whole output?). "
+            "Return the output replicated (out_specs=P() for its scalars, from "
+            "compose(..., axis_name=...) so that they are global) and shard only grad; "
+            "see docs/distributed.md."
+        )
+
+
+def _host(scalars: Any, layout: Layout) -> list[float]:
     """The packed scalars as Python floats."""
+    _check_size(layout, np.shape(scalars))
+    if isinstance(scalars, jax.Array) and not scalars.is_fully_addressable:
+        if not scalars.is_fully_replicated:
+            raise InputError(
+                "to_dict(): the packed scalars are sharded across processes; they must be "
+                "replicated (return them with out_specs=P() from shard_map, or leave them "
+                "to jit's default, replicated); see docs/distributed.md."
+            )
+        scalars = scalars.addressable_data(0)
     array = np.asarray(jax.device_get(scalars))
     if array.ndim != 1:
         raise InputError(

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from optax.experimental import aggregating
 
+from jaxreg._src.core import gather
 from jaxreg._src.core.errors import ConfigError
 from jaxreg._src.core.linalg import cross_gram, weighted_rows
 from jaxreg._src.optim import gram_solvers
@@ -190,8 +191,8 @@ def from_gramian_weights(fn: GramianWeightFn, seed: int = 0) -> aggregating.Aggr
     """
 
     def init(params):
-        del params
-        return AggregatorState(jax.random.key(seed), jnp.zeros((), jnp.float32))
+        state = AggregatorState(jax.random.key(seed), jnp.zeros((), jnp.float32))
+        return gather.placed_like(state, params)  # committed: the first step keeps its trace
 
     def update(stacked, state, params=None, **extra):
         del params, extra

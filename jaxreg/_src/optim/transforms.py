@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxreg._src.core import gather
 from jaxreg._src.core.compose import compose
 from jaxreg._src.core.errors import JaxregError
 from jaxreg._src.core.output import CompositeOutput
@@ -204,7 +205,7 @@ def regularize(
     def init(params):
         zeros = jnp.zeros((n,), jnp.float32)
         first = tuple(jnp.zeros_like(p) for p in probes(params))
-        return RegularizeState(
+        state = RegularizeState(
             jnp.zeros((), jnp.int32),
             zeros,
             zeros,
@@ -215,6 +216,7 @@ def regularize(
             first,
             names,
         )
+        return gather.placed_like(state, params)  # committed: the first step keeps its trace
 
     def update(updates, state, params=None, **extra_args):
         if isinstance(updates, CompositeOutput):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.core import gather
 from jaxreg._src.core.term import InputError
 from jaxreg._src.terms.masking import expand, token_mean
 
@@ -82,23 +83,29 @@ class Batch:
 
     @property
     def lengths(self) -> np.ndarray:
-        """Per-datum lengths (read from the mask on the host)."""
-        return np.asarray(self.mask).astype(bool).sum(axis=1)
+        """Per-datum lengths (read from the mask on the host).
+
+        A mask that spans several processes (``jax.distributed``) is gathered whole: every
+        process gets all the lengths (a collective: call it on every process).
+        """
+        return gather.to_host(self.mask).astype(bool).sum(axis=1)
 
     def unpad(self, array: Any) -> list[np.ndarray]:
         """Splits a padded ``[B, T, ...]`` array back into per-datum NumPy arrays.
 
         Padded datums (rows added by ``batch_bucket``) are dropped, so the result has one
-        entry per datum given to [`from_ragged`][jaxreg.Batch.from_ragged].
+        entry per datum given to [`from_ragged`][jaxreg.Batch.from_ragged]. Arrays that span
+        several processes (``jax.distributed``) are gathered whole first, so every process
+        gets every datum (a collective: call it on every process).
         """
-        array = np.asarray(array)
-        mask = np.asarray(self.mask)
+        array = gather.to_host(array)
+        mask = gather.to_host(self.mask)
         if array.shape[:2] != mask.shape:
             raise BatchError(
                 f"unpad: array must be [B, T, ...] with [B, T] = {mask.shape} (the mask); "
                 f"found shape {array.shape}."
             )
-        n = mask.shape[0] if self.num_datums is None else int(np.asarray(self.num_datums))
+        n = mask.shape[0] if self.num_datums is None else int(gather.to_host(self.num_datums))
         lengths = mask.astype(bool).sum(axis=1)
         return [array[i, : lengths[i]] for i in range(n)]
 
