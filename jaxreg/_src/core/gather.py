@@ -85,6 +85,8 @@ def placed_like(state: Any, params: Any) -> Any:
     not committed ``jax.Array`` s leave ``state`` as it is.
     """
     for leaf in jax.tree.leaves(params):
+        if isinstance(leaf, jax.core.Tracer):  # init under a trace (jit, scan): nothing to place
+            return state
         if isinstance(leaf, jax.Array) and getattr(leaf, "committed", False):
             sharding = leaf.sharding
             if isinstance(sharding, jax.sharding.NamedSharding):
