@@ -25,6 +25,10 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 import pytest  # noqa: E402
 
+# A script that test_multihost.py runs as a subprocess (it reads sys.argv at import), not a
+# test module: --doctest-modules would import it.
+collect_ignore = ["multihost_worker.py"]
+
 
 @pytest.fixture(scope="session")
 def client(server):  # server: ../conftest.py (shared with the doctests)
