@@ -2,8 +2,9 @@
 
 Run: ``python examples/cookbook_jaxreg_terms.py LOG_DIR`` (``-h`` for the options; set
 ``HF_HUB_OFFLINE=1``). It starts ``jaxreg serve`` in-process on 127.0.0.1 and trains the
-base model (``jaxreg/base``, renderer ``jaxreg/digits``) to reverse digit strings, with
-the tinker SDK as the client and the cookbook's own parts, unmodified:
+base model (``jaxreg/base``, renderer ``jaxreg/digits``) on a task it has not seen
+(``--task I``: increment every digit; it knows copy and reverse), with the tinker SDK as
+the client and the cookbook's own parts, unmodified:
 
 * the data: a JSONL file of conversations read by the cookbook's
   ``FromConversationFileBuilder`` (renderer, ``conversation_to_datum``, batching);
@@ -12,11 +13,11 @@ the tinker SDK as the client and the cookbook's own parts, unmodified:
   and the final ``checkpoint_utils.save_checkpoint``.
 
 Where the cookbook's ``supervised.train`` calls ``forward_backward(data,
-"cross_entropy")``, this loop calls ``jr.remote.forward_backward_custom`` with
+"cross_entropy")``, this loop calls ``jr.remote.forward_backward_custom`` with::
 
-.. math:: L = \\underbrace{-\\sum_{b,t} w_{bt} \\log p_\\theta(y_{bt})}_{\\text{nll}}
-   + \\lambda_{kl} \\underbrace{\\overline{KL(p_\\theta \\| p_{ref})}^{\\,answer}}_{\\text{kl}}
-   - \\lambda_{H} \\underbrace{\\overline{H(p_\\theta)}}_{\\text{entropy}}
+    L = -sum_{b,t} w_bt log p(y_bt)                           "nll" (the base loss)
+        + kl_weight * mean_{answer t} KL(p_t || p_ref,t)      "kl"
+        - entropy_weight * mean_{all t} H(p_t)                "entropy" (a bonus)
 
 (the cookbook's weights ``w`` sum to 1 per conversation; the KL is averaged over the
 answer tokens, the entropy over all positions). The base vocabulary has 32 tokens, so
@@ -29,7 +30,9 @@ Every step logs, through the cookbook's logger, the service's and jaxreg's metri
 ``loss_total``, ``base_loss/value``, and for each regularizer
 ``regularizers/<name>/{value,weight,contribution,grad_norm,grad_norm_weighted}`` (its
 custom metrics under ``.../custom/...``), ``total_grad_norm``, plus the cookbook's
-``train_mean_nll``, ``learning_rate`` and ``progress``.
+``train_mean_nll``, ``learning_rate`` and ``progress``. With the defaults (30 steps of
+16 conversations) ``train_mean_nll`` falls from about 6.8 to 1.9 while the KL to the base
+model rises from 0 (step 0: the policy is the reference) to about 5.
 """
 
 from __future__ import annotations
@@ -68,7 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="training steps (batches)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=3e-3)
-    p.add_argument("--lr-schedule", default="linear", help="the cookbook's LR schedule")
+    p.add_argument(
+        "--lr-schedule",
+        default="linear",
+        choices=["linear", "cosine", "constant"],
+        help="the cookbook's LR schedule",
+    )
     p.add_argument("--kl-weight", type=float, default=0.5, help="weight of KL to the base model")
     p.add_argument("--entropy-weight", type=float, default=0.05, help="entropy bonus weight")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -217,6 +225,7 @@ def train(
 
 
 def main(argv=None):
+    """Parses ``argv``, runs the service and the loop; returns the loop's history."""
     args = parse_args(argv)
     key = "tml-local"
     srv = start(api_key=key, state_dir=pathlib.Path(args.log_dir) / "service-state")
