@@ -10,7 +10,8 @@ the client and the cookbook's own parts, unmodified:
   ``FromConversationFileBuilder`` (renderer, ``conversation_to_datum``, batching);
 * the logger: ``ml_log.setup_logging`` (``LOG_DIR/metrics.jsonl`` and a console table);
 * the learning-rate schedule (``compute_schedule_lr_multiplier``), ``compute_mean_nll``
-  and the final ``checkpoint_utils.save_checkpoint``.
+  and the final ``checkpoint_utils.save_checkpoint`` (recorded in
+  ``LOG_DIR/checkpoints.jsonl``; the service keeps its state in ``LOG_DIR/service-state``).
 
 Where the cookbook's ``supervised.train`` calls ``forward_backward(data,
 "cross_entropy")``, this loop calls ``jr.remote.forward_backward_custom`` with::
