@@ -17,7 +17,7 @@ from jaxreg.service.checkpoint import build_base_checkpoint as build_base_checkp
 from jaxreg.service.checkpoint import load_base_checkpoint as load_base_checkpoint
 from jaxreg.service.engine import BASE_MODEL as BASE_MODEL
 from jaxreg.service.engine import Engine as Engine
-from jaxreg.service.engine import ServiceError as ServiceError
+from jaxreg.service.errors import ServiceError as ServiceError
 from jaxreg.service.limits import Limits as Limits
 from jaxreg.service.model import ModelConfig as ModelConfig
 from jaxreg.service.server import Server as Server
