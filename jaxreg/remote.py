@@ -12,10 +12,10 @@ from jaxreg._src.core.guards import check_finite as check_finite
 from jaxreg._src.remote.client import APIFuture as APIFuture
 from jaxreg._src.remote.client import ServiceClient as ServiceClient
 from jaxreg._src.remote.client import TrainingClient as TrainingClient
-from jaxreg._src.remote.custom import CustomFuture as CustomFuture
-from jaxreg._src.remote.custom import CustomResult as CustomResult
 from jaxreg._src.remote.custom import forward_backward_custom as forward_backward_custom
 from jaxreg._src.remote.custom import forward_backward_custom_async as forward_backward_custom_async
+from jaxreg._src.remote.futures import CustomFuture as CustomFuture
+from jaxreg._src.remote.futures import CustomResult as CustomResult
 from jaxreg._src.remote.param_diagnostics import ParamDiagnostics as ParamDiagnostics
 from jaxreg._src.remote.param_diagnostics import (
     UnsupportedExtensionError as UnsupportedExtensionError,

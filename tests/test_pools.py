@@ -8,7 +8,7 @@ import time
 
 from jaxreg._src.core import host
 from jaxreg._src.core.pools import LazySingleton
-from jaxreg._src.remote import custom
+from jaxreg._src.remote import futures as remote_futures
 
 
 def test_made_once_under_concurrent_first_use():
@@ -43,9 +43,9 @@ def test_take_detaches_and_the_next_get_makes_a_new_one():
 
 
 def test_library_pools_are_lazy_singletons():
-    executor = custom._EXECUTOR.get()
+    executor = remote_futures.EXECUTOR.get()
     assert isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-    assert custom._EXECUTOR.get() is executor
+    assert remote_futures.EXECUTOR.get() is executor
     assert (
         executor.submit(lambda: threading.current_thread().name)
         .result()

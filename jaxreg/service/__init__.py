@@ -7,17 +7,19 @@ Install with ``pip install 'jaxreg[service]'``. Start it from Python::
 
 or from a shell: ``jaxreg serve --host 127.0.0.1 --port 8000``. The API is described
 in ``jaxreg.service.app``, the model in ``jaxreg.service.model``, the task corpus
-in ``jaxreg.service.tasks`` and the ordering/validation rules in
-``jaxreg.service.engine``. With ``jaxreg[tinker]`` the same service also speaks the
-official tinker SDK's protocol (``jaxreg.service.tinker_api``: LoRA in
-``jaxreg.service.lora``, sampling in ``jaxreg.service.sampling``).
+in ``jaxreg.service.tasks``, the runtime in ``jaxreg.service.engine`` (ordering in
+``jaxreg.service.ordering``, validation in ``jaxreg.service.validation``, the compiled
+steps in ``jaxreg.service.steps``). With ``jaxreg[tinker]`` the same service also
+speaks the official tinker SDK's protocol (``jaxreg.service.tinker_api`` and the
+``tinker_*`` modules: LoRA in ``jaxreg.service.lora``, sampling in
+``jaxreg.service.sampling``). ``jaxreg/service/README.md`` maps every module.
 """
 
 from jaxreg.service.checkpoint import build_base_checkpoint as build_base_checkpoint
 from jaxreg.service.checkpoint import load_base_checkpoint as load_base_checkpoint
 from jaxreg.service.engine import BASE_MODEL as BASE_MODEL
 from jaxreg.service.engine import Engine as Engine
-from jaxreg.service.engine import ServiceError as ServiceError
+from jaxreg.service.errors import ServiceError as ServiceError
 from jaxreg.service.limits import Limits as Limits
 from jaxreg.service.model import ModelConfig as ModelConfig
 from jaxreg.service.server import Server as Server

@@ -50,8 +50,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from jaxreg._src.remote.wire import API_KEY_HEADER
-from jaxreg.service.engine import Engine, ServiceError, _short, dumps
+from jaxreg.service.engine import Engine
+from jaxreg.service.errors import ServiceError
+from jaxreg.service.errors import short as _short
 from jaxreg.service.openapi import openapi_schema
+from jaxreg.service.results import dumps
 
 logger = logging.getLogger("jaxreg.service")
 

@@ -4,7 +4,7 @@ With ``lp`` the learner's per-token logprobs, ``q`` the sampler's (``logprobs``)
 ``A`` the ``advantages`` and ``r = exp(lp - q)`` the importance ratio, summed over the
 unpadded tokens (Tinker's token-wise definitions, ``loss:sum``):
 
-* ``importance_sampling``: ``-sum(r * A)`` (in ``jaxreg.service.engine``);
+* ``importance_sampling``: ``-sum(r * A)`` (in ``jaxreg.service.steps``);
 * ``ppo``: ``-sum(min(r * A, clip(r, lo, hi) * A))``;
 * ``cispo``: ``-sum(stop_gradient(clip(r, lo, hi)) * lp * A)``;
 

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of the service's JSON API (``GET /api/v1/openapi.json``).
 
 It documents the request bodies the service accepts; the service validates every
-field itself (see ``jaxreg.service.engine``) and answers 4xx naming the field for
+field itself (see ``jaxreg.service.validation``) and answers 4xx naming the field for
 anything else. The tests drive a schema-based fuzzer from it.
 
 Example:

@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from jaxreg.service.engine import BASE_MODEL, ServiceError
+from jaxreg.service.engine import BASE_MODEL
+from jaxreg.service.errors import ServiceError
 
 _KINDS = {"weights": "training", "sampler_weights": "sampler"}
 

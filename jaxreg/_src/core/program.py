@@ -12,7 +12,6 @@ directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from jaxreg._src.core.linalg import cross_gram, to_logit_space, weighted_rows
 from jaxreg._src.core.output import CompositeOutput, pack
 from jaxreg._src.core.plan import Plan
 from jaxreg._src.core.sequential import materialised_bytes, sequential
+from jaxreg._src.core.stages import evaluate_terms, model_forward, stack_values
 from jaxreg._src.core.strategy import auto_groups
 
 __all__ = ["jacobian", "run", "value_and_grad"]
@@ -86,38 +86,6 @@ def resolve_weights(plan: Plan, w: jax.Array, step: Any) -> jax.Array:
     return jnp.stack(weights)
 
 
-def _evaluate(plan: Plan, indices: Sequence[int], inputs: Any, batch: Any):
-    """Values ``[len(indices)]`` and metrics of the terms at ``indices``, all on ``inputs``."""
-    values, metrics = [], []
-    for i in indices:
-        value, custom = plan.terms[i].evaluate(inputs, batch)
-        values.append(value)
-        metrics.append(custom)
-    return _stack(values), metrics
-
-
-def _stack(values: list[jax.Array]) -> jax.Array:
-    dtype = jnp.float64 if any(v.dtype == jnp.float64 for v in values) else jnp.float32
-    return jnp.stack([v.astype(dtype) for v in values])
-
-
-def _forward(plan: Plan, x: Any, batch: Any) -> tuple[Any, Any]:
-    """``(outputs, aux)`` of the model stage (``aux`` is ``None`` without ``has_aux``)."""
-    assert plan.forward is not None
-    result = plan.forward(x, batch)
-    if not plan.forward_has_aux:
-        return result, None
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise TermError(
-            "forward_has_aux=True: forward must return a pair (outputs, aux); found "
-            f"{type(result).__name__}"
-            + (f" of length {len(result)}" if isinstance(result, tuple) else "")
-            + "."
-        )
-    outputs, aux = result
-    return outputs, jax.lax.stop_gradient(aux)
-
-
 def value_and_grad(plan: Plan, x: Any, batch: Any, w: jax.Array):
     """Exactly one ``value_and_grad`` of the weighted sum (one forward, one backward).
 
@@ -133,17 +101,17 @@ def value_and_grad(plan: Plan, x: Any, batch: Any, w: jax.Array):
         parts = [(on_params, x)]
         aux = None
         if plan.forward is not None:
-            outputs, aux = _forward(plan, x, batch)
+            outputs, aux = model_forward(plan, x, batch)
             parts.append((on_outputs, outputs))
         else:
             parts.append((on_outputs, x))
         for indices, inputs in parts:
             if not indices:
                 continue
-            vals, mets = _evaluate(plan, indices, inputs, batch)
+            vals, mets = evaluate_terms(plan, indices, inputs, batch)
             for k, i in enumerate(indices):
                 values[i], metrics[i] = vals[k], mets[k]
-        stacked = _stack(values)
+        stacked = stack_values(values)
         return jnp.dot(w.astype(stacked.dtype), stacked), (stacked, metrics, aux)
 
     (_, (values, metrics, aux)), grad = jax.value_and_grad(total, has_aux=True)(x)
@@ -199,11 +167,14 @@ def jacobian(plan: Plan, x: Any, batch: Any, w: jax.Array):
     metrics: list[Any] = [None] * n
     blocks = []  # (indices, stacked per-term gradients with a leading group axis)
     groups = plan.groups or auto_groups(
-        n, x, lambda v: _evaluate(plan, range(n), v, batch)[0], forward=plan.forward is not None
+        n,
+        x,
+        lambda v: evaluate_terms(plan, range(n), v, batch)[0],
+        forward=plan.forward is not None,
     )
     aux = None
     if plan.forward is not None:
-        outputs, pull, aux = jax.vjp(lambda p: _forward(plan, p, batch), x, has_aux=True)
+        outputs, pull, aux = jax.vjp(lambda p: model_forward(plan, p, batch), x, has_aux=True)
     for group in groups:
         parts = [[i for i in group if plan.reads_params[i]]]
         parts.append([i for i in group if not plan.reads_params[i]])
@@ -212,7 +183,7 @@ def jacobian(plan: Plan, x: Any, batch: Any, w: jax.Array):
                 continue
             through_model = k == 1 and plan.forward is not None
             inputs = outputs if through_model else x
-            f = lambda v, indices=indices: _evaluate(plan, indices, v, batch)
+            f = lambda v, indices=indices: evaluate_terms(plan, indices, v, batch)
             vals, jac, mets = _rows(f, inputs, len(indices))
             if through_model:
                 jac = _pull_rows(pull, jac, len(indices))
@@ -223,7 +194,7 @@ def jacobian(plan: Plan, x: Any, batch: Any, w: jax.Array):
                 # projected rows: one elementwise pass XLA fuses with the backward.
                 jac = to_logit_space(jac, x)
             blocks.append((tuple(indices), jac))
-    values_arr = _stack(values)
+    values_arr = stack_values(values)
 
     grad = None
     for group, jac in blocks:

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxreg._src.core.linalg import to_logit_space
 from jaxreg._src.core.plan import Plan
+from jaxreg._src.core.stages import model_forward, stack_values
 
 __all__ = ["materialised_bytes", "sequential"]
 
@@ -66,14 +67,14 @@ def sequential(plan: Plan, x: Any, batch: Any, w: jax.Array):
 
     Returns ``(values [n], metrics, grad, gram, None, aux)`` like ``program.jacobian``.
     """
-    from jaxreg._src.core.program import _forward, _stack  # (an import cycle)
-
     n = len(plan.terms)
     model = plan.forward is not None
     aux = None
     outputs = None
     if model:
-        outputs, lin_model, aux = jax.linearize(lambda p: _forward(plan, p, batch), x, has_aux=True)
+        outputs, lin_model, aux = jax.linearize(
+            lambda p: model_forward(plan, p, batch), x, has_aux=True
+        )
         transpose = jax.linear_transpose(lin_model, x)
     values: list[Any] = [None] * n
     metrics: list[Any] = [None] * n
@@ -83,7 +84,7 @@ def sequential(plan: Plan, x: Any, batch: Any, w: jax.Array):
 
     for i, term in enumerate(plan.terms):
         values[i], metrics[i] = term.evaluate(inputs_of(i, x, outputs), batch)
-    values_arr = _stack(values)
+    values_arr = stack_values(values)
     acc = jnp.float64 if values_arr.dtype == jnp.float64 else jnp.float32
 
     def branch(i: int):

@@ -34,6 +34,8 @@ import httpx
 import numpy as np
 
 from jaxreg._src.core.errors import ConfigError
+from jaxreg._src.remote import param_diagnostics as extension
+from jaxreg._src.remote.param_diagnostics import EXTENSION, UnsupportedExtensionError
 from jaxreg._src.remote.transport import (
     Exchange,
     RemoteError,
@@ -354,8 +356,6 @@ class TrainingClient:
         payload = {"data": datums, "loss_fn": loss_fn, "loss_fn_config": loss_fn_config}
         body = self._body(endpoint, seq_id, tensor_encoding=encoding, **{key: payload})
         if param_diagnostics is not None:
-            from jaxreg._src.remote import param_diagnostics as extension
-
             body[extension.FIELD] = extension.encode_field(param_diagnostics, encoding)
         return body
 
@@ -507,6 +507,28 @@ class TrainingClient:
     def delete(self) -> None:
         """Deletes the model on the service; later calls on this client get 404."""
         self.service.delete_model(self.model_id)
+
+
+def require_extension(training: Any) -> None:
+    """Raises ``UnsupportedExtensionError`` unless ``training``'s service has it.
+
+    Only jaxreg's own [`TrainingClient`][jaxreg.remote.TrainingClient] can send the extension; the
+    service must list ``param_grad_diagnostics`` in ``GET /api/v1/capabilities``.
+    """
+    if not isinstance(training, TrainingClient):
+        raise UnsupportedExtensionError(
+            "param_diagnostics=True is an extension of jaxreg's reference service "
+            f"({EXTENSION}); found a {type(training).__name__} (e.g. the official tinker "
+            "SDK), which cannot send it. Use a jaxreg.remote.TrainingClient of a jaxreg "
+            "service, or call without param_diagnostics."
+        )
+    extensions = training.service.capabilities().get("extensions", [])
+    if EXTENSION not in extensions:
+        raise UnsupportedExtensionError(
+            f"param_diagnostics=True needs the service extension {EXTENSION!r}; the service "
+            f"at {training.service.base_url} lists {list(extensions)}. Nothing was sent. "
+            "Call without param_diagnostics, or use jaxreg's reference service."
+        )
 
 
 def _as_list(data: Any) -> list[Any]:

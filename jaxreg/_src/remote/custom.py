@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,15 +26,13 @@ import numpy as np
 
 from jaxreg._src.core.compose import Objective, compose
 from jaxreg._src.core.guards import check_finite
-from jaxreg._src.core.output import CompositeOutput
-from jaxreg._src.core.pools import LazySingleton
 from jaxreg._src.core.term import InputError
+from jaxreg._src.remote.client import require_extension
+from jaxreg._src.remote.futures import EXECUTOR, CustomFuture, CustomResult
 from jaxreg._src.remote.param_diagnostics import (
-    ParamDiagnostics,
     check_objective,
     parse_result,
     request_field,
-    require_extension,
 )
 from jaxreg._src.remote.protocol import (
     ResultFuture,
@@ -43,53 +40,12 @@ from jaxreg._src.remote.protocol import (
     SupportsSkipSeq,
     TrainingClientLike,
 )
+from jaxreg._src.remote.tinker import TinkerTrainingClient
 from jaxreg._src.remote.wire import Datum, to_datum
 from jaxreg._src.terms.batch import Batch, Bucket
 from jaxreg._src.terms.tokens import SAMPLING_LOGPROBS
 
 logger = logging.getLogger("jaxreg.remote")
-
-
-@dataclasses.dataclass(frozen=True)
-class CustomResult:
-    """What [`forward_backward_custom`][jaxreg.remote.forward_backward_custom] returns.
-
-    Attributes:
-      loss_fn_outputs: the service's per-datum outputs of the backward request.
-      metrics: the service's metrics, ``loss:sum`` (the custom loss),
-        ``surrogate_loss:sum`` (the linearised loss the service computed) and the
-        objective's [`flat`][jaxreg.CompositeOutput.flat] metrics.
-      output: the [`CompositeOutput`][jaxreg.CompositeOutput] (device arrays).
-      logprobs: the per-datum logprobs the loss was computed on.
-      param_diagnostics: with ``param_diagnostics=True``, each term's gradient norm and
-        the cosines **in parameter space**, measured by the service
-        ([`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics]; also in ``metrics`` as
-        ``param/<term>/grad_norm``, ``param/total_grad_norm``, ``param/cos/<a>/<b>``);
-        else ``None``.
-    """
-
-    loss_fn_outputs: list[dict[str, np.ndarray]]
-    metrics: dict[str, float]
-    output: CompositeOutput
-    logprobs: list[np.ndarray]
-    param_diagnostics: ParamDiagnostics | None = None
-
-
-class CustomFuture:
-    """The pending result of ``forward_backward_custom``: ``result()`` or ``await``."""
-
-    def __init__(self, future: concurrent.futures.Future, seq_ids: tuple[int, int]):
-        self._future = future
-        self.seq_ids = seq_ids
-
-    def result(self, timeout: float | None = None) -> CustomResult:
-        return self._future.result(timeout)
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def __await__(self):
-        return asyncio.wrap_future(self._future).__await__()
 
 
 def _objective(objective, base, regularizers, param_diagnostics, options) -> Objective:
@@ -137,10 +93,6 @@ def _pack(datums: list[Datum], logprobs: list[np.ndarray], bucket: Bucket, batch
         key = SAMPLING_LOGPROBS if name == "logprobs" else name
         inputs[key] = [d.loss_fn_inputs[name] for d in datums]
     return Batch.from_ragged(logprobs, inputs, bucket=bucket, batch_bucket=batch_bucket)
-
-
-_EXECUTOR = LazySingleton(lambda: concurrent.futures.ThreadPoolExecutor(8, "jaxreg-custom"))
-"""The threads that run custom steps in the background (shared, created on first use)."""
 
 
 # How far ``logsumexp`` of one position's returned logprobs may be from 0 for its targets
@@ -200,8 +152,6 @@ class _Step:
     def __init__(self, training, data, objective, weights, step, bucket, batch_bucket, param=False):
         self.param_diagnostics, self.param_field = param, None
         if not isinstance(training, TrainingClientLike):  # e.g. a tinker.TrainingClient
-            from jaxreg._src.remote.tinker import TinkerTrainingClient
-
             training = TinkerTrainingClient.wrap(training)
         self.training: TrainingClientLike = training
         self.data = list(data)  # as given: host terms receive it
@@ -338,7 +288,7 @@ def forward_backward_custom(
     if state.training.synchronous:  # e.g. a tinker client without id reservation
         run()
     else:
-        _EXECUTOR.get().submit(run)
+        EXECUTOR.get().submit(run)
     return CustomFuture(future, state.seq_ids)
 
 

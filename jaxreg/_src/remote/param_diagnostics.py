@@ -62,6 +62,7 @@ import numpy as np
 from jaxreg._src.core.errors import JaxregError
 from jaxreg._src.core.guards import NonFiniteError
 from jaxreg._src.core.term import TermError
+from jaxreg._src.remote.transport import RemoteError
 from jaxreg._src.remote.wire import Encoding, encode_tensor
 
 EXTENSION = "param_grad_diagnostics"
@@ -145,30 +146,6 @@ class ParamDiagnostics:
         return out
 
 
-def require_extension(training: Any) -> None:
-    """Raises ``UnsupportedExtensionError`` unless ``training``'s service has it.
-
-    Only jaxreg's own [`TrainingClient`][jaxreg.remote.TrainingClient] can send the extension; the
-    service must list ``param_grad_diagnostics`` in ``GET /api/v1/capabilities``.
-    """
-    from jaxreg._src.remote.client import TrainingClient
-
-    if not isinstance(training, TrainingClient):
-        raise UnsupportedExtensionError(
-            "param_diagnostics=True is an extension of jaxreg's reference service "
-            f"({EXTENSION}); found a {type(training).__name__} (e.g. the official tinker "
-            "SDK), which cannot send it. Use a jaxreg.remote.TrainingClient of a jaxreg "
-            "service, or call without param_diagnostics."
-        )
-    extensions = training.service.capabilities().get("extensions", [])
-    if EXTENSION not in extensions:
-        raise UnsupportedExtensionError(
-            f"param_diagnostics=True needs the service extension {EXTENSION!r}; the service "
-            f"at {training.service.base_url} lists {list(extensions)}. Nothing was sent. "
-            "Call without param_diagnostics, or use jaxreg's reference service."
-        )
-
-
 def check_objective(objective: Any) -> None:
     """Raises [`TermError`][jaxreg.TermError] unless the objective gives every term's gradient."""
     if objective.host_terms:
@@ -228,8 +205,6 @@ def encode_field(field: Mapping[str, Any], encoding: Encoding | str) -> dict[str
 
 def parse_result(result: Mapping[str, Any], sent: Mapping[str, Any]) -> ParamDiagnostics:
     """The [`ParamDiagnostics`][jaxreg.remote.ParamDiagnostics] of a ``forward_backward`` result."""
-    from jaxreg._src.remote.transport import RemoteError
-
     field = result.get(FIELD)
     names = list(sent["term_names"])
     if not isinstance(field, Mapping) or field.get("term_names") != names:

@@ -18,10 +18,9 @@ exist, not their signatures (mypy checks those).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from jaxreg._src.remote.custom import CustomFuture
+from jaxreg._src.remote.futures import CustomFuture
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxreg._src.remote.futures import EXECUTOR, CustomFuture
 from jaxreg._src.remote.wire import Datum
 
 
@@ -183,8 +184,6 @@ class TinkerTrainingClient:
         """
         from tinker.lib.public_interfaces.training_client import _ReservedRequestChunk
 
-        from jaxreg._src.remote.custom import _EXECUTOR, CustomFuture
-
         client = self.client
         forward_data = self.forward_data(state.data, state.datums)
         chunks = list(client._chunked_requests_generator(forward_data))
@@ -243,5 +242,5 @@ class TinkerTrainingClient:
             except BaseException as e:
                 future.set_exception(e)
 
-        _EXECUTOR.get().submit(run)
+        EXECUTOR.get().submit(run)
         return CustomFuture(future, (ids[0] + 1, ids[n] + 1))  # seq_ids as sent (from 1)
