@@ -62,9 +62,13 @@ LOSS_FNS = {
     "importance_sampling": ("target_tokens", "logprobs", "advantages"),
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
+    "dro": ("target_tokens", "logprobs", "advantages"),
+    # sampled: 1 on targets the sampler drew (the Tinker front door fills it, and the
+    # recorded logprobs, from the datum's provenance: see jaxreg.service.losses)
+    "stable_reinforce": ("target_tokens", "logprobs", "advantages", "sampled"),
 }
 _DECAY_MASK = lora_lib.decay_mask  # a LoRA model's frozen base gets no weight decay
-LOSS_CONFIG = service_losses.DEFAULTS  # loss_fn_config options (ppo, cispo) and defaults
+LOSS_CONFIG = service_losses.DEFAULTS  # loss_fn_config options and defaults, per loss
 _STATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch
 _KEEP_RESULTS = 4096
 _F32 = float(np.finfo(np.float32).max)
@@ -195,7 +199,7 @@ class Engine:
             m = mask if lp.ndim == 2 else mask[..., None]
             if loss_fn == "cross_entropy":
                 loss = -jnp.sum(inputs["weights"] * lp * m)
-            elif loss_fn in LOSS_CONFIG:  # ppo, cispo: see jaxreg.service.losses
+            elif loss_fn in LOSS_CONFIG:  # ppo, cispo, dro, ...: see jaxreg.service.losses
                 loss = service_losses.policy_loss(loss_fn, lp, inputs, m)
             else:
                 ratio = jnp.exp(jnp.where(m > 0, lp - inputs["logprobs"], 0.0))
@@ -626,6 +630,11 @@ class Engine:
                 if not np.isfinite(arr).all():
                     raise ServiceError(
                         400, f"{where}.loss_fn_inputs.{name}: contains non-finite values"
+                    )
+                if name == "sampled" and not np.isin(arr, (0, 1)).all():
+                    bad = arr[~np.isin(arr, (0, 1))].flat[0]
+                    raise ServiceError(
+                        400, f"{where}.loss_fn_inputs.sampled: expected 0 or 1, found {bad}"
                     )
             datums.append(d)
         lengths = [len(d.tokens) for d in datums]

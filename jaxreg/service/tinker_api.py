@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import hmac
 import json
 import logging
@@ -50,6 +51,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -58,7 +60,7 @@ from jaxreg._src.remote.wire import API_KEY_HEADER, WireError, decode_tensor
 from jaxreg.service import checkpoint, tasks, tinker_proto
 from jaxreg.service import lora as lora_lib
 from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps, remember
-from jaxreg.service.sampling import Sampler
+from jaxreg.service.sampling import Sampler, StabilityRecords
 from jaxreg.service.tinker_rest import TinkerREST
 
 logger = logging.getLogger("jaxreg.service")
@@ -148,6 +150,7 @@ class TinkerAPI:
         self._sample_seq: dict[tuple[str, int], str] = {}
         self._idempotent: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
         self._sampler = Sampler(engine.config)
+        self._records = StabilityRecords()  # record_stability_info samples (stable_reinforce)
         self._sample_worker = _Worker("jaxreg-sampler")
 
     # --------------------------------------------------------------- plumbing
@@ -425,11 +428,42 @@ class TinkerAPI:
                 raise ServiceError(
                     400, f"seq_id: the SDK numbers requests from 1, found {fb.seq_id}"
                 )
-            engine_kind, body = fb.engine_body()
+            engine_kind, body = self._with_provenance(fb).engine_body()
             return await asyncio.to_thread(self.engine.submit, engine_kind, body)
 
         rid = await self._guarded(fb.model_id, fb.seq_id, kind, run)
         return {"request_id": rid, "model_id": fb.model_id}
+
+    def _with_provenance(self, fb: tinker_proto.ForwardBackward) -> tinker_proto.ForwardBackward:
+        """``stable_reinforce``: each datum's recorded logprobs and ``sampled`` mask."""
+        if fb.loss_fn != "stable_reinforce":
+            return fb
+        session = fb.model_id.split(":train:")[0]
+        data = []
+        for i, (d, spans) in enumerate(zip(fb.data, fb.spans, strict=True)):
+            where = f"forward_backward_input.data[{i}]"
+            if "sampled" in d.loss_fn_inputs:
+                raise ServiceError(
+                    400, f"{where}.loss_fn_inputs.sampled: computed from the datum's "
+                    "provenance on this path; do not send it"
+                )  # fmt: skip
+            if spans is None:
+                raise ServiceError(
+                    400, f"{where}.loss_fn_input_spans: stable_reinforce needs provenance "
+                    "(sample with record_stability_info=True, then Datum.with_provenance)"
+                )  # fmt: skip
+            tgt = d.loss_fn_inputs.get("target_tokens")
+            if tgt is None:
+                raise ServiceError(400, f"{where}.loss_fn_inputs.target_tokens: missing")
+            try:
+                q, sampled = self._records.resolve(session, spans, tgt, where)
+            except ValueError as e:
+                raise ServiceError(400, str(e)) from None
+            if tgt.ndim > 1:  # one value per target, like the other inputs
+                q = np.broadcast_to(q[:, None], tgt.shape).copy()
+                sampled = np.broadcast_to(sampled[:, None], tgt.shape).copy()
+            data.append(d.replace_inputs(logprobs=q, sampled=sampled))
+        return dataclasses.replace(fb, data=data)
 
     async def optim_step(self, body):
         if "optimizer_params" in body:
@@ -728,7 +762,10 @@ class TinkerAPI:
             _nonneg_int(seed, "sampling_params.seed")
         stops = self._stops(sp.get("stop"))
         include = bool(body.get("prompt_logprobs"))
+        record = bool(body.get("record_stability_info"))
         params = s["params"]
+        named = threading.Event()  # set once the request id (hence the sequence ids) exists
+        box: dict[str, str] = {}
 
         def job():
             result = self._sampler.sample(
@@ -736,6 +773,11 @@ class TinkerAPI:
                 temperature=float(temperature), seed=seed, stop=stops,
                 include_prompt_logprobs=include,
             )  # fmt: skip
+            if record:  # before the result is visible: a training request may follow
+                named.wait()
+                ids = [f"{box['rid']}:{i}" for i in range(n)]
+                session = sampler_id.split(":sample:")[0]
+                self._records.record(session, ids, result["sequences"])
             return {"type": "sample", **result}
 
         with self._lock:
@@ -743,6 +785,8 @@ class TinkerAPI:
             if rid is None:
                 rid = self._future(self._sample_worker.submit(job))
                 self._sample_seq[(sampler_id, seq)] = rid
+                box["rid"] = rid
+                named.set()
         return {"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(n)]}
 
     # --------------------------------------------------------------- futures
