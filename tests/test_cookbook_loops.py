@@ -1,4 +1,5 @@
-"""The cookbook's supervised.train, unmodified, over loopback HTTP (e2e)."""
+"""The cookbook's loops, unmodified, over loopback HTTP (e2e): supervised.train, rl.train
+(async, its default loss), preference.train_dpo and CheckpointManager's rolling deletes."""
 
 import json
 import math
