@@ -245,3 +245,32 @@ def test_stable_reinforce_refusals_through_the_sdk(sdk):
     start_t = time.monotonic()
     training.forward_backward(data, "stable_reinforce").result(timeout=60)
     assert time.monotonic() - start_t < 30  # not the SDK's 300 s wait for a lost seq_id
+
+
+def test_stable_reinforce_on_the_jaxreg_wire(sdk):
+    """jaxreg's own client passes ``sampled`` itself; anything but 0/1 is refused."""
+    import jaxreg as jr
+    from jaxreg._src.remote.wire import Datum
+
+    srv, _service = sdk
+    client = jr.remote.ServiceClient(srv.url, api_key=KEY)
+    model = client.create_model()
+    e = tasks.make_examples("R", 1, seed=0, min_digits=3, max_digits=3)[0]
+    n = len(e.tokens)
+    q = np.full(n, -1.0, np.float32)
+    adv = np.linspace(-1.0, 1.0, n).astype(np.float32)
+    sampled = np.float32(e.answer_mask)
+    inputs = {"target_tokens": e.targets.astype(np.int64), "logprobs": q, "advantages": adv}
+    out = model.forward_backward(
+        [Datum(e.tokens, {**inputs, "sampled": sampled})], "stable_reinforce", {"kl_coeff": 0.5}
+    ).result()
+    lp = np.asarray(out["loss_fn_outputs"][0]["logprobs"], np.float64)
+    log_r = np.where(sampled > 0, lp - q, 0.0)
+    r = np.exp(log_r)
+    want = -np.sum((np.minimum(r, 1) * lp * adv - 0.5 * (r - 1 - log_r)) * sampled)
+    np.testing.assert_allclose(out["metrics"]["loss:sum"], want, rtol=1e-4, atol=1e-5)
+    bad = Datum(e.tokens, {**inputs, "sampled": sampled * 0.5})
+    with pytest.raises(Exception, match=r"loss_fn_inputs\.sampled: expected 0 or 1, found 0\.5"):
+        model.forward_backward([bad], "stable_reinforce").result()
+    with pytest.raises(Exception, match=r"loss_fn_inputs\.sampled: missing"):
+        model.forward_backward([Datum(e.tokens, inputs)], "stable_reinforce").result()
