@@ -81,6 +81,40 @@ def check_config(loss_fn: str, config: Any, field: str, error: Any) -> dict[str,
     return {k: np.asarray(v, np.float32) for k, v in values.items()}
 
 
+def provenance_inputs(records: Any, session: str, data: list, spans: list, error: Any) -> list:
+    """``stable_reinforce``'s datums with the sampler's recorded ``logprobs`` and ``sampled``.
+
+    ``records`` is a ``jaxreg.service.sampling.StabilityRecords``, ``spans[i]`` datum
+    ``i``'s ``loss_fn_input_spans`` (None without provenance). Raises
+    ``error(400, message)`` naming the datum's field.
+    """
+    out = []
+    for i, (d, sp) in enumerate(zip(data, spans, strict=True)):
+        where = f"forward_backward_input.data[{i}]"
+        if "sampled" in d.loss_fn_inputs:
+            raise error(
+                400, f"{where}.loss_fn_inputs.sampled: computed from the datum's provenance "
+                "on this path; do not send it"
+            )  # fmt: skip
+        if sp is None:
+            raise error(
+                400, f"{where}.loss_fn_input_spans: stable_reinforce needs provenance "
+                "(sample with record_stability_info=True, then Datum.with_provenance)"
+            )  # fmt: skip
+        tgt = d.loss_fn_inputs.get("target_tokens")
+        if tgt is None:
+            raise error(400, f"{where}.loss_fn_inputs.target_tokens: missing")
+        try:
+            q, sampled = records.resolve(session, sp, tgt, where)
+        except ValueError as e:
+            raise error(400, str(e)) from None
+        if tgt.ndim > 1:  # one value per target, like the other inputs
+            q = np.broadcast_to(q[:, None], tgt.shape).copy()
+            sampled = np.broadcast_to(sampled[:, None], tgt.shape).copy()
+        out.append(d.replace_inputs(logprobs=q, sampled=sampled))
+    return out
+
+
 def policy_loss(loss_fn: str, lp: jax.Array, inputs: Mapping[str, Any], mask: jax.Array):
     """A loss of ``DEFAULTS`` summed over the tokens where ``mask`` is 1 (see the module doc).
 

@@ -51,7 +51,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -59,6 +58,7 @@ from starlette.routing import Route
 from jaxreg._src.remote.wire import API_KEY_HEADER, WireError, decode_tensor
 from jaxreg.service import checkpoint, tasks, tinker_proto
 from jaxreg.service import lora as lora_lib
+from jaxreg.service import losses as service_losses
 from jaxreg.service.engine import BASE_MODEL, Engine, ServiceError, dumps, remember
 from jaxreg.service.sampling import Sampler, StabilityRecords
 from jaxreg.service.tinker_rest import TinkerREST
@@ -439,30 +439,9 @@ class TinkerAPI:
         if fb.loss_fn != "stable_reinforce":
             return fb
         session = fb.model_id.split(":train:")[0]
-        data = []
-        for i, (d, spans) in enumerate(zip(fb.data, fb.spans, strict=True)):
-            where = f"forward_backward_input.data[{i}]"
-            if "sampled" in d.loss_fn_inputs:
-                raise ServiceError(
-                    400, f"{where}.loss_fn_inputs.sampled: computed from the datum's "
-                    "provenance on this path; do not send it"
-                )  # fmt: skip
-            if spans is None:
-                raise ServiceError(
-                    400, f"{where}.loss_fn_input_spans: stable_reinforce needs provenance "
-                    "(sample with record_stability_info=True, then Datum.with_provenance)"
-                )  # fmt: skip
-            tgt = d.loss_fn_inputs.get("target_tokens")
-            if tgt is None:
-                raise ServiceError(400, f"{where}.loss_fn_inputs.target_tokens: missing")
-            try:
-                q, sampled = self._records.resolve(session, spans, tgt, where)
-            except ValueError as e:
-                raise ServiceError(400, str(e)) from None
-            if tgt.ndim > 1:  # one value per target, like the other inputs
-                q = np.broadcast_to(q[:, None], tgt.shape).copy()
-                sampled = np.broadcast_to(sampled[:, None], tgt.shape).copy()
-            data.append(d.replace_inputs(logprobs=q, sampled=sampled))
+        data = service_losses.provenance_inputs(
+            self._records, session, fb.data, fb.spans, ServiceError
+        )
         return dataclasses.replace(fb, data=data)
 
     async def optim_step(self, body):
