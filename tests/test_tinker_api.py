@@ -130,9 +130,9 @@ def test_idempotency_retry_statuses_and_unknown_loss(sdk):
         return _raw(srv, "forward_backward", content=body,
                     headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
 
-    bad = proto("dro", 1)
+    bad = proto("gspo", 1)
     assert bad.status_code == 400
-    for name in ("cross_entropy", "importance_sampling", "ppo", "cispo"):
+    for name in ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "stable_reinforce"):
         assert name in bad.json()["error"]
     # A refused request uses up its seq_id (the SDK never resends one): the next is 2.
     assert proto("ppo", 2, {"clip_epsilon": 0.1}).status_code == 400

@@ -59,6 +59,14 @@ def _refusals():
     good = _datum()
     n = len(good.model_input.to_ints())
     big = _datum(tokens=[1] * 120, targets=np.ones(120, np.int64))
+    rl = types.Datum(
+        model_input=good.model_input,
+        loss_fn_inputs={
+            "target_tokens": good.loss_fn_inputs["target_tokens"],
+            "logprobs": np.zeros(n, np.float32),
+            "advantages": np.ones(n, np.float32),
+        },
+    )
     return [
         ("unknown loss", lambda t: t.forward_backward([good], "no_such_loss")),
         ("OOV token", lambda t: t.forward_backward([_datum(tokens=[10**6] * n)], "cross_entropy")),
@@ -83,6 +91,22 @@ def _refusals():
             ),
         ),
         ("over the memory budget", lambda t: t.forward_backward([big] * 256, "cross_entropy")),
+        (
+            "stable_reinforce without provenance",
+            lambda t: t.forward_backward([rl], "stable_reinforce"),
+        ),
+        (
+            "stable_reinforce naming an unrecorded sequence",
+            lambda t: t.forward_backward(
+                [
+                    rl.with_provenance(
+                        [types.SampledProvenanceSpan(sequence_id="nope", length=n)],
+                        [types.SampledProvenanceSpan(sequence_id="nope", length=n)],
+                    )
+                ],
+                "stable_reinforce",
+            ),
+        ),
         (
             "bad adam params",
             lambda t: t.optim_step(types.AdamParams(learning_rate=1e-3, beta1=1.5)),

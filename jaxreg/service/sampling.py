@@ -26,10 +26,13 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
+import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,3 +150,110 @@ class Sampler:
             lp = np.asarray(self._prompt_logprobs(params, inp, tgt))[0, : n_prompt - 1]
             result["prompt_logprobs"] = [float("nan"), *map(float, lp)]
         return result
+
+
+class ProvenanceSpan(NamedTuple):
+    """One run of a datum's ``loss_fn_input_spans`` (Tinker's provenance).
+
+    ``sampled`` runs name ``[offset, offset + length)`` of a sampled sequence's tokens;
+    the others (``PromptProvenanceSpan``) name positions of its request's prompt.
+    """
+
+    sampled: bool
+    sequence_id: str
+    offset: int
+    length: int
+
+
+class StabilityRecords:
+    """What sampling with ``record_stability_info=True`` records, for ``stable_reinforce``.
+
+    For every sampled sequence: its session, its tokens and the logprob each token had
+    under the distribution it was drawn from. A training request names them by
+    ``sequence_id`` through its datums' provenance (``resolve``), in the session that
+    sampled them, for ``ttl_s`` (one day) after the last use; at most ``capacity``
+    sequences are kept (the least recently used go first).
+
+    Example:
+      >>> r = StabilityRecords()
+      >>> r.record("s", ["a"], [{"tokens": [5, 7], "logprobs": [-0.5, -1.5]}])
+      >>> spans = [ProvenanceSpan(False, "a", 0, 1), ProvenanceSpan(True, "a", 0, 2)]
+      >>> q, sampled = r.resolve("s", spans, [9, 5, 7], "data[0]")
+      >>> q.tolist(), sampled.tolist()
+      ([0.0, -0.5, -1.5], [0.0, 1.0, 1.0])
+    """
+
+    def __init__(self, capacity: int = 1 << 16, ttl_s: float = 86400.0):
+        self.capacity, self.ttl_s = capacity, ttl_s
+        self._lock = threading.Lock()
+        self._seqs: collections.OrderedDict[str, tuple[str, np.ndarray, np.ndarray, float]] = (
+            collections.OrderedDict()
+        )
+
+    def record(self, session: str, ids: Sequence[str], sequences: Sequence[dict]) -> None:
+        """Records the ``sequences`` of one sampling request under their ``ids``."""
+        now = time.monotonic()
+        with self._lock:
+            for sid, seq in zip(ids, sequences, strict=True):
+                toks = np.asarray(seq["tokens"], np.int64)
+                lps = np.asarray(seq["logprobs"], np.float32)
+                self._seqs[sid] = (session, toks, lps, now)
+                self._seqs.move_to_end(sid)
+            while len(self._seqs) > self.capacity:
+                self._seqs.popitem(last=False)
+
+    def resolve(
+        self, session: str, spans: Sequence[ProvenanceSpan], targets: Any, where: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The recorded logprobs ``q`` and the 0/1 ``sampled`` mask over ``targets``' rows.
+
+        Raises ``ValueError`` naming ``where``'s field when the spans do not tile the
+        targets, name an unknown, expired or other session's sequence, or claim a
+        token the sequence did not sample.
+        """
+        targets = np.asarray(targets)
+        n = targets.shape[0]
+        field = f"{where}.loss_fn_input_spans"
+        total = sum(sp.length for sp in spans)
+        if total != n:
+            raise ValueError(
+                f"{field}: the spans cover {total} positions, expected {n} (one per target)"
+            )
+        q = np.zeros(n, np.float32)
+        sampled = np.zeros(n, np.float32)
+        now, pos = time.monotonic(), 0
+        with self._lock:
+            for j, sp in enumerate(spans):
+                if sp.sampled and sp.length:
+                    rec = self._seqs.get(sp.sequence_id)
+                    if rec is not None and now - rec[3] > self.ttl_s:
+                        del self._seqs[sp.sequence_id]
+                        rec = None
+                    if rec is None or rec[0] != session:
+                        raise ValueError(
+                            f"{field}[{j}].sequence_id: no recorded sequence "
+                            f"{sp.sequence_id!r} in this session (sample with "
+                            "record_stability_info=True, in the session that trains; "
+                            f"records last {self.ttl_s:g} s after their last use)"
+                        )
+                    _, toks, lps, _ = rec
+                    end = sp.offset + sp.length
+                    if end > len(toks):
+                        raise ValueError(
+                            f"{field}[{j}]: positions [{sp.offset}, {end}) of sequence "
+                            f"{sp.sequence_id!r}, which sampled {len(toks)} tokens"
+                        )
+                    claimed = targets[pos : pos + sp.length]
+                    claimed = claimed[:, 0] if claimed.ndim > 1 else claimed
+                    if not np.array_equal(claimed, toks[sp.offset : end]):
+                        raise ValueError(
+                            f"{field}[{j}]: target_tokens[{pos}:{pos + sp.length}] "
+                            f"{claimed.tolist()} are not the tokens sequence "
+                            f"{sp.sequence_id!r} sampled there {toks[sp.offset : end].tolist()}"
+                        )
+                    q[pos : pos + sp.length] = lps[sp.offset : end]
+                    sampled[pos : pos + sp.length] = 1.0
+                    self._seqs[sp.sequence_id] = (*rec[:3], now)  # restarts its day
+                    self._seqs.move_to_end(sp.sequence_id)
+                pos += sp.length
+        return q, sampled

@@ -66,7 +66,7 @@ class Steps:
             m = mask if lp.ndim == 2 else mask[..., None]
             if loss_fn == "cross_entropy":
                 loss = -jnp.sum(inputs["weights"] * lp * m)
-            elif loss_fn in LOSS_CONFIG:  # ppo, cispo: see jaxreg.service.losses
+            elif loss_fn in LOSS_CONFIG:  # ppo, cispo, dro, ...: see jaxreg.service.losses
                 loss = service_losses.policy_loss(loss_fn, lp, inputs, m)
             else:
                 ratio = jnp.exp(jnp.where(m > 0, lp - inputs["logprobs"], 0.0))

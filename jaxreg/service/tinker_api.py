@@ -58,7 +58,7 @@ from jaxreg._src.remote.wire import API_KEY_HEADER, WireError
 from jaxreg.service import tinker_proto
 from jaxreg.service.engine import Engine
 from jaxreg.service.errors import ServiceError
-from jaxreg.service.sampling import Sampler
+from jaxreg.service.sampling import Sampler, StabilityRecords
 from jaxreg.service.tinker_base import KEEP as _KEEP
 from jaxreg.service.tinker_base import json_response as _json
 from jaxreg.service.tinker_checkpoints import TinkerCheckpoints
@@ -101,6 +101,7 @@ class TinkerAPI(TinkerSessions, TinkerTraining, TinkerCheckpoints, TinkerSamplin
         self._sample_seq: dict[tuple[str, int], str] = {}
         self._idempotent: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
         self._sampler = Sampler(engine.config)
+        self._records = StabilityRecords()  # record_stability_info samples (stable_reinforce)
         self._sample_worker = _Worker("jaxreg-sampler")
 
     def authorised(self, request: Request) -> bool:

@@ -29,7 +29,7 @@ from jaxreg._src.remote.wire import WireError
 from jaxreg.service.engine import BASE_MODEL, Engine
 from jaxreg.service.errors import ServiceError
 from jaxreg.service.results import dumps, remember
-from jaxreg.service.sampling import Sampler
+from jaxreg.service.sampling import Sampler, StabilityRecords
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TINKER_PATH = re.compile(r"^tinker://([^/]+)/(weights|sampler_weights)/([^/]+)$")
@@ -74,6 +74,7 @@ class TinkerBase:
     _sample_seq: dict[tuple[str, int], str]
     _idempotent: collections.OrderedDict[str, asyncio.Future]
     _sampler: Sampler
+    _records: StabilityRecords
     _sample_worker: Any  # tinker_sampling.Worker
 
     # --------------------------------------------------------------- request bodies

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from jaxreg._src.remote.wire import Datum, WireError, decode_tensor, densify_csr
+from jaxreg.service.sampling import ProvenanceSpan
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
 
@@ -64,6 +65,8 @@ class ForwardBackward:
     loss_fn_config: dict[str, Any]
     forward_only: bool
     data: list[Datum]
+    # per datum: its loss_fn_input_spans (Tinker's provenance), None where it has none
+    spans: list[list[ProvenanceSpan] | None] = dataclasses.field(default_factory=list)
 
     def engine_body(self) -> tuple[str, dict[str, Any]]:
         """The engine's ``(kind, body)`` for this request (tensors come back as base64)."""
@@ -127,7 +130,8 @@ def decode_forward_backward(body: bytes) -> ForwardBackward:
         config[k] = float(v)
     for k, v in msg.loss_fn_config_v2.items():  # preferred when set
         config[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
-    data = []
+    data: list[Datum] = []
+    spans: list[list[ProvenanceSpan] | None] = []
     for i, d in enumerate(msg.data):
         where = f"forward_backward_input.data[{i}]"
         tokens = []
@@ -145,10 +149,29 @@ def decode_forward_backward(body: bytes) -> ForwardBackward:
             for name, t in d.loss_fn_inputs.items()
         }
         data.append(Datum(ids, inputs))
+        spans.append(_spans(d, where) if len(d.loss_fn_input_spans) else None)
     return ForwardBackward(
         msg.model_id, int(msg.seq_id), msg.loss_fn or "cross_entropy", config,
-        bool(msg.forward_only), data,
+        bool(msg.forward_only), data, spans,
     )  # fmt: skip
+
+
+def _spans(d, where: str) -> list[ProvenanceSpan]:
+    out = []
+    for j, span in enumerate(d.loss_fn_input_spans):
+        kind = span.WhichOneof("span")
+        if kind not in ("prompt_tokens", "sampled_tokens"):
+            raise WireError(f"{where}.loss_fn_input_spans[{j}]: expected a provenance span")
+        arm = getattr(span, kind)
+        if arm.offset < 0 or arm.length < 0 or not arm.sequence_id:
+            raise WireError(
+                f"{where}.loss_fn_input_spans[{j}]: expected a sequence_id and offset, "
+                f"length >= 0, found {arm.sequence_id!r}, {arm.offset}, {arm.length}"
+            )
+        out.append(
+            ProvenanceSpan(kind == "sampled_tokens", arm.sequence_id, arm.offset, arm.length)
+        )
+    return out
 
 
 def encode_forward_backward_output(result: dict[str, Any]) -> bytes:

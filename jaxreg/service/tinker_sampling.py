@@ -195,7 +195,10 @@ class TinkerSampling(TinkerBase):
             _nonneg_int(seed, "sampling_params.seed")
         stops = self._stops(sp.get("stop"))
         include = bool(body.get("prompt_logprobs"))
+        record = bool(body.get("record_stability_info"))
         params = s["params"]
+        named = threading.Event()  # set once the request id (hence the sequence ids) exists
+        box: dict[str, str] = {}
 
         def job():
             result = self._sampler.sample(
@@ -203,6 +206,11 @@ class TinkerSampling(TinkerBase):
                 temperature=float(temperature), seed=seed, stop=stops,
                 include_prompt_logprobs=include,
             )  # fmt: skip
+            if record:  # before the result is visible: a training request may follow
+                named.wait()
+                ids = [f"{box['rid']}:{i}" for i in range(n)]
+                session = sampler_id.split(":sample:")[0]
+                self._records.record(session, ids, result["sequences"])
             return {"type": "sample", **result}
 
         with self._lock:
@@ -210,6 +218,8 @@ class TinkerSampling(TinkerBase):
             if rid is None:
                 rid = self._future(self._sample_worker.submit(job))
                 self._sample_seq[(sampler_id, seq)] = rid
+                box["rid"] = rid
+                named.set()
         return {"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(n)]}
 
 

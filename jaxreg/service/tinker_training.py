@@ -11,12 +11,14 @@ still uses up its ``seq_id`` (``TinkerBase._guarded``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
 
 from jaxreg.service import lora as lora_lib
+from jaxreg.service import losses as service_losses
 from jaxreg.service import tinker_proto
 from jaxreg.service.engine import BASE_MODEL
 from jaxreg.service.errors import ServiceError
@@ -97,11 +99,21 @@ class TinkerTraining(TinkerBase):
                 raise ServiceError(
                     400, f"seq_id: the SDK numbers requests from 1, found {fb.seq_id}"
                 )
-            engine_kind, body = fb.engine_body()
+            engine_kind, body = self._with_provenance(fb).engine_body()
             return await asyncio.to_thread(self.engine.submit, engine_kind, body)
 
         rid = await self._guarded(fb.model_id, fb.seq_id, kind, run)
         return {"request_id": rid, "model_id": fb.model_id}
+
+    def _with_provenance(self, fb: tinker_proto.ForwardBackward) -> tinker_proto.ForwardBackward:
+        """``stable_reinforce``: each datum's recorded logprobs and ``sampled`` mask."""
+        if fb.loss_fn != "stable_reinforce":
+            return fb
+        session = fb.model_id.split(":train:")[0]
+        data = service_losses.provenance_inputs(
+            self._records, session, fb.data, fb.spans, ServiceError
+        )
+        return dataclasses.replace(fb, data=data)
 
     async def optim_step(self, body):
         if "optimizer_params" in body:

@@ -34,6 +34,10 @@ LOSS_FNS = {
     "importance_sampling": ("target_tokens", "logprobs", "advantages"),
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
+    "dro": ("target_tokens", "logprobs", "advantages"),
+    # sampled: 1 on targets the sampler drew (the Tinker front door fills it, and the
+    # recorded logprobs, from the datum's provenance: see jaxreg.service.losses)
+    "stable_reinforce": ("target_tokens", "logprobs", "advantages", "sampled"),
 }
 _F32 = float(np.finfo(np.float32).max)
 
@@ -159,6 +163,11 @@ class RequestValidator:
                 if not np.isfinite(arr).all():
                     raise ServiceError(
                         400, f"{where}.loss_fn_inputs.{name}: contains non-finite values"
+                    )
+                if name == "sampled" and not np.isin(arr, (0, 1)).all():
+                    bad = arr[~np.isin(arr, (0, 1))].flat[0]
+                    raise ServiceError(
+                        400, f"{where}.loss_fn_inputs.sampled: expected 0 or 1, found {bad}"
                     )
             datums.append(d)
         lengths = [len(d.tokens) for d in datums]
