@@ -118,9 +118,7 @@ def _shard_map_call(objective, mesh, x_spec, batch_spec, *, term_grads=False, co
     if term_grads:
         out_specs["term_grads"] = jax.tree.map(lambda s: P(None, *s), x_spec)
     return jax.jit(
-        jax.shard_map(
-            local, mesh=mesh, in_specs=(x_spec, batch_spec, P()), out_specs=out_specs
-        )
+        jax.shard_map(local, mesh=mesh, in_specs=(x_spec, batch_spec, P()), out_specs=out_specs)
     )
 
 
@@ -262,7 +260,9 @@ def test_axis_name_model_stage_replicated_params_equal_the_whole_batch(strategy)
             return term.evaluate(inputs, batch)[0]
 
         g = jax.grad(loss)(params)
-        want = np.sqrt(sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in jax.tree.leaves(g)))
+        want = np.sqrt(
+            sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in jax.tree.leaves(g))
+        )
         np.testing.assert_allclose(norms[i], want, rtol=1e-5)
 
 
@@ -278,9 +278,7 @@ def test_axis_name_term_grads_stay_sharded_and_equal_the_whole_batch():
     f = _shard_map_call(objective, mesh, spec, spec, term_grads=True)
     got = f(*jax.device_put((x, batch), NamedSharding(mesh, spec)), jnp.float32(0.2))
     _assert_equal_to(ref, got)
-    assert got["term_grads"].sharding.is_equivalent_to(
-        NamedSharding(mesh, P(None, "data")), 3
-    )
+    assert got["term_grads"].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 3)
 
 
 @two_devices
@@ -355,3 +353,110 @@ def test_axis_name_is_validated_at_compose():
     for bad in ("", 3, ("data", "data"), ("data", 1), ()):
         with pytest.raises(jr.TermError, match="axis_name must be a mesh axis name"):
             jr.compose(base, regs, axis_name=bad)
+
+
+@two_devices
+@pytest.mark.parametrize("strategy", ["per_term", "sequential"])
+def test_axis_name_pytree_with_a_sharded_and_a_replicated_leaf(strategy):
+    """Norms and the Gramian psum the sharded leaf's part and count the replicated once."""
+    mesh = _mesh()
+    x, batch = _token_batch()
+    tree = {"lp": x, "t": jnp.asarray([1.5, -0.5], jnp.float32)}
+
+    def scaled(v, b):
+        # A per-shard sum (psum-ed by compose) times a replicated leaf.
+        return jnp.sum(v["lp"] * b.mask) * v["t"][0]
+
+    def reduced(v, b):
+        # Reduced by the term itself (a replicated value, taken as it is), plus a
+        # replicated penalty: adding it to an unreduced per-shard sum would count it once
+        # per shard.
+        total = jnp.sum(v["lp"] * b.mask)
+        if jax.sharding.get_abstract_mesh().manual_axes:  # inside shard_map
+            total = jax.lax.psum(total, "data")
+        return total * v["t"][0] + jnp.sum(v["t"] ** 2)
+
+    def kl(v, b):
+        return jr.regularizers.kl("ref_logprobs")(v["lp"] * v["t"][1], b)
+
+    terms = (
+        jr.Term("scaled", scaled),
+        [jr.Term("kl", kl, weight=0.5), jr.Term("reduced", reduced, weight=0.1)],
+    )
+    kw = dict(track_grad_norms=True, grad_conflicts=True, grad_strategy=strategy)
+    ref = jr.compose(*terms, **kw)(tree, batch, weights={"kl": 0.3})
+    objective = jr.compose(*terms, axis_name="data", **kw)
+    spec = {"lp": P("data"), "t": P()}
+    f = _shard_map_call(objective, mesh, spec, P("data"), cosines=True)
+    got = f(
+        {
+            "lp": jax.device_put(x, NamedSharding(mesh, P("data"))),
+            "t": jax.device_put(tree["t"], NamedSharding(mesh, P())),
+        },
+        jax.device_put(batch, NamedSharding(mesh, P("data"))),
+        jnp.float32(0.3),
+    )
+    _assert_equal_to(ref, got)
+    # d scaled / d t = [sum(lp * m), 0]; d / d lp = t0 m: the norm, in NumPy.
+    xn, m = np.asarray(x, np.float64), np.asarray(batch.mask, np.float64)
+    g_t = np.array([(xn * m).sum(), 0.0])
+    want = np.sqrt((1.5 * m).ravel() @ (1.5 * m).ravel() + g_t @ g_t)
+    np.testing.assert_allclose(float(got["metrics"]["base_loss"]["grad_norm"]), want, rtol=1e-5)
+    g_r = g_t + np.array([2 * 1.5, 2 * -0.5])  # plus d sum(t^2) / d t
+    want = np.sqrt((1.5 * m).ravel() @ (1.5 * m).ravel() + g_r @ g_r)
+    np.testing.assert_allclose(
+        float(got["metrics"]["regularizers"]["reduced"]["grad_norm"]), want, rtol=1e-5
+    )
+
+
+@two_devices
+def test_axis_name_logit_space_equals_the_whole_batch():
+    mesh = _mesh()
+    _, batch = _token_batch()
+    logprobs = jax.nn.log_softmax(jnp.asarray(RNG.normal(size=(4, 6, 5)), jnp.float32))
+    terms = (
+        jr.Term("ent", jr.regularizers.entropy),
+        [jr.Term("sq", lambda v, b: jnp.sum(v[..., 0] * b.mask), weight=0.2)],
+    )
+    kw = dict(track_grad_norms=True, grad_conflicts=True, grad_space="logits")
+    ref = jr.compose(*terms, **kw)(logprobs, batch)
+    objective = jr.compose(*terms, axis_name="data", **kw)
+
+    def local(v, b):
+        out = objective(v, b)
+        return {"scalars": out.scalars, "grad": out.grad, "cos": out.grad_cosines}
+
+    f = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("data"), P("data")),
+            out_specs={"scalars": P(), "grad": P("data"), "cos": P()},
+        )
+    )
+    got = f(*jax.device_put((logprobs, batch), NamedSharding(mesh, P("data"))))
+    _assert_equal_to(ref, got)
+
+
+def test_axis_name_value_varying_over_another_axis_is_refused():
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    mesh = jax.make_mesh((1, 2), ("data", "model"))
+    x, _ = _token_batch()
+    objective = jr.compose(jr.Term("sq", lambda v, b: jnp.sum(v**2)), axis_name="data")
+    f = jax.jit(
+        jax.shard_map(
+            lambda v: objective(v).scalars,
+            mesh=mesh,
+            in_specs=P("model"),
+            out_specs=P(),
+        )
+    )
+    with pytest.raises(jr.TermError, match=r"'sq': loss varies across .*\['model'\].*axis_name"):
+        f(jax.device_put(x, NamedSharding(mesh, P("model"))))
+
+
+def test_axis_name_with_host_terms_is_refused():
+    host = jr.HostTerm("judge", lambda x, b: 0.0)
+    with pytest.raises(jr.TermError, match="host terms \\['judge'\\]: with axis_name"):
+        jr.compose(jr.Term("sq", lambda v, b: jnp.sum(v**2)), [host], axis_name="data")

@@ -196,9 +196,7 @@ def _check_axis_name(axis_name: Any) -> tuple[str, ...] | None:
     if axis_name is None:
         return None
     names = (axis_name,) if isinstance(axis_name, str) else axis_name
-    ok = isinstance(names, tuple | list) and names and all(
-        isinstance(a, str) and a for a in names
-    )
+    ok = isinstance(names, tuple | list) and names and all(isinstance(a, str) and a for a in names)
     if not ok or len(set(names)) != len(names):
         raise TermError(
             "axis_name must be a mesh axis name or a tuple of distinct names (the axes of "
