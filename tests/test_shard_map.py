@@ -460,3 +460,20 @@ def test_axis_name_with_host_terms_is_refused():
     host = jr.HostTerm("judge", lambda x, b: 0.0)
     with pytest.raises(jr.TermError, match="host terms \\['judge'\\]: with axis_name"):
         jr.compose(jr.Term("sq", lambda v, b: jnp.sum(v**2)), [host], axis_name="data")
+
+
+@two_devices
+@pytest.mark.parametrize("strategy", ["vmap", "per_term", "sequential"])
+def test_jit_on_an_explicit_axis_mesh_with_cosines_equals_the_unsharded_result(strategy):
+    """jax.make_mesh's axes are explicit: a vmap group's Gramian over a sharded input
+    has no inferable dot sharding (it raised a ShardingTypeError)."""
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x, batch = _token_batch()
+    base, regs = _token_terms()
+    objective = jr.compose(base, regs, grad_conflicts=True, grad_strategy=strategy)
+    ref = objective(x, batch)
+    got = objective(*jax.device_put((x, batch), NamedSharding(mesh, P("data"))))
+    np.testing.assert_allclose(
+        np.asarray(got.grad_cosines), np.asarray(ref.grad_cosines), rtol=2e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(got.scalars), np.asarray(ref.scalars), rtol=2e-5)

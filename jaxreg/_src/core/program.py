@@ -316,6 +316,14 @@ def _gram(ja: Any, jb: Any, dtype) -> jax.Array:
     """``J_a J_b^T`` summed over the leaves of two stacked-gradient pytrees."""
     blocks = []
     for a, b in zip(jax.tree.leaves(ja), jax.tree.leaves(jb), strict=True):
+        if _explicitly_sharded(a) or _explicitly_sharded(b):
+            # On a mesh with explicit axes (jax.make_mesh's default) neither the
+            # flattening reshape nor a dot over the sharded axes has a sharding JAX can
+            # infer: one reduction per pair, each a replicated scalar.
+            a, b = a.astype(dtype), b.astype(dtype)
+            pairs = [[jnp.sum(a[i] * b[j]) for j in range(b.shape[0])] for i in range(a.shape[0])]
+            blocks.append(jnp.stack([jnp.stack(row) for row in pairs]))
+            continue
         a = a.reshape(a.shape[0], -1).astype(dtype)
         b = b.reshape(b.shape[0], -1).astype(dtype)
         # One-by-one blocks are an elementwise product XLA fuses with its producers.
@@ -325,6 +333,12 @@ def _gram(ja: Any, jb: Any, dtype) -> jax.Array:
     if len(blocks) == 1 and not axes.current():
         return blocks[0]
     return axes.total(blocks, jnp.zeros(shape, dtype))
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type carries an explicit mesh sharding (``AxisType.Explicit``)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(p is not None for p in spec)
 
 
 def _tree_sq_norm(tree: Any) -> jax.Array:
