@@ -43,6 +43,8 @@ class Objective:
       raises_on_nonfinite: whether each untraced call runs
         [`jaxreg.check_finite`][jaxreg.check_finite] (``compose(..., check_finite=True)``).
       trace_count: how many times the compiled program was traced.
+      axis_name: the ``shard_map`` axes the numbers are made global over (a tuple), or
+        ``None`` (``compose(..., axis_name=...)``).
     """
 
     def __init__(self, plan: Plan, *, raises_on_nonfinite: bool = False):
@@ -78,6 +80,7 @@ class Objective:
     term_grads = property(lambda self: self.plan.term_grads)
     grad_conflicts = property(lambda self: self.plan.grad_conflicts)
     grad_space = property(lambda self: self.plan.grad_space)
+    axis_name = property(lambda self: self.plan.axis_name)
 
     def __repr__(self) -> str:
         plan = self.plan
@@ -87,6 +90,8 @@ class Objective:
         extra = "" if plan.grad_space == "x" else f", grad_space={plan.grad_space!r}"
         if plan.forward is not None:
             extra += f", forward={getattr(plan.forward, '__name__', plan.forward)!r}"
+        if plan.axis_name is not None:
+            extra += f", axis_name={plan.axis_name!r}"
         return f"Objective(terms={list(plan.names)}, {', '.join(flags) or 'plain'}{extra})"
 
     def __call__(
