@@ -139,7 +139,7 @@ def _assert_equal_to(ref, got, *, rtol=2e-5, atol=1e-6):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=rtol, atol=atol)
 
 
-STRATEGIES = ["per_term", "vmap", "sequential", [("kl", "ent")]]
+STRATEGIES = ["auto", "per_term", "vmap", "sequential", [("kl", "ent")]]
 
 
 @two_devices
