@@ -145,8 +145,9 @@ results["host_grad"] = host(hout.grad)
 results["lengths"] = batch.lengths.tolist()
 results["unpad"] = [a.tolist() for a in batch.unpad(x)]
 
-# 5. the packed output refuses a concatenated layout (shard_map, out_specs=P("data"))
-plain = jr.compose(jr.Term("pg", pg), terms)
+# 5. the packed output refuses a concatenated layout (shard_map, out_specs=P("data"));
+# without axis_name compose refuses shard_map itself, at trace time
+plain = jr.compose(jr.Term("pg", pg), terms, axis_name="data")
 mapped = jax.shard_map(
     lambda x, b: plain(x, b), mesh=MESH, in_specs=(P("data"), P("data")), out_specs=P("data")
 )

@@ -43,6 +43,8 @@ class Objective:
       raises_on_nonfinite: whether each untraced call runs
         [`jaxreg.check_finite`][jaxreg.check_finite] (``compose(..., check_finite=True)``).
       trace_count: how many times the compiled program was traced.
+      axis_name: the ``shard_map`` axes the numbers are made global over (a tuple), or
+        ``None`` (``compose(..., axis_name=...)``).
     """
 
     def __init__(self, plan: Plan, *, raises_on_nonfinite: bool = False):
@@ -78,6 +80,7 @@ class Objective:
     term_grads = property(lambda self: self.plan.term_grads)
     grad_conflicts = property(lambda self: self.plan.grad_conflicts)
     grad_space = property(lambda self: self.plan.grad_space)
+    axis_name = property(lambda self: self.plan.axis_name)
 
     def __repr__(self) -> str:
         plan = self.plan
@@ -87,6 +90,8 @@ class Objective:
         extra = "" if plan.grad_space == "x" else f", grad_space={plan.grad_space!r}"
         if plan.forward is not None:
             extra += f", forward={getattr(plan.forward, '__name__', plan.forward)!r}"
+        if plan.axis_name is not None:
+            extra += f", axis_name={plan.axis_name!r}"
         return f"Objective(terms={list(plan.names)}, {', '.join(flags) or 'plain'}{extra})"
 
     def __call__(
@@ -194,6 +199,7 @@ def compose(
     forward: Callable[[Any, Any], Any] | None = None,
     forward_has_aux: bool = False,
     memory_budget: int | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> Objective:
     r"""Composes a base loss and weighted regularizers into one compiled objective.
 
@@ -277,6 +283,17 @@ def compose(
       memory_budget: bytes that the ``n`` stacked per-term gradients (``n`` times the
         size of ``x``) may take: above it, ``grad_strategy="auto"`` uses
         ``"sequential"``. ``None`` (default): no budget.
+      axis_name: call the objective inside ``jax.shard_map`` over these mesh axes (a
+        name or a tuple of names) and get global numbers: a term's value or metric that
+        varies across the shards is taken as the shard's share of a sum and ``psum``-ed
+        (the library's token means divide the psum of the numerators by the psum of the
+        token counts); squared norms, the Gramian and cosines sum every shard's block of
+        a sharded input's gradient; gradients of replicated parameters are already
+        summed by JAX (``check_vma=True``, ``shard_map``'s default, is required).
+        ``grad`` and ``term_grads`` keep the layout of ``x`` (a sharded input's gradient
+        stays sharded); every scalar is replicated, so return the output with
+        ``out_specs=P()`` for the scalars and cosines and the spec of ``x`` for ``grad``
+        (docs/distributed.md). Without it, ``compose`` inside ``shard_map`` raises.
 
     Returns:
       An [`Objective`][jaxreg.Objective], called as ``objective(x, batch, *, weights=None,
@@ -324,6 +341,7 @@ def compose(
         forward=forward,
         forward_has_aux=forward_has_aux,
         memory_budget=memory_budget,
+        axis_name=axis_name,
         host_types=(host.HostTerm,),
     )
     return Objective(plan, raises_on_nonfinite=check_finite)

@@ -41,6 +41,8 @@ class Plan:
         ``out.aux`` (e.g. a model's updated BatchNorm statistics).
       memory_budget: bytes the stacked per-term gradients may take before ``"auto"``
         switches to ``"sequential"``; ``None``: no budget.
+      axis_name: the ``shard_map`` mesh axes over which values, metrics, norms and the
+        Gramian are made global (a tuple of names), or ``None``.
     """
 
     terms: tuple[Term, ...]
@@ -53,6 +55,7 @@ class Plan:
     forward: Callable[[Any, Any], Any] | None
     forward_has_aux: bool = False
     memory_budget: int | None = None
+    axis_name: tuple[str, ...] | None = None
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:
@@ -108,6 +111,7 @@ def make_plan(
     forward: Callable[[Any, Any], Any] | None = None,
     forward_has_aux: bool = False,
     memory_budget: int | None = None,
+    axis_name: Any = None,
     host_types: tuple[type, ...] = (),
 ) -> Plan:
     """Validates the flags of ``compose`` and returns the frozen ``Plan``.
@@ -146,6 +150,13 @@ def make_plan(
             f"host terms {host}: a model stage (forward=) runs inside the compiled program; "
             "host terms read x on the host. Compose them without forward=."
         )
+    axis_names = _check_axis_name(axis_name)
+    if host and axis_names:
+        raise TermError(
+            f"host terms {host}: with axis_name= the objective runs inside shard_map, where "
+            "each shard would call a host term on its own block; compose them without "
+            "axis_name (under jax.jit on global arrays)."
+        )
     if forward is None:
         on_params = [t.name for t in terms if t.on == "params"]
         if on_params:
@@ -164,6 +175,7 @@ def make_plan(
         forward=forward,
         forward_has_aux=bool(forward_has_aux),
         memory_budget=_check_budget(memory_budget),
+        axis_name=axis_names,
     )
     _ = plan.groups  # validates an explicit list of groups now, not at the first call
     return plan
@@ -177,6 +189,20 @@ def _check_budget(budget: Any) -> int | None:
             f"memory_budget must be a positive number of bytes or None; found {budget!r}."
         )
     return int(budget)
+
+
+def _check_axis_name(axis_name: Any) -> tuple[str, ...] | None:
+    """``axis_name`` as a tuple of mesh axis names (``None`` stays ``None``)."""
+    if axis_name is None:
+        return None
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    ok = isinstance(names, tuple | list) and names and all(isinstance(a, str) and a for a in names)
+    if not ok or len(set(names)) != len(names):
+        raise TermError(
+            "axis_name must be a mesh axis name or a tuple of distinct names (the axes of "
+            f"the shard_map the objective is called in, e.g. 'data'); found {axis_name!r}."
+        )
+    return tuple(names)
 
 
 def _restrict_strategy(strategy: GradStrategy, names: list[str]) -> GradStrategy:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.core import axes
 from jaxreg._src.core.errors import TermError
 from jaxreg._src.core.linalg import cross_gram, to_logit_space, weighted_rows
 from jaxreg._src.core.output import CompositeOutput, pack
@@ -39,19 +40,20 @@ def run(plan: Plan, x: Any, batch: Any, w: jax.Array, step: Any) -> CompositeOut
       w: ``[n]`` float32 weights; NaN where a term's schedule is evaluated at ``step``.
       step: the schedules' step (an int32 array), or ``None`` without schedules.
     """
-    check_not_in_shard_map()
+    check_shard_map_axes(plan.axis_name)
     if plan.grad_space == "logits":
         check_logprobs_input(x)
     check_differentiable(x)
-    w = resolve_weights(plan, w, step)
-    if plan.needs_jacobian and use_sequential(plan, x):
-        values, metrics, grad, gram, jac, aux = sequential(plan, x, batch, w)
-    elif plan.needs_jacobian:
-        values, metrics, grad, gram, jac, aux = jacobian(plan, x, batch, w)
-    else:
-        values, metrics, grad, aux = value_and_grad(plan, x, batch, w)
-        gram = jac = None
-    return _output(plan, values, metrics, grad, w, gram, jac, aux)
+    with axes.reducing_over(plan.axis_name):
+        w = resolve_weights(plan, w, step)
+        if plan.needs_jacobian and use_sequential(plan, x):
+            values, metrics, grad, gram, jac, aux = sequential(plan, x, batch, w)
+        elif plan.needs_jacobian:
+            values, metrics, grad, gram, jac, aux = jacobian(plan, x, batch, w)
+        else:
+            values, metrics, grad, aux = value_and_grad(plan, x, batch, w)
+            gram = jac = None
+        return _output(plan, values, metrics, grad, w, gram, jac, aux)
 
 
 def use_sequential(plan: Plan, x: Any) -> bool:
@@ -270,52 +272,91 @@ def _output(plan: Plan, values, metrics, grad, w, gram, jac, aux) -> CompositeOu
 
 
 def _sq_norms(jac: Any, dtype) -> jax.Array:
-    """``diag(J J^T)``: each stacked gradient's squared L2 norm over all leaves."""
+    """``diag(J J^T)``: each stacked gradient's squared L2 norm over all leaves.
+
+    Under ``axis_name`` a sharded leaf's part is psum-ed over the shards (``axes.total``).
+    """
     leaves = jax.tree.leaves(jac)
-    return sum(
-        (jnp.sum(jnp.square(j.astype(dtype)).reshape(j.shape[0], -1), axis=1) for j in leaves),
-        start=jnp.zeros((leaves[0].shape[0],), dtype),
+    return axes.total(
+        [jnp.sum(jnp.square(j.astype(dtype)).reshape(j.shape[0], -1), axis=1) for j in leaves],
+        jnp.zeros((leaves[0].shape[0],), dtype),
     )
 
 
 def _gram(ja: Any, jb: Any, dtype) -> jax.Array:
     """``J_a J_b^T`` summed over the leaves of two stacked-gradient pytrees."""
-    total = None
+    blocks = []
     for a, b in zip(jax.tree.leaves(ja), jax.tree.leaves(jb), strict=True):
+        if _explicitly_sharded(a) or _explicitly_sharded(b):
+            # On a mesh with explicit axes (jax.make_mesh's default) neither the
+            # flattening reshape nor a dot over the sharded axes has a sharding JAX can
+            # infer: one reduction per pair, each a replicated scalar.
+            a, b = a.astype(dtype), b.astype(dtype)
+            pairs = [[jnp.sum(a[i] * b[j]) for j in range(b.shape[0])] for i in range(a.shape[0])]
+            blocks.append(jnp.stack([jnp.stack(row) for row in pairs]))
+            continue
         a = a.reshape(a.shape[0], -1).astype(dtype)
         b = b.reshape(b.shape[0], -1).astype(dtype)
         # One-by-one blocks are an elementwise product XLA fuses with its producers.
         one = a.shape[0] == b.shape[0] == 1
-        block = jnp.sum(a * b).reshape(1, 1) if one else cross_gram(a, b)
-        total = block if total is None else total + block
-    if total is None:
-        return jnp.zeros((jax.tree.leaves(ja)[0].shape[0],) * 2, dtype)
-    return total
+        blocks.append(jnp.sum(a * b).reshape(1, 1) if one else cross_gram(a, b))
+    shape = (jax.tree.leaves(ja)[0].shape[0], jax.tree.leaves(jb)[0].shape[0])
+    if len(blocks) == 1 and not axes.current():
+        return blocks[0]
+    return axes.total(blocks, jnp.zeros(shape, dtype))
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type carries an explicit mesh sharding (``AxisType.Explicit``)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(p is not None for p in spec)
 
 
 def _tree_sq_norm(tree: Any) -> jax.Array:
-    return sum(
-        (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)),
-        start=jnp.zeros((), jnp.float32),
+    return axes.total(
+        [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)],
+        jnp.zeros((), jnp.float32),
     )
 
 
-def check_not_in_shard_map() -> None:
-    """Raises when traced inside ``shard_map`` (manual mesh axes), at trace time.
+def check_shard_map_axes(axis_name: tuple[str, ...] | None) -> None:
+    """Checks, at trace time, that ``shard_map`` and ``compose(axis_name=...)`` agree.
 
-    Inside ``shard_map`` each shard would compute its own token means, norms and Gramian
-    from its part of the batch: per-shard numbers that are not the global ones (a masked
-    mean over unequal token counts, a norm of a partial gradient), and that a ``psum``
-    does not repair. They are refused rather than returned silently mixed.
+    Without ``axis_name``, inside ``shard_map`` each shard would compute its own token
+    means, norms and Gramian from its part of the batch: per-shard numbers that are not
+    the global ones (a masked mean over unequal token counts, a norm of a partial
+    gradient), and that a ``psum`` of the outputs does not repair. They are refused
+    rather than returned silently mixed. With ``axis_name``, every named axis must be a
+    manual axis of the ``shard_map`` being traced, with ``check_vma=True``.
     """
-    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
-    if manual:
+    manual = axes.shard_map_axes()
+    if axis_name is None:
+        if manual:
+            suggestion = repr(manual[0]) if len(manual) == 1 else repr(manual)
+            raise TermError(
+                f"compose was called inside shard_map (manual mesh axes {list(manual)}) "
+                "without axis_name: each shard would report its own token means, gradient "
+                "norms and Gramian, which are not the global values and cannot be recovered "
+                f"by a psum of the outputs. Compose with axis_name={suggestion} to get "
+                "global values inside shard_map, or call the objective under jax.jit on "
+                "globally sharded arrays (see docs/distributed.md)."
+            )
+        return
+    missing = [a for a in axis_name if a not in manual]
+    if missing:
+        where = f"inside shard_map over {list(manual)}" if manual else "outside any shard_map"
         raise TermError(
-            f"compose was called inside shard_map (manual mesh axes {list(manual)}): each "
-            "shard would report its own token means, gradient norms and Gramian, which are "
-            "not the global values and cannot be recovered by a psum. Call the objective "
-            "under jax.jit on globally sharded arrays instead (values, norms and cosines "
-            "are then global, and the outputs keep the data sharding)."
+            f"compose(..., axis_name={axis_name!r}): the objective was called {where}, "
+            f"so the axes {missing} cannot be reduced over. Call it inside "
+            "jax.shard_map(..., mesh=mesh) over those axes, or compose without axis_name "
+            "(under jax.jit on global arrays the values are already global)."
+        )
+    if not axes.check_vma_enabled():
+        raise TermError(
+            f"compose(..., axis_name={axis_name!r}) needs shard_map's check_vma=True (the "
+            "default): it reads which values vary across the shards from their types, and "
+            "with check_vma=False the gradients of replicated parameters are not summed "
+            "over the shards either."
         )
 
 

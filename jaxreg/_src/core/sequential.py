@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.core import axes
 from jaxreg._src.core.linalg import to_logit_space
 from jaxreg._src.core.plan import Plan
 from jaxreg._src.core.stages import model_forward, stack_values
@@ -53,12 +54,13 @@ def _logit_adjoint(v: jax.Array, logprobs: jax.Array) -> jax.Array:
 
 
 def _vdot(a: Any, b: Any, dtype) -> jax.Array:
-    return sum(
-        (
+    """``<a, b>`` over all leaves; under ``axis_name`` a sharded leaf's part is psum-ed."""
+    return axes.total(
+        [
             jnp.sum(u.astype(dtype) * v.astype(dtype))
             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-        ),
-        start=jnp.zeros((), dtype),
+        ],
+        jnp.zeros((), dtype),
     )
 
 

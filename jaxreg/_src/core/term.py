@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.core import axes
 from jaxreg._src.core.errors import InputError, TermError
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -164,7 +165,28 @@ class Term:
                     f"found {key!r}."
                 )
             checked[key] = _check_scalar(self.name, f"metrics[{key!r}]", value)
+        if axes.current():
+            loss = _global(self.name, "loss", loss)
+            checked = {k: _global(self.name, f"metrics[{k!r}]", v) for k, v in checked.items()}
         return loss, checked
+
+
+def _global(name: str, field: str, value: jax.Array) -> jax.Array:
+    """``value`` made global inside ``compose(..., axis_name=...)``: psum-ed if it varies.
+
+    A value that still varies across the named axes is this shard's share of a sum (a
+    ``jnp.sum`` over the shard's tokens); one that varies across another manual axis of
+    the ``shard_map`` cannot be made global here and is refused.
+    """
+    value = axes.psum(value)
+    other = axes.varying(value) - set(axes.current())
+    if other:
+        raise TermError(
+            f"Term {name!r}: {field} varies across the shard_map axes {sorted(other)}, which "
+            f"are not in compose(..., axis_name={axes.current()!r}); add them to axis_name "
+            "(or reduce the value over them inside the term)."
+        )
+    return value
 
 
 def add_term_note(error: BaseException, name: str, kind: str = "Term") -> None:

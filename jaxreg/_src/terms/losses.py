@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxreg._src.core import axes
 from jaxreg._src.core.term import InputError
 from jaxreg._src.terms.batch import Batch
 from jaxreg._src.terms.tokens import (
@@ -81,7 +82,7 @@ def cross_entropy(x: jax.Array, batch: Batch, *, reduction: str = "sum", weights
     per_token = _per_token(-w * clean(x, mask))
     loss = reduce("cross_entropy", per_token, mask, reduction)
     if reduction == "sum":
-        per = jax.lax.stop_gradient(loss) / jnp.maximum(jnp.sum(mask), 1)
+        per = jax.lax.stop_gradient(loss) / jnp.maximum(axes.psum(jnp.sum(mask)), 1)
     elif reduction == "token_mean":
         per = jax.lax.stop_gradient(loss)
     else:
@@ -192,7 +193,7 @@ def ppo(
 def _ratio_metrics(ratio: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     return {
         "ratio_mean": token_mean(ratio, mask),
-        "ratio_max": jnp.max(ratio * mask),
+        "ratio_max": axes.pmax(jnp.max(ratio * mask)),
     }
 
 

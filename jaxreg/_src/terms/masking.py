@@ -1,9 +1,11 @@
-"""Masked arithmetic shared by the token batch and the token terms (no jaxreg imports)."""
+"""Masked arithmetic shared by the token batch and the token terms."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxreg._src.core import axes
 
 
 def expand(mask: jax.Array, like: jax.Array) -> jax.Array:
@@ -18,6 +20,10 @@ def token_mean(values: jax.Array, mask: jax.Array, axis: int | None = None) -> j
 
     over all axes, or along ``axis`` only. ``mask`` is 0/1 and shaped like ``values``.
 
+    Inside ``shard_map`` under ``compose(..., axis_name=...)`` a mean over all axes is
+    global: the numerator and the token count are each ``psum``-ed over the named axes
+    (the mean over every shard's tokens, not the mean of the shards' means).
+
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxreg._src.terms.masking import token_mean
@@ -25,4 +31,7 @@ def token_mean(values: jax.Array, mask: jax.Array, axis: int | None = None) -> j
       >>> float(token_mean(v, m)), token_mean(v, m, axis=1).tolist()
       (3.0, [2.0, 5.0])
     """
-    return jnp.sum(values * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1)
+    num, count = jnp.sum(values * mask, axis=axis), jnp.sum(mask, axis=axis)
+    if axis is None:
+        num, count = axes.psum(num), axes.psum(count)
+    return num / jnp.maximum(count, 1)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxreg._src.core import axes
 from jaxreg._src.core.term import InputError
 from jaxreg._src.terms.batch import Batch
 from jaxreg._src.terms.pytrees import params_only
@@ -165,7 +166,7 @@ def l1(x: Any, batch: Any = None, *, center: Any = None, mask: Any = None):
       3.0
     """
     leaves, dtype = _penalised_leaves("l1", x, batch, center, mask)
-    top = [jnp.max(jnp.abs(a)).astype(dtype) for a in leaves]
+    top = [axes.pmax(jnp.max(jnp.abs(a)).astype(dtype)) for a in leaves]
     return _sum(leaves, jnp.abs, dtype), {
         "max_abs": jnp.max(jnp.stack(top)) if top else jnp.zeros((), dtype)
     }
@@ -562,5 +563,7 @@ def length_penalty(x: jax.Array, batch: Batch, *, max_length: int = 64):
     per = jnp.sum(xc, axis=-1) if xc.ndim == 3 else xc
     lengths = jnp.sum(mask, axis=1)
     return jnp.sum(per * late), {
-        "over_length_fraction": jnp.mean((lengths > max_length).astype(x.dtype))
+        "over_length_fraction": token_mean(
+            (lengths > max_length).astype(x.dtype), jnp.ones_like(lengths, dtype=x.dtype)
+        )
     }

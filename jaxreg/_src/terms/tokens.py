@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxreg._src.core import axes
 from jaxreg._src.core.term import InputError
 from jaxreg._src.terms.batch import Batch
 from jaxreg._src.terms.masking import expand, token_mean
@@ -170,7 +171,7 @@ def reduce(name: str, per_token: jax.Array, mask: jax.Array, reduction: str) -> 
     sequences that have at least one real token.
     """
     if reduction == "sum":
-        return jnp.sum(per_token * mask)
+        return axes.psum(jnp.sum(per_token * mask))
     if reduction == "token_mean":
         return token_mean(per_token, mask)
     if reduction == "seq_mean":
@@ -188,8 +189,8 @@ def token_stats(values: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     values = jax.lax.optimization_barrier(jax.lax.stop_gradient(values))
     real = mask > 0
     big = jnp.asarray(jnp.finfo(values.dtype).max, values.dtype)
-    vmax = jnp.max(jnp.where(real, values, -big))
-    vmin = jnp.min(jnp.where(real, values, big))
+    vmax = axes.pmax(jnp.max(jnp.where(real, values, -big)))
+    vmin = axes.pmin(jnp.min(jnp.where(real, values, big)))
     any_real = vmax >= vmin
     zero = jnp.zeros((), values.dtype)
     return {"max": jnp.where(any_real, vmax, zero), "min": jnp.where(any_real, vmin, zero)}
