@@ -124,14 +124,14 @@ def aligned_mtl_weights(
         desc = jnp.sort(jnp.where(keep, lam, -jnp.inf))[::-1]
         sigma = desc[jnp.maximum(rank - 1 - (rank - 1) // 2, 0)]
     else:
-        sigma = jnp.sum(kept) / jnp.maximum(rank, 1)
+        sigma = jnp.sum(kept) / jnp.maximum(rank, 1).astype(g.dtype)
     sigma = jnp.where(rank > 0, sigma, 1.0)
     inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(_safe(kept)), 0.0)
     b = jnp.sqrt(sigma) * (v * inv_sqrt) @ v.T
     w = jnp.where(rank > 0, b @ p, p)
     if not with_residual:
         return w
-    proj = (v * keep) @ v.T
+    proj = (v * keep.astype(g.dtype)) @ v.T
     residual = jnp.max(jnp.abs(b @ g @ b - sigma * proj)) / sigma
     return w, jnp.where(rank > 0, residual, 0.0)
 
