@@ -51,7 +51,10 @@ def upgrad(j: np.ndarray, pref: np.ndarray | None = None) -> np.ndarray:
     return sum(dual_cone_projection(j, p[i] * j[i]) for i in range(n))
 
 
-def aligned_mtl(j: np.ndarray, pref=None, scale_mode="min", eps=np.finfo(np.float64).eps):
+_EPS64 = float(np.finfo(np.float64).eps)
+
+
+def aligned_mtl(j: np.ndarray, pref=None, scale_mode="min", eps=_EPS64):
     """Senushkin et al., Alg. 1, from the SVD ``J = U S V^T``: the aligned gradients
     are ``sqrt(sigma) U_r V_r^T``, the update ``sqrt(sigma) V_r U_r^T p``."""
     n = j.shape[0]
@@ -108,9 +111,13 @@ def gradvac(j, targets, orders, beta=0.5):
             phi = gi @ gj / (ni * nj) if ni * nj > 0 else 0.0
             hat = targets[i, k]
             if phi < hat and nj > 0 and abs(hat) < 1:
-                gi = gi + ni * (hat * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - hat**2)) / (
-                    nj * np.sqrt(1 - hat**2)
-                ) * gj
+                gi = (
+                    gi
+                    + ni
+                    * (hat * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - hat**2))
+                    / (nj * np.sqrt(1 - hat**2))
+                    * gj
+                )
             new[i, k] = (1 - beta) * hat + beta * phi
         update += gi
     return update, new

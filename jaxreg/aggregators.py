@@ -27,10 +27,6 @@ from jaxreg._src.optim.aggregators import pcgrad_weights as pcgrad_weights
 from jaxreg._src.optim.aggregators import upgrad as upgrad
 from jaxreg._src.optim.aggregators import upgrad_weights as upgrad_weights
 from jaxreg._src.optim.aggregators import weighted_sum as weighted_sum
-from jaxreg._src.optim.aggregators_jd import imtl_g as imtl_g
-from jaxreg._src.optim.aggregators_jd import imtl_g_weights as imtl_g_weights
-from jaxreg._src.optim.aggregators_jd import random as random
-from jaxreg._src.optim.aggregators_jd import random_weights as random_weights
 from jaxreg._src.optim.aggregators_conflict import GradVacState as GradVacState
 from jaxreg._src.optim.aggregators_conflict import aligned_mtl as aligned_mtl
 from jaxreg._src.optim.aggregators_conflict import aligned_mtl_weights as aligned_mtl_weights
@@ -44,6 +40,10 @@ from jaxreg._src.optim.aggregators_conflict import gradvac_weights as gradvac_we
 from jaxreg._src.optim.aggregators_conflict import krum as krum
 from jaxreg._src.optim.aggregators_conflict import krum_weights as krum_weights
 from jaxreg._src.optim.aggregators_conflict import trimmed_mean as trimmed_mean
+from jaxreg._src.optim.aggregators_jd import imtl_g as imtl_g
+from jaxreg._src.optim.aggregators_jd import imtl_g_weights as imtl_g_weights
+from jaxreg._src.optim.aggregators_jd import random as random
+from jaxreg._src.optim.aggregators_jd import random_weights as random_weights
 
 __all__ = [
     "AggregatorState",

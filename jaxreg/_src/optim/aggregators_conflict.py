@@ -416,8 +416,7 @@ def graddrop(
         n = leaves[0].shape[0]
         if leak is not None and leak.shape[0] != n:
             raise ConfigError(
-                f"graddrop: leak must have one value per term, expected {n}, found "
-                f"{leak.shape[0]}"
+                f"graddrop: leak must have one value per term, expected {n}, found {leak.shape[0]}"
             )
         key, sub = jax.random.split(state.key)
         out = []
