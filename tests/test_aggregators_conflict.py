@@ -3,6 +3,7 @@
 (``conflict_refs``), against TorchJD 0.18 where it is installed, and the properties
 TorchJD documents, as certificates, in float64 and float32 on hard inputs."""
 
+import functools
 import inspect
 import re
 from pathlib import Path
@@ -34,11 +35,29 @@ def _close(d, expected, tol, scale):
     assert err <= tol, f"error {err:.3g} > {tol:.3g}"
 
 
-def _weights(fn, j, dtype, **options):
+_JITTED = {}
+
+
+def _jitted(fn, static):
+    """``fn(gramian(stacked), pref_vector=..., **static, with_residual=True)``, jitted once
+    per function and static options (the tests' shapes repeat: one compile each)."""
+    key = (fn, tuple(sorted(static.items())))
+    if key not in _JITTED:
+
+        def run(stacked, pref):
+            extra = {} if pref is None else {"pref_vector": pref}
+            return fn(jr.aggregators.gramian(stacked), with_residual=True, **static, **extra)
+
+        _JITTED[key] = jax.jit(run)
+    return _JITTED[key]
+
+
+def _weights(fn, j, dtype, pref_vector=None, **options):
     """``fn`` on the Gramian of ``j`` (computed in ``dtype``): ``(d, weights, residual)``."""
     with jax.enable_x64(dtype == jnp.float64):
         stacked = jnp.asarray(j, dtype)
-        w, residual = fn(jr.aggregators.gramian(stacked), with_residual=True, **options)
+        pref = None if pref_vector is None else jnp.asarray(pref_vector, dtype)
+        w, residual = _jitted(fn, options)(stacked, pref)
         w = np.asarray(w, np.float64)
     return w @ j, w, float(residual)
 
@@ -168,13 +187,9 @@ def test_upgrad_pref_vector_matches_the_sum_of_nnls_projections(name, dtype):
     assert residual <= _tol(dtype, 1e-12, 1e-5)
     _nonconflict(j, d, _tol(dtype, 1e-10, 1e-5))
     # The default is the mean: pref_vector = 1/n gives the same weights.
-    with jax.enable_x64(dtype == jnp.float64):
-        g = jr.aggregators.gramian(jnp.asarray(j, dtype))
-        np.testing.assert_allclose(
-            jr.aggregators.upgrad_weights(g, pref_vector=jnp.full((n,), 1.0 / n, dtype)),
-            jr.aggregators.upgrad_weights(g),
-            rtol=1e-12 if dtype == jnp.float64 else 1e-6,
-        )
+    _, w_mean, _ = _weights(jr.aggregators.upgrad_weights, j, dtype, pref_vector=np.full(n, 1 / n))
+    _, w_default, _ = _weights(jr.aggregators.upgrad_weights, j, dtype)
+    np.testing.assert_allclose(w_mean, w_default, rtol=_tol(dtype, 1e-12, 1e-6))
 
 
 def test_upgrad_pref_vector_is_linear_under_scaling_in_the_aggregator():
@@ -218,16 +233,22 @@ def _graddrop_uniforms(key, stacked):
     ]
 
 
+@functools.cache
+def _graddrop_squared(n):
+    agg = jr.aggregators.graddrop(f=lambda p: p**2, leak=np.linspace(0.0, 0.6, n), seed=3)
+    return agg, jax.jit(agg.update)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("name", ["normal", "cos-0.999", "scales", "zero-row", "one"])
 def test_graddrop_matches_the_reference_for_its_draw(name, dtype):
     j = CASES[name]
     leak = np.linspace(0.0, 0.6, len(j))
-    agg = jr.aggregators.graddrop(f=lambda p: p**2, leak=leak, seed=3)
+    agg, step = _graddrop_squared(len(j))
     with jax.enable_x64(dtype == jnp.float64):
         stacked = {"a": jnp.asarray(j[:, :2], dtype), "b": jnp.asarray(j[:, 2:], dtype)}
         state = agg.init(None)
-        out, new = jax.jit(agg.update)(stacked, state)
+        out, new = step(stacked, state)
         us = _graddrop_uniforms(state.key, stacked)
         assert not np.array_equal(jax.random.key_data(new.key), jax.random.key_data(state.key))
     for leaf, cols, u in zip("ab", [slice(0, 2), slice(2, None)], us, strict=True):
@@ -274,15 +295,18 @@ def _orders(key, n):
     return [[int(k) for k in perms[i] if k != i] for i in range(n)]
 
 
+_GRADVAC_AGG = jr.aggregators.gradvac(n_tasks=4, beta=0.3)
+_GRADVAC = (_GRADVAC_AGG, jax.jit(_GRADVAC_AGG.update))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("name", ["normal", "cos-0.999", "scales", "duplicated", "zero-row"])
 def test_gradvac_matches_the_reference_over_steps(name, dtype):
     j = CASES[name]
     n = len(j)
-    agg = jr.aggregators.gradvac(n_tasks=n, beta=0.3)
+    agg, step = _GRADVAC
     targets = np.zeros((n, n))
     with jax.enable_x64(dtype == jnp.float64):
-        step = jax.jit(agg.update)
         state = agg.init(None)
         for t in range(3):
             m = j * (1.0 + 0.3 * t)  # same directions, new norms: the targets matter
@@ -364,6 +388,12 @@ def test_krum_discards_the_byzantine_gradients():
 # -------------------------------------------------------------------- TrimmedMean
 
 
+@functools.cache
+def _trimmed(b):
+    agg = jr.aggregators.trimmed_mean(trim_number=b)
+    return agg, jax.jit(agg.update)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("name", ["normal", "cos-0.999", "scales", "duplicated", "zero-row", "one"])
 def test_trimmed_mean_matches_the_reference_and_is_permutation_invariant(name, dtype):
@@ -371,8 +401,7 @@ def test_trimmed_mean_matches_the_reference_and_is_permutation_invariant(name, d
     trims = [0] if len(j) == 1 else [0, 1]
     with jax.enable_x64(dtype == jnp.float64):
         for b in trims:
-            agg = jr.aggregators.trimmed_mean(trim_number=b)
-            step = jax.jit(agg.update)
+            agg, step = _trimmed(b)
             out, _ = step({"w": jnp.asarray(j, dtype)}, agg.init(None))
             _close(out["w"], ref.trimmed_mean(j, b), _tol(dtype, 1e-15, 1e-6), _scale(j))
             perm, _ = step({"w": jnp.asarray(j[::-1], dtype)}, agg.init(None))
