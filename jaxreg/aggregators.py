@@ -27,6 +27,19 @@ from jaxreg._src.optim.aggregators import pcgrad_weights as pcgrad_weights
 from jaxreg._src.optim.aggregators import upgrad as upgrad
 from jaxreg._src.optim.aggregators import upgrad_weights as upgrad_weights
 from jaxreg._src.optim.aggregators import weighted_sum as weighted_sum
+from jaxreg._src.optim.aggregators_conflict import GradVacState as GradVacState
+from jaxreg._src.optim.aggregators_conflict import aligned_mtl as aligned_mtl
+from jaxreg._src.optim.aggregators_conflict import aligned_mtl_weights as aligned_mtl_weights
+from jaxreg._src.optim.aggregators_conflict import config as config
+from jaxreg._src.optim.aggregators_conflict import config_weights as config_weights
+from jaxreg._src.optim.aggregators_conflict import dualproj as dualproj
+from jaxreg._src.optim.aggregators_conflict import dualproj_weights as dualproj_weights
+from jaxreg._src.optim.aggregators_conflict import graddrop as graddrop
+from jaxreg._src.optim.aggregators_conflict import gradvac as gradvac
+from jaxreg._src.optim.aggregators_conflict import gradvac_weights as gradvac_weights
+from jaxreg._src.optim.aggregators_conflict import krum as krum
+from jaxreg._src.optim.aggregators_conflict import krum_weights as krum_weights
+from jaxreg._src.optim.aggregators_conflict import trimmed_mean as trimmed_mean
 from jaxreg._src.optim.aggregators_jd import imtl_g as imtl_g
 from jaxreg._src.optim.aggregators_jd import imtl_g_weights as imtl_g_weights
 from jaxreg._src.optim.aggregators_jd import random as random
@@ -53,4 +66,18 @@ __all__ = [
     "upgrad",
     "upgrad_weights",
     "weighted_sum",
+    # AlignedMTL, ConFIG, DualProj, GradDrop, GradVac, Krum, TrimmedMean
+    "GradVacState",
+    "aligned_mtl",
+    "aligned_mtl_weights",
+    "config",
+    "config_weights",
+    "dualproj",
+    "dualproj_weights",
+    "graddrop",
+    "gradvac",
+    "gradvac_weights",
+    "krum",
+    "krum_weights",
+    "trimmed_mean",
 ]

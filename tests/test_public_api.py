@@ -191,6 +191,12 @@ def test_weight_functions_are_exactly_the_star_weights_names():
         "from_gramian_weights",
         "imtl_g_weights",
         "random_weights",
+        # aggregators_conflict: their signatures are tested in test_aggregators_conflict
+        "aligned_mtl_weights",
+        "config_weights",
+        "dualproj_weights",
+        "gradvac_weights",
+        "krum_weights",
     }
     # "weighting" is jr.weighting's word (adaptive loss weights), not the aggregators'.
     assert not [n for n in jr.aggregators.__all__ if "weighting" in n.lower()]

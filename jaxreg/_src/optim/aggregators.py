@@ -217,6 +217,34 @@ def _zero_residual(weights: jax.Array) -> jax.Array:
     return jnp.zeros((), weights.dtype)
 
 
+def _check_pref(pref_vector: Any, name: str) -> np.ndarray | None:
+    """A constructor's ``pref_vector``: ``None`` or a finite 1-D vector (kept on the host)."""
+    if pref_vector is None:
+        return None
+    p = np.asarray(pref_vector, np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ConfigError(
+            f"{name}: pref_vector must be a non-empty 1-D vector (one weight per term), "
+            f"found shape {p.shape}"
+        )
+    if not np.all(np.isfinite(p)):
+        raise ConfigError(f"{name}: pref_vector must be finite, found {p.tolist()}")
+    return p
+
+
+def _pref_weights(pref_vector: Any, n: int, dtype: Any, name: str, default: Any) -> Any:
+    """``pref_vector`` as ``[n]`` weights of ``dtype`` (``default`` when it is ``None``)."""
+    if pref_vector is None:
+        return default
+    p = jnp.asarray(pref_vector, dtype)
+    if p.shape != (n,):
+        raise ConfigError(
+            f"{name}: pref_vector must have one entry per term, expected shape ({n},), "
+            f"found {p.shape}"
+        )
+    return p
+
+
 # --------------------------------------------------------------------- the methods
 
 
@@ -358,7 +386,11 @@ def mgda(iterations: int | None = None) -> aggregating.Aggregator:
 
 
 def upgrad_weights(
-    gramian: jax.Array, *, iterations: int | None = None, with_residual: bool = False
+    gramian: jax.Array,
+    *,
+    iterations: int | None = None,
+    pref_vector: Any = None,
+    with_residual: bool = False,
 ) -> Any:
     r"""UPGrad's weights (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective
     Optimization"): project each :math:`g_i` onto the dual cone
@@ -371,9 +403,17 @@ def upgrad_weights(
     non-negative least-squares method on the unit-diagonal Gramian, stopping on the KKT
     conditions (``upgrad_solve``).
 
+    With a preference vector :math:`p` (TorchJD's ``pref_vector``), the weights are
+    :math:`\sum_i v_i(p_i)` with :math:`v_i(p_i) = \arg\min_{v \ge p_i e_i} v^\top G v`,
+    the projection of :math:`p_i g_i` onto the dual cone: :math:`\max(p_i, 0)\, v_i`
+    (a negative :math:`p_i` contributes nothing: the projection of :math:`-g_i` is 0).
+    The default, :math:`p = 1/n`, is the mean above. The result stays non-conflicting
+    for every :math:`p` and linear under scaling.
+
     Args:
       gramian: the ``n x n`` Gramian.
       iterations: the active-set iteration guard per projection (default ``6 n + 10``).
+      pref_vector: ``None`` (the mean) or ``n`` weights of the projections.
       with_residual: also return the largest KKT residual of the ``n`` projections.
 
     Example:
@@ -382,19 +422,24 @@ def upgrad_weights(
       >>> g = jnp.array([[1.0, -1.0], [-1.0, 2.0]])
       >>> print(jr.aggregators.upgrad_weights(g))
       [1.   0.75]
+      >>> print(jr.aggregators.upgrad_weights(g, pref_vector=jnp.array([1.0, 0.0])))
+      [1.  0.5]
     """
     iterations = _iterations(iterations, "upgrad")
-    w, residual = gram_solvers.upgrad_solve(_solve_dtype(gramian), iterations)
+    g = _solve_dtype(gramian)
+    pref = _pref_weights(pref_vector, g.shape[0], g.dtype, "upgrad", None)
+    w, residual = gram_solvers.upgrad_solve(g, iterations, pref)
     return (w, residual) if with_residual else w
 
 
-def upgrad(iterations: int | None = None) -> aggregating.Aggregator:
+def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregating.Aggregator:
     """UPGrad (Quinton & Rey 2024): average of the gradients projected onto the dual cone.
 
     The result has a non-negative inner product with every term's gradient (no term
     gets worse to first order), and equals the mean when nothing conflicts. Solved
-    exactly (``upgrad_weights``); ``iterations`` is the iteration guard. The state's
-    ``residual`` is the largest KKT residual of the projections.
+    exactly (``upgrad_weights``); ``iterations`` is the iteration guard. ``pref_vector``
+    (``n`` weights, TorchJD's option) weights the projections instead of the mean. The
+    state's ``residual`` is the largest KKT residual of the projections.
 
     Example:
       >>> import jax.numpy as jnp
@@ -405,8 +450,11 @@ def upgrad(iterations: int | None = None) -> aggregating.Aggregator:
       [0.25 0.75]
     """
     iterations = _iterations(iterations, "upgrad")
+    pref = _check_pref(pref_vector, "upgrad")
     return from_gramian_weights(
-        lambda g, key: upgrad_weights(g, iterations=iterations, with_residual=True)
+        lambda g, key: upgrad_weights(
+            g, iterations=iterations, pref_vector=pref, with_residual=True
+        )
     )
 
 

@@ -166,9 +166,14 @@ def upgrad_residual(g: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(jnp.minimum(u, grad)))
 
 
-def upgrad_solve(g: jax.Array, max_iter: int | None = None) -> tuple[jax.Array, jax.Array]:
+def upgrad_solve(
+    g: jax.Array, max_iter: int | None = None, pref: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     r"""``(weights, residual)`` of UPGrad: the mean of
-    :math:`v_i = \arg\min_{v \ge e_i} v^\top G v`, one ``nnls_gram`` per task.
+    :math:`v_i = \arg\min_{v \ge e_i} v^\top G v`, one ``nnls_gram`` per task
+    (with a preference vector ``pref``: :math:`\sum_i \max(p_i, 0)\, v_i`, the sum of
+    the projections of :math:`p_i g_i`, since the problem is positively homogeneous in
+    the bound and the projection of :math:`-g_i` is 0).
 
     With :math:`v = e_i + \|g_i\| D^{-1} \tilde u`, the problem is
     :math:`\min_{\tilde u \ge 0} \tfrac12 \tilde u^\top \hat G \tilde u + \tilde u^\top
@@ -192,7 +197,8 @@ def upgrad_solve(g: jax.Array, max_iter: int | None = None) -> tuple[jax.Array, 
             return eye[i] + norms[i] * u / d
 
         v = jax.vmap(one)(jnp.arange(n))
-    return v.mean(0), upgrad_residual(g, v)
+    weights = v.mean(0) if pref is None else jnp.maximum(pref, 0.0) @ v
+    return weights, upgrad_residual(g, v)
 
 
 def _simplex_kkt(w: jax.Array, r: jax.Array) -> jax.Array:
