@@ -33,17 +33,13 @@ from jaxreg._src.optim.aggregators_jd import random as random
 from jaxreg._src.optim.aggregators_jd import random_weights as random_weights
 
 # isort: split
-# FairGrad, PCD and ExcessMTL (TorchJD), and weightings as aggregators.
+# FairGrad, PCD and ExcessMTL (TorchJD); the cross-Gramian of two batches.
 from jaxreg._src.optim.aggregators_adaptive import ExcessMTLState as ExcessMTLState
 from jaxreg._src.optim.aggregators_adaptive import PCDState as PCDState
-from jaxreg._src.optim.aggregators_adaptive import (
-    WeightingAggregatorState as WeightingAggregatorState,
-)
 from jaxreg._src.optim.aggregators_adaptive import cross_gramian as cross_gramian
 from jaxreg._src.optim.aggregators_adaptive import excess_mtl as excess_mtl
 from jaxreg._src.optim.aggregators_adaptive import fairgrad as fairgrad
 from jaxreg._src.optim.aggregators_adaptive import fairgrad_weights as fairgrad_weights
-from jaxreg._src.optim.aggregators_adaptive import from_weighting as from_weighting
 from jaxreg._src.optim.aggregators_adaptive import pcd as pcd
 from jaxreg._src.optim.aggregators_adaptive import pcd_weights as pcd_weights
 
@@ -71,12 +67,10 @@ __all__ = [
     # FairGrad, PCD, ExcessMTL
     "ExcessMTLState",
     "PCDState",
-    "WeightingAggregatorState",
     "cross_gramian",
     "excess_mtl",
     "fairgrad",
     "fairgrad_weights",
-    "from_weighting",
     "pcd",
     "pcd_weights",
 ]

@@ -18,6 +18,8 @@ from jaxreg._src.optim.weighting_matrix import CRMOGMState as CRMOGMState
 from jaxreg._src.optim.weighting_matrix import MatrixWeighting as MatrixWeighting
 from jaxreg._src.optim.weighting_matrix import MoDoState as MoDoState
 from jaxreg._src.optim.weighting_matrix import SDMGradState as SDMGradState
+from jaxreg._src.optim.weighting_matrix import WeightingAggregatorState as WeightingAggregatorState
+from jaxreg._src.optim.weighting_matrix import as_aggregator as as_aggregator
 from jaxreg._src.optim.weighting_matrix import cr_mogm as cr_mogm
 from jaxreg._src.optim.weighting_matrix import modo as modo
 from jaxreg._src.optim.weighting_matrix import project_simplex as project_simplex
@@ -40,6 +42,8 @@ __all__ = [
     "MatrixWeighting",
     "MoDoState",
     "SDMGradState",
+    "WeightingAggregatorState",
+    "as_aggregator",
     "cr_mogm",
     "modo",
     "project_simplex",

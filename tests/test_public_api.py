@@ -126,6 +126,13 @@ STATES = [
     (jr.weighting, "DWAState"),
     (jr.weighting, "FAMOState"),
     (jr.weighting, "Weighting"),
+    (jr.aggregators, "PCDState"),
+    (jr.aggregators, "ExcessMTLState"),
+    (jr.weighting, "MatrixWeighting"),
+    (jr.weighting, "MoDoState"),
+    (jr.weighting, "SDMGradState"),
+    (jr.weighting, "CRMOGMState"),
+    (jr.weighting, "WeightingAggregatorState"),
     (jr.transforms, "RegularizeState"),
 ]
 
@@ -181,6 +188,7 @@ WEIGHT_FNS = {
     "upgrad": jr.aggregators.upgrad_weights,
     "cagrad": jr.aggregators.cagrad_weights,
     "nash_mtl": jr.aggregators.nash_mtl_weights,
+    "fairgrad": jr.aggregators.fairgrad_weights,
 }
 
 
@@ -191,6 +199,7 @@ def test_weight_functions_are_exactly_the_star_weights_names():
         "from_gramian_weights",
         "imtl_g_weights",
         "random_weights",
+        "pcd_weights",  # PCD's moving-average scales are an argument (the aggregator's state)
     }
     # "weighting" is jr.weighting's word (adaptive loss weights), not the aggregators'.
     assert not [n for n in jr.aggregators.__all__ if "weighting" in n.lower()]
@@ -226,6 +235,7 @@ UNCONVERGED = {
     "upgrad": (0, {"iterations": 2}),
     "cagrad": (2, {"iterations": 1}),
     "nash_mtl": (0, {"iterations": 1}),
+    "fairgrad": (0, {"alpha": 2.0, "iterations": 1}),
 }
 
 

@@ -7,10 +7,8 @@ arrays of fixed shapes (``PCDState``, ``ExcessMTLState``), so ``update`` can sit
 jitted step or a ``lax.scan``. They need the number of terms when the state is made:
 an aggregator's ``init`` sees only the parameters.
 
-``from_weighting`` turns a ``jaxreg.weighting.MatrixWeighting`` (MoDo, SDMGrad, CR-MOGM)
-into an aggregator on the Gramian of the stacked gradients; ``cross_gramian`` forms the
-matrix :math:`J_1 J_2^\top` of two independent batches that MoDo and SDMGrad are meant to
-read.
+``cross_gramian`` forms the matrix :math:`J_1 J_2^\top` of two independent batches that
+the task weightings MoDo and SDMGrad (``jaxreg.weighting``) are meant to read.
 """
 
 from __future__ import annotations
@@ -59,35 +57,38 @@ def _fairgrad_solve(g: jax.Array, alpha: float, max_iter: int) -> tuple[jax.Arra
         return 0.5 * w @ gs @ w - jnp.sum(h)
 
     def cond(c):
-        return ~c[2] & (c[1] < max_iter)
+        return ~c[3] & (c[2] < max_iter)
 
     def body(c):
-        w, it, _ = c
+        w, prev, it, _ = c
         grad = gs @ w - w**-p
         hess = gs + jnp.diag(p * w ** (-p - 1.0))
         lu = lu_factor(hess)
         delta = lu_solve(lu, grad)
         delta = delta + lu_solve(lu, grad - hess @ delta)
-        # The largest step that keeps w > 0 (with a margin), then backtracking on phi.
+        lam2 = grad @ delta  # the squared Newton decrement
+        # The largest step that keeps w > 0 (with a margin); far from the solution,
+        # backtracking on phi; close to it (lam2 < 1/16), full steps until the decrement
+        # stops shrinking fourfold (the rounding floor, where phi cannot rank steps).
         shrink = jnp.where(delta > 0, 0.99 * w / jnp.where(delta > 0, delta, 1.0), jnp.inf)
         t0 = jnp.minimum(1.0, jnp.min(shrink))
+        pure = lam2 < 1.0 / 16
         f0 = phi(w)
-        slope = -grad @ delta
 
         def bt_cond(t):
-            new = w - t * delta
-            return (phi(new) > f0 + 0.25 * t * slope) & (t > 1e-12)
+            return (phi(w - t * delta) > f0 - 0.25 * t * lam2) & (t > 1e-12) & ~pure
 
         t = lax.while_loop(bt_cond, lambda t: 0.5 * t, t0)
         new = w - t * delta
+        stalled = pure & (prev < 1.0 / 16) & (lam2 > prev / 4)
         ok = jnp.all(jnp.isfinite(new)) & jnp.all(new > 0)
-        w_next = jnp.where(ok, new, w)
-        lam2 = grad @ delta
-        done = ~ok | (lam2 <= (n * eps) ** 2) | (t <= 1e-12)
-        return w_next, it + 1, done
+        w_next = jnp.where(ok & ~stalled, new, w)
+        done = ~ok | stalled | (lam2 <= (n * eps) ** 2) | (t <= 1e-12)
+        return w_next, lam2, it + 1, done
 
     w0 = jnp.full((n,), 1.0, dtype) * (jnp.sum(gs) / n + 1.0) ** (-alpha / (1.0 + alpha))
-    w, _, _ = lax.while_loop(cond, body, (w0, 0, jnp.asarray(False)))
+    inf = jnp.asarray(jnp.inf, dtype)
+    w, _, _, _ = lax.while_loop(cond, body, (w0, inf, 0, jnp.asarray(False)))
     residual = jnp.max(jnp.abs(w**p * (gs @ w) - 1.0))
     # A solution exists iff 0 is not in the convex hull of the gradients (else the
     # potential decreases without bound, or towards an unattained infimum).
@@ -291,8 +292,9 @@ class PCDState(NamedTuple):
     r"""The state of ``pcd``.
 
     Attributes:
-      sq_norm_ema: float32 ``[n]``, the exponential moving average of each term's
-        squared gradient norm (not bias-corrected).
+      sq_norm_ema: ``[n]`` (float64 when x64 is enabled, else float32), the
+        exponential moving average of each term's squared gradient norm (not
+        bias-corrected).
       step: int32 scalar, the number of updates so far.
       residual: float32 scalar, ``pcd_weights``' residual at the last update.
     """
@@ -337,7 +339,7 @@ def pcd(
 
     def init(params):
         state = PCDState(
-            jnp.zeros((num_tasks,), jnp.float32),
+            jnp.zeros((num_tasks,), jax.dtypes.canonicalize_dtype(jnp.float64)),
             jnp.zeros((), jnp.int32),
             jnp.zeros((), jnp.float32),
         )
@@ -360,7 +362,9 @@ def pcd(
         )
         w = jnp.where(finite, w, jnp.nan)
         new = PCDState(
-            jnp.where(finite, ema, state.sq_norm_ema).astype(jnp.float32),
+            jnp.where(finite, ema, state.sq_norm_ema.astype(ema.dtype)).astype(
+                state.sq_norm_ema.dtype
+            ),
             jnp.where(finite, step, state.step),
             jnp.asarray(residual, jnp.float32),
         )
@@ -506,46 +510,3 @@ def cross_gramian(stacked_a: Any, stacked_b: Any) -> jax.Array:
         ),
         start=jnp.zeros((n, n), acc),
     )
-
-
-class WeightingAggregatorState(NamedTuple):
-    """The state of ``from_weighting``: the weighting's state and its last weights."""
-
-    inner: Any
-    weights: jax.Array
-
-
-def from_weighting(weighting: Any, num_tasks: int) -> aggregating.Aggregator:
-    r"""An ``Aggregator`` from a ``jaxreg.weighting.MatrixWeighting`` on the Gramian.
-
-    Each update forms :math:`G` of the stacked gradients, calls
-    ``weighting.update(G, state)`` and returns :math:`w^\top J`. MoDo and SDMGrad are
-    meant for the cross-Gramian of two independent batches (``cross_gramian``); on one
-    batch's Gramian their convergence guarantee does not hold (TorchJD's warning). For
-    CR-MOGM around a Gramian weight function this is TorchJD's
-    ``GramianWeightedAggregator(CRMOGMWeighting(...))``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import jaxreg as jr
-      >>> smoothed = jr.weighting.cr_mogm(jr.aggregators.upgrad_weights, alpha=0.5)
-      >>> agg = jr.aggregators.from_weighting(smoothed, num_tasks=2)
-      >>> update, state = agg.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, agg.init(None))
-      >>> print(state.weights)
-      [1.   0.75]
-    """
-
-    def init(params):
-        state = WeightingAggregatorState(
-            weighting.init(num_tasks), jnp.zeros((num_tasks,), jnp.float32)
-        )
-        return gather.placed_like(state, params)
-
-    def update(stacked, state, params=None, **extra):
-        del params, extra
-        w, inner = weighting.update(gramian(stacked), state.inner)
-        return apply_weights(w, stacked), WeightingAggregatorState(
-            inner, jnp.asarray(w, jnp.float32)
-        )
-
-    return aggregating.Aggregator(init, update)

@@ -9,7 +9,7 @@ batches (``jr.aggregators.cross_gramian``), which one output does not hold. A
 * ``state = weighting.init(num_tasks)``;
 * ``weights, state = weighting.update(matrix, state)``, ``weights`` an ``[n]`` array:
   the loss weights of the next step (``objective(x, batch, weights=...)``), or the
-  Gramian weights of an aggregator (``jr.aggregators.from_weighting``).
+  Gramian weights of an aggregator (``as_aggregator``).
 
 The state is a ``NamedTuple`` of arrays with the same structure on every step.
 """
@@ -21,8 +21,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from optax.experimental import aggregating
 
+from jaxreg._src.core import gather
 from jaxreg._src.core.errors import ConfigError
+from jaxreg._src.optim.aggregators import apply_weights, gramian
 
 
 class MatrixWeighting(NamedTuple):
@@ -51,8 +54,13 @@ def project_simplex(y: jax.Array) -> jax.Array:
     k = jnp.arange(1, n + 1, dtype=y.dtype)
     cond = u - (css - 1.0) / k > 0
     rho = jnp.max(jnp.where(cond, jnp.arange(n), 0))
-    theta = (css[rho] - 1.0) / (rho + 1.0).astype(y.dtype)
+    theta = (css[rho] - 1.0) / (rho.astype(y.dtype) + 1.0)
     return jnp.maximum(y - theta, 0.0)
+
+
+def _state_dtype():
+    """float64 when x64 is enabled, else float32 (the states follow the solves)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 def _float(x: Any) -> jax.Array:
@@ -64,8 +72,12 @@ def _float(x: Any) -> jax.Array:
 
 
 class MoDoState(NamedTuple):
-    r"""The state of ``modo``: ``weights`` ``[n]``, the task weights :math:`\lambda`
-    (uniform after ``init``)."""
+    r"""The state of ``modo``.
+
+    Attributes:
+      weights: ``[n]``, the task weights :math:`\lambda` (uniform after ``init``; float64
+        when x64 is enabled, else float32).
+    """
 
     weights: jax.Array
 
@@ -101,7 +113,7 @@ def modo(gamma: float = 0.1, rho: float = 0.1) -> MatrixWeighting:
         raise ConfigError(f"modo: rho must be >= 0, found {rho!r}")
 
     def init(num_tasks):
-        return MoDoState(jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
+        return MoDoState(jnp.full((num_tasks,), 1.0 / num_tasks, _state_dtype()))
 
     def update(matrix, state):
         a = _float(matrix)
@@ -116,8 +128,12 @@ def modo(gamma: float = 0.1, rho: float = 0.1) -> MatrixWeighting:
 
 
 class SDMGradState(NamedTuple):
-    r"""The state of ``sdmgrad``: ``weights`` ``[n]``, the inner iterate :math:`w` on the
-    simplex (uniform after ``init``)."""
+    r"""The state of ``sdmgrad``.
+
+    Attributes:
+      weights: ``[n]``, the inner iterate :math:`w` on the simplex (uniform after
+        ``init``; float64 when x64 is enabled, else float32).
+    """
 
     weights: jax.Array
 
@@ -171,7 +187,7 @@ def sdmgrad(
                 f"sdmgrad: pref_vector must have shape ({num_tasks},), "
                 f"found {jnp.shape(pref_vector)}"
             )
-        return SDMGradState(jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
+        return SDMGradState(jnp.full((num_tasks,), 1.0 / num_tasks, _state_dtype()))
 
     def update(matrix, state):
         a = _float(matrix)
@@ -205,7 +221,8 @@ class CRMOGMState(NamedTuple):
     r"""The state of ``cr_mogm``.
 
     Attributes:
-      weights: float32 ``[n]``, the smoothed weights :math:`\lambda_{k-1}`.
+      weights: ``[n]``, the smoothed weights :math:`\lambda_{k-1}` (float64 when x64
+        is enabled, else float32).
       started: bool scalar, whether :math:`\lambda_0` is set (``initial_weights`` given,
         or one update done).
       inner: the wrapped weighting's state (``()`` for a stateless function).
@@ -261,9 +278,9 @@ def cr_mogm(weighting: Any, alpha: float = 0.9, initial_weights: Any = None) -> 
             )
         started = initial_weights is not None
         lam = (
-            jnp.asarray(initial_weights, jnp.float32)
+            jnp.asarray(initial_weights, _state_dtype())
             if started
-            else jnp.zeros((num_tasks,), jnp.float32)
+            else jnp.zeros((num_tasks,), _state_dtype())
         )
         inner = weighting.init(num_tasks) if stateful else ()
         return CRMOGMState(lam, jnp.asarray(started), inner)
@@ -278,3 +295,58 @@ def cr_mogm(weighting: Any, alpha: float = 0.9, initial_weights: Any = None) -> 
         return lam, CRMOGMState(lam.astype(state.weights.dtype), jnp.asarray(True), inner)
 
     return MatrixWeighting(init, update)
+
+
+# ------------------------------------------------------------------ as an aggregator
+
+
+class WeightingAggregatorState(NamedTuple):
+    """The state of ``as_aggregator``.
+
+    Attributes:
+      inner: the weighting's state.
+      weights: ``[n]``, the last weights (float64 when x64 is enabled, else float32).
+    """
+
+    inner: Any
+    weights: jax.Array
+
+
+def as_aggregator(weighting: MatrixWeighting, num_tasks: int) -> aggregating.Aggregator:
+    r"""An ``optax`` aggregator that weights the stacked gradients with a ``MatrixWeighting``.
+
+    Each update forms the Gramian :math:`G` of the stacked gradients
+    (``jr.aggregators.gramian``), calls ``weighting.update(G, state)`` and returns
+    :math:`w^\top J`. MoDo and SDMGrad are meant for the cross-Gramian of two independent
+    batches (``jr.aggregators.cross_gramian``); on one batch's Gramian their convergence
+    guarantee does not hold (TorchJD's warning). For CR-MOGM around a Gramian weight
+    function this is TorchJD's ``GramianWeightedAggregator(CRMOGMWeighting(...))``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> smoothed = jr.weighting.cr_mogm(jr.aggregators.upgrad_weights, alpha=0.5)
+      >>> agg = jr.weighting.as_aggregator(smoothed, num_tasks=2)
+      >>> update, state = agg.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, agg.init(None))
+      >>> print(state.weights)
+      [1.   0.75]
+    """
+    if not isinstance(weighting, MatrixWeighting):
+        raise ConfigError(
+            f"as_aggregator: weighting must be a MatrixWeighting, found {type(weighting).__name__}"
+        )
+
+    def init(params):
+        state = WeightingAggregatorState(
+            weighting.init(num_tasks), jnp.zeros((num_tasks,), _state_dtype())
+        )
+        return gather.placed_like(state, params)
+
+    def update(stacked, state, params=None, **extra):
+        del params, extra
+        w, inner = weighting.update(gramian(stacked), state.inner)
+        return apply_weights(w, stacked), WeightingAggregatorState(
+            inner, jnp.asarray(w, state.weights.dtype)
+        )
+
+    return aggregating.Aggregator(init, update)
