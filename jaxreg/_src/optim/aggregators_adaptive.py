@@ -47,22 +47,27 @@ def _fairgrad_solve(g: jax.Array, alpha: float, max_iter: int) -> tuple[jax.Arra
     n = g.shape[0]
     dtype = g.dtype
     eps = float(jnp.finfo(dtype).eps)
-    # Scale-free: G = s Gs gives w = s^(-alpha / (1 + alpha)) ws, Gs ws = ws^(-1/alpha).
-    s = jnp.maximum(jnp.trace(g) / n, jnp.finfo(dtype).tiny)
-    gs = g / s
     p = 1.0 / alpha
+    # In x = D w (D the gradients' norms) the equation is G^ x = c * x^-p with the
+    # unit-diagonal G^ and c_i = D_i^(p - 1): norm ratios then cost no accuracy. c is
+    # divided by its largest entry (k), which scales x by k^(1/(1+p)).
+    norms, dd, gs = gram_solvers.unit_diagonal(g)
+    logd = jnp.log(dd)
+    expo = (p - 1.0) * logd
+    top = jnp.max(expo)
+    c = jnp.exp(expo - top)
 
-    def phi(w):  # the convex potential 1/2 w'Gw - sum h(w_i), h' = w^-p
-        h = jnp.log(w) if alpha == 1.0 else w ** (1.0 - p) / (1.0 - p)
-        return 0.5 * w @ gs @ w - jnp.sum(h)
+    def phi(x):  # the convex potential 1/2 x'G^x - sum c_i h(x_i), h' = x^-p
+        h = jnp.log(x) if alpha == 1.0 else x ** (1.0 - p) / (1.0 - p)
+        return 0.5 * x @ gs @ x - jnp.sum(c * h)
 
-    def cond(c):
-        return ~c[3] & (c[2] < max_iter)
+    def cond(carry):
+        return ~carry[3] & (carry[2] < max_iter)
 
-    def body(c):
-        w, prev, it, _ = c
-        grad = gs @ w - w**-p
-        hess = gs + jnp.diag(p * w ** (-p - 1.0))
+    def body(carry):
+        w, prev, it, _ = carry
+        grad = gs @ w - c * w**-p
+        hess = gs + jnp.diag(c * p * w ** (-p - 1.0))
         lu = lu_factor(hess)
         delta = lu_solve(lu, grad)
         delta = delta + lu_solve(lu, grad - hess @ delta)
@@ -86,17 +91,17 @@ def _fairgrad_solve(g: jax.Array, alpha: float, max_iter: int) -> tuple[jax.Arra
         done = ~ok | stalled | (lam2 <= (n * eps) ** 2) | (t <= 1e-12)
         return w_next, lam2, it + 1, done
 
-    w0 = jnp.full((n,), 1.0, dtype) * (jnp.sum(gs) / n + 1.0) ** (-alpha / (1.0 + alpha))
+    w0 = c ** (1.0 / (1.0 + p)) * (jnp.sum(gs) / n + 1.0) ** (-alpha / (1.0 + alpha))
     inf = jnp.asarray(jnp.inf, dtype)
     w, _, _, _ = lax.while_loop(cond, body, (w0, inf, 0, jnp.asarray(False)))
-    residual = jnp.max(jnp.abs(w**p * (gs @ w) - 1.0))
+    residual = jnp.max(jnp.abs(w**p * (gs @ w) / c - 1.0))
     # A solution exists iff 0 is not in the convex hull of the gradients (else the
     # potential decreases without bound, or towards an unattained infimum).
-    _, _, gn = gram_solvers.unit_diagonal(g)
-    mn, _ = gram_solvers.min_norm_simplex(gn)
-    exists = mn @ gn @ mn > 10 * n * eps
+    mn, _ = gram_solvers.min_norm_simplex(gs)
+    exists = mn @ gs @ mn > 10 * n * eps
     solved = exists & jnp.all(jnp.diagonal(g) > 0) & jnp.all(jnp.isfinite(w)) & (residual < 1.0)
-    w = w * s ** (-alpha / (1.0 + alpha))
+    w = w * jnp.exp(top / (1.0 + p)) / dd
+    solved = solved & jnp.all(norms > 0) & jnp.all(jnp.isfinite(w))
     return jnp.where(solved, w, 0.0), jnp.where(solved, residual, jnp.inf)
 
 
@@ -114,8 +119,9 @@ def fairgrad_weights(
     :math:`\langle g_i, d\rangle = w_i^{-1/\alpha}` of :math:`\alpha`-fair resource
     allocation. ``w`` is the unique minimiser of the strictly convex
     :math:`\tfrac12 w^\top G w - \sum_i h(w_i)`, :math:`h' = w^{-1/\alpha}`, found by
-    Newton's method with backtracking (on :math:`G / (\operatorname{tr}G/n)`, the
-    scale put back after), stopping on the Newton decrement. TorchJD and the official
+    Newton's method with backtracking, in :math:`x = D w` (:math:`D` the gradients'
+    norms, so the Gramian has a unit diagonal and norm ratios cost no accuracy),
+    stopping on the Newton decrement. TorchJD and the official
     code run ``scipy.optimize.least_squares`` on the same equation from the uniform
     weights instead. ``alpha = 0`` is linear scalarisation: the uniform weights
     :math:`1/n` (as TorchJD). ``alpha = 1`` is Nash-MTL's equation (``nash_mtl_weights``).
@@ -133,8 +139,8 @@ def fairgrad_weights(
       alpha: the fairness parameter, ``>= 0`` (1: proportional fairness; large:
         max-min fairness).
       iterations: the Newton iteration guard (default 100; about 5-15 are used).
-      with_residual: also return :math:`\max_i |w_i^{1/\alpha}(\hat G w)_i - 1|`
-        (:math:`\hat G` the scaled Gramian; 0 for ``alpha = 0``).
+      with_residual: also return :math:`\max_i |w_i^{1/\alpha}(G w)_i - 1|` (0 for
+        ``alpha = 0``).
 
     Example:
       >>> import jax.numpy as jnp
