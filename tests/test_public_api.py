@@ -255,12 +255,17 @@ def test_aggregator_is_its_weight_function_on_the_gramian(method):
     w = WEIGHT_FNS[method](g, **kwargs)
     w2, residual = WEIGHT_FNS[method](g, with_residual=True, **kwargs)
     np.testing.assert_array_equal(w, w2)
-    expected = jr.aggregators.apply_weights(w, stacked)
-    for leaf in ("a", "b"):
-        np.testing.assert_allclose(update[leaf], expected[leaf], rtol=1e-5, atol=1e-6)
     if method != "pcgrad":
         assert residual > 1e-3, residual
-    np.testing.assert_allclose(new_state.residual, np.float32(residual), rtol=1e-4)
+    if method == "upgrad":
+        # Above 10 eps, upgrad() corrects the projections with products read from the
+        # gradients (gram_solvers.upgrad_refine): a different update, a smaller residual.
+        assert float(new_state.residual) < float(residual) / 10
+    else:
+        expected = jr.aggregators.apply_weights(w, stacked)
+        for leaf in ("a", "b"):
+            np.testing.assert_allclose(update[leaf], expected[leaf], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new_state.residual, np.float32(residual), rtol=1e-4)
     np.testing.assert_array_equal(
         jax.random.key_data(new_state.key), jax.random.key_data(jax.random.split(state.key)[0])
     )
