@@ -396,6 +396,14 @@ def upgrad(iterations: int | None = None) -> aggregating.Aggregator:
     exactly (``upgrad_weights``); ``iterations`` is the iteration guard. The state's
     ``residual`` is the largest KKT residual of the projections.
 
+    When that residual exceeds ``10 eps`` of the Gramian's dtype (a rounded Gramian near
+    a Pareto-stationary point, where the projections are near 0 and the Gramian alone
+    leaves errors of about ``sqrt(eps) max|g|``), the projections get two Newton
+    corrections with the products ``<d_i, g_j>`` read from the gradients themselves
+    (``gram_solvers.upgrad_refine``; two more passes over them each), and the residual
+    is computed from those products. Otherwise the update is ``upgrad_weights``' on the
+    Gramian.
+
     Example:
       >>> import jax.numpy as jnp
       >>> import jaxreg as jr
