@@ -42,7 +42,8 @@ def _check_alpha(alpha: float) -> None:
         raise ConfigError(f"fairgrad: alpha must be a float >= 0, found {alpha!r}")
 
 
-# Newton steps on FairGrad's relative equations after the potential's minimisation.
+# Newton steps on FairGrad's relative equations after the potential's minimisation
+# (at most the iteration guard).
 _FAIRGRAD_POLISH = 8
 
 
@@ -121,7 +122,7 @@ def _fairgrad_solve(g: jax.Array, alpha: float, max_iter: int) -> tuple[jax.Arra
         better = ok[k]
         return jnp.where(better, xs[k], x), jnp.where(better, fs[k], f)
 
-    w, _ = lax.fori_loop(0, _FAIRGRAD_POLISH, polish, (w, rel(w)))
+    w, _ = lax.fori_loop(0, min(_FAIRGRAD_POLISH, max_iter), polish, (w, rel(w)))
     residual = jnp.max(jnp.abs(rel(w)))
     # A solution exists iff 0 is not in the convex hull of the gradients (else the
     # potential decreases without bound, or towards an unattained infimum).
@@ -166,7 +167,8 @@ def fairgrad_weights(
       gramian: the ``n x n`` Gramian.
       alpha: the fairness parameter, ``>= 0`` (1: proportional fairness; large:
         max-min fairness).
-      iterations: the Newton iteration guard (default 100; about 5-15 are used).
+      iterations: the Newton iteration guard (default 100; about 5-15 are used), also
+        bounding the 8 polishing Newton steps on the relative equations.
       with_residual: also return :math:`\max_i |w_i^{1/\alpha}(G w)_i - 1|` (0 for
         ``alpha = 0``).
 
