@@ -45,6 +45,17 @@ from jaxreg._src.optim.aggregators_jd import imtl_g_weights as imtl_g_weights
 from jaxreg._src.optim.aggregators_jd import random as random
 from jaxreg._src.optim.aggregators_jd import random_weights as random_weights
 
+# isort: split
+# FairGrad, PCD and ExcessMTL (TorchJD); the cross-Gramian of two batches.
+from jaxreg._src.optim.aggregators_adaptive import ExcessMTLState as ExcessMTLState
+from jaxreg._src.optim.aggregators_adaptive import PCDState as PCDState
+from jaxreg._src.optim.aggregators_adaptive import cross_gramian as cross_gramian
+from jaxreg._src.optim.aggregators_adaptive import excess_mtl as excess_mtl
+from jaxreg._src.optim.aggregators_adaptive import fairgrad as fairgrad
+from jaxreg._src.optim.aggregators_adaptive import fairgrad_weights as fairgrad_weights
+from jaxreg._src.optim.aggregators_adaptive import pcd as pcd
+from jaxreg._src.optim.aggregators_adaptive import pcd_weights as pcd_weights
+
 __all__ = [
     "AggregatorState",
     "GramianWeightFn",
@@ -80,4 +91,13 @@ __all__ = [
     "krum",
     "krum_weights",
     "trimmed_mean",
+    # FairGrad, PCD, ExcessMTL
+    "ExcessMTLState",
+    "PCDState",
+    "cross_gramian",
+    "excess_mtl",
+    "fairgrad",
+    "fairgrad_weights",
+    "pcd",
+    "pcd_weights",
 ]

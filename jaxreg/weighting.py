@@ -12,6 +12,19 @@ from jaxreg._src.optim.weighting import famo as famo
 from jaxreg._src.optim.weighting import gradnorm as gradnorm
 from jaxreg._src.optim.weighting import uncertainty as uncertainty
 
+# isort: split
+# Weightings on a task-by-task matrix (MoDo, SDMGrad, CR-MOGM).
+from jaxreg._src.optim.weighting_matrix import CRMOGMState as CRMOGMState
+from jaxreg._src.optim.weighting_matrix import MatrixWeighting as MatrixWeighting
+from jaxreg._src.optim.weighting_matrix import MoDoState as MoDoState
+from jaxreg._src.optim.weighting_matrix import SDMGradState as SDMGradState
+from jaxreg._src.optim.weighting_matrix import WeightingAggregatorState as WeightingAggregatorState
+from jaxreg._src.optim.weighting_matrix import as_aggregator as as_aggregator
+from jaxreg._src.optim.weighting_matrix import cr_mogm as cr_mogm
+from jaxreg._src.optim.weighting_matrix import modo as modo
+from jaxreg._src.optim.weighting_matrix import project_simplex as project_simplex
+from jaxreg._src.optim.weighting_matrix import sdmgrad as sdmgrad
+
 __all__ = [
     "BalanceGradNormsState",
     "DWAState",
@@ -24,4 +37,15 @@ __all__ = [
     "famo",
     "gradnorm",
     "uncertainty",
+    # MoDo, SDMGrad, CR-MOGM
+    "CRMOGMState",
+    "MatrixWeighting",
+    "MoDoState",
+    "SDMGradState",
+    "WeightingAggregatorState",
+    "as_aggregator",
+    "cr_mogm",
+    "modo",
+    "project_simplex",
+    "sdmgrad",
 ]

@@ -126,6 +126,13 @@ STATES = [
     (jr.weighting, "DWAState"),
     (jr.weighting, "FAMOState"),
     (jr.weighting, "Weighting"),
+    (jr.aggregators, "PCDState"),
+    (jr.aggregators, "ExcessMTLState"),
+    (jr.weighting, "MatrixWeighting"),
+    (jr.weighting, "MoDoState"),
+    (jr.weighting, "SDMGradState"),
+    (jr.weighting, "CRMOGMState"),
+    (jr.weighting, "WeightingAggregatorState"),
     (jr.transforms, "RegularizeState"),
 ]
 
@@ -181,6 +188,7 @@ WEIGHT_FNS = {
     "upgrad": jr.aggregators.upgrad_weights,
     "cagrad": jr.aggregators.cagrad_weights,
     "nash_mtl": jr.aggregators.nash_mtl_weights,
+    "fairgrad": jr.aggregators.fairgrad_weights,
 }
 
 
@@ -197,6 +205,7 @@ def test_weight_functions_are_exactly_the_star_weights_names():
         "dualproj_weights",
         "gradvac_weights",
         "krum_weights",
+        "pcd_weights",  # PCD's moving-average scales are an argument (the aggregator's state)
     }
     # "weighting" is jr.weighting's word (adaptive loss weights), not the aggregators'.
     assert not [n for n in jr.aggregators.__all__ if "weighting" in n.lower()]
@@ -232,6 +241,7 @@ UNCONVERGED = {
     "upgrad": (0, {"iterations": 2}),
     "cagrad": (2, {"iterations": 1}),
     "nash_mtl": (0, {"iterations": 1}),
+    "fairgrad": (0, {"alpha": 2.0, "iterations": 1}),
 }
 
 
@@ -251,12 +261,17 @@ def test_aggregator_is_its_weight_function_on_the_gramian(method):
     w = WEIGHT_FNS[method](g, **kwargs)
     w2, residual = WEIGHT_FNS[method](g, with_residual=True, **kwargs)
     np.testing.assert_array_equal(w, w2)
-    expected = jr.aggregators.apply_weights(w, stacked)
-    for leaf in ("a", "b"):
-        np.testing.assert_allclose(update[leaf], expected[leaf], rtol=1e-5, atol=1e-6)
     if method != "pcgrad":
         assert residual > 1e-3, residual
-    np.testing.assert_allclose(new_state.residual, np.float32(residual), rtol=1e-4)
+    if method == "upgrad":
+        # Above 10 eps, upgrad() corrects the projections with products read from the
+        # gradients (gram_solvers.upgrad_refine): a different update, a smaller residual.
+        assert float(new_state.residual) < float(residual) / 10
+    else:
+        expected = jr.aggregators.apply_weights(w, stacked)
+        for leaf in ("a", "b"):
+            np.testing.assert_allclose(update[leaf], expected[leaf], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new_state.residual, np.float32(residual), rtol=1e-4)
     np.testing.assert_array_equal(
         jax.random.key_data(new_state.key), jax.random.key_data(jax.random.split(state.key)[0])
     )

@@ -182,6 +182,17 @@ def upgrad_solve(
     :math:`v_1 = (1, \max(0, -G_{12}/G_{22}))` (and symmetrically).
     ``residual`` is ``upgrad_residual``.
     """
+    v = upgrad_projections(g, max_iter)
+    return upgrad_combine(v, pref), upgrad_residual(g, v)
+
+
+def upgrad_combine(v: jax.Array, pref: jax.Array | None = None) -> jax.Array:
+    """UPGrad's weights from its projections: their mean, or ``max(pref, 0) @ v``."""
+    return v.mean(0) if pref is None else jnp.maximum(pref, 0.0).astype(v.dtype) @ v
+
+
+def upgrad_projections(g: jax.Array, max_iter: int | None = None) -> jax.Array:
+    """The ``n`` rows :math:`v_i` of ``upgrad_solve`` (whose mean is UPGrad's weights)."""
     n = g.shape[0]
     norms, d, gn = unit_diagonal(g)
     eye = jnp.eye(n, dtype=g.dtype)
@@ -197,8 +208,7 @@ def upgrad_solve(
             return eye[i] + norms[i] * u / d
 
         v = jax.vmap(one)(jnp.arange(n))
-    weights = v.mean(0) if pref is None else jnp.maximum(pref, 0.0) @ v
-    return weights, upgrad_residual(g, v)
+    return v
 
 
 def _simplex_kkt(w: jax.Array, r: jax.Array) -> jax.Array:
@@ -428,3 +438,44 @@ def cagrad_direction(
     trivial = cn <= 0
     gap = (dual_value - primal(coef)) / jnp.where(trivial, 1.0, g0sq)
     return jnp.where(trivial, m, coef), jnp.where(trivial, 0.0, jnp.maximum(gap, 0.0))
+
+
+def upgrad_products_residual(g: jax.Array, v: jax.Array, products: jax.Array) -> jax.Array:
+    r"""``upgrad_residual`` of the projections ``v`` with the products
+    :math:`\langle d_i, g_j\rangle` given (computed from the gradients, ``upgrad_refine``)."""
+    n = g.shape[0]
+    norms, d, _ = unit_diagonal(g)
+    inv = jnp.where(norms > 0, 1.0 / d, 0.0)
+    scaled_u = (v - jnp.eye(n, dtype=g.dtype)) * d[None, :] * inv[:, None]
+    return jnp.max(jnp.abs(jnp.minimum(scaled_u, products * inv[:, None] * inv[None, :])))
+
+
+def upgrad_refine(g: jax.Array, v: jax.Array, products: jax.Array) -> jax.Array:
+    r"""One Newton correction of UPGrad's projections ``v`` (rows) with accurate products.
+
+    ``products[i, j]`` is :math:`\langle d_i, g_j\rangle`, :math:`d_i = v_i^\top J`,
+    computed from the gradients themselves (:math:`J (J^\top v_i)`): its rounding error
+    is :math:`\epsilon \|d_i\| \|g_j\|`, where :math:`(G v_i)_j` from a rounded Gramian
+    carries :math:`\epsilon \|v_i\| \|g_i\| \|g_j\|`. That caps :math:`\|d_i\|` at about
+    :math:`\sqrt{\epsilon}\,\|v_i\|\max\|g\|` when the projection is near 0
+    (stationary inputs: the Gramian squares the condition number). On the support
+    :math:`F_i = \{j: (v_i - e_i)_j > 0\} \cup \{j : \langle d_i, g_j\rangle < 0\}`, the
+    least-squares step :math:`\min_\delta \|d_i + J_F^\top \delta\|` is
+    :math:`\delta = -D^{-1} \hat G_{FF}^{+} D^{-1} (J d_i)_F` (the pseudo-inverse of the
+    unit-diagonal Gramian, cut at :math:`\epsilon` relative, so dependent gradients get
+    the minimum-norm step); the multipliers are then clipped at 0.
+    """
+    n = g.shape[0]
+    dtype = g.dtype
+    norms, d, gn = unit_diagonal(g)
+    eye = jnp.eye(n, dtype=dtype)
+    inv = jnp.where(norms > 0, 1.0 / d, 0.0)
+
+    def one(ui, qi):
+        free = (ui > 0) | (qi < 0)
+        m = jnp.where(free[:, None] & free[None, :], gn, 0.0)
+        rhs = jnp.where(free, qi, 0.0) * inv
+        step = jnp.linalg.pinv(m, rtol=_eps(products.dtype), hermitian=True) @ rhs
+        return jnp.maximum(ui - jnp.where(free, step * inv, 0.0), 0.0)
+
+    return eye + jax.vmap(one)(v - eye, products.astype(dtype))
