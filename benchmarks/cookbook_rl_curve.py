@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--block", type=int, default=10, help="steps per row")
     args, rest = p.parse_known_args(argv)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TINKER_API_KEY="tml-local")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TINKER_API_KEY="tml-local", TQDM_DISABLE="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "curve.json"
