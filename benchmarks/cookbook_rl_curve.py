@@ -1,6 +1,6 @@
 """Does the cookbook's RL loop learn on jaxreg serve? The reward curve over seeds.
 
-Run: ``python -m benchmarks.cookbook_rl_curve [--seeds 0 1 2] [--steps 60] [--block 10]``
+Run: ``python -m benchmarks.cookbook_rl_curve [--seeds 0 1 2 3] [--steps 80] [--block 10]``
 (any other flag goes to ``examples/cookbook_rl.py``). Runs the example (the cookbook's
 ``rl.train``, unmodified, against an in-process service) once per seed and prints, per
 block of steps, the mean batch reward over seeds with its min and max across seeds,
@@ -51,8 +51,8 @@ def curve_table(runs: dict[str, list[dict]], block: int) -> tuple[str, np.ndarra
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--block", type=int, default=10, help="steps per row")
     args, rest = p.parse_known_args(argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TINKER_API_KEY="tml-local", TQDM_DISABLE="1")

@@ -18,7 +18,7 @@ batch's mean reward and exact-match rate); ``--json`` writes every seed's metric
 
 Run (a few minutes per seed on 2 CPU cores)::
 
-    HF_HUB_OFFLINE=1 python examples/cookbook_rl.py --seeds 0 1 2 --steps 60
+    HF_HUB_OFFLINE=1 python examples/cookbook_rl.py --seeds 0 1 2 --steps 80
 
 ``benchmarks/cookbook_rl_curve.py`` runs it over seeds and prints the reward curve.
 """
@@ -136,7 +136,7 @@ class DigitDataset(RLDataset):
 @chz.chz
 class DigitDatasetBuilder(RLDatasetBuilder):
     task: str = "C"
-    n_batches: int = 60
+    n_batches: int = 80
     batch_size: int = 8
     group_size: int = 8
     digits: int = 9
@@ -221,12 +221,12 @@ def run_seed(args: argparse.Namespace, seed: int, url: str, log_root: Path) -> l
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=int, default=60, help="training steps per seed")
+    p.add_argument("--steps", type=int, default=80, help="training steps per seed")
     p.add_argument("--task", default="C", choices=sorted(tasks.TASKS))
     p.add_argument("--digits", type=int, default=9, help="digits per prompt")
     p.add_argument("--batch", type=int, default=8, help="prompts (groups) per step")
     p.add_argument("--group", type=int, default=8, help="samples per prompt")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--loss", default="importance_sampling", choices=["importance_sampling", "ppo"])
     p.add_argument("--log-dir", type=Path, default=None, help="default: a temporary directory")
