@@ -6,7 +6,10 @@ the positions right). This example teaches it to copy 9-digit strings from a rew
 alone: the cookbook's RL loop samples ``--group`` answers for each of ``--batch``
 prompts, scores each answer with the fraction of positions it gets right (a missing or
 extra character counts as wrong), centres the rewards within each group and trains a
-LoRA adapter with the service's ``importance_sampling`` loss (or ``ppo``). Any task of
+rank-8 LoRA adapter with the service's ``importance_sampling`` loss (or ``ppo``) and
+Adam at 1.5e-3 (Adam's first step moves every adapter entry by about the learning
+rate; at 3e-3 one seed in four broke at step 1). Over 80 steps the batch reward rises
+from about 0.69 to 0.85 on every seed measured. Any task of
 ``jaxreg.service.tasks`` works (``--task``, ``--digits``); copy beyond the trained
 lengths is the one that shows learning within a few minutes on a CPU.
 
@@ -16,7 +19,7 @@ the model name (``jaxreg/base``) and the renderer name (``jaxreg/digits``, regis
 by ``import jaxreg.cookbook``) are set. One line is printed per training step (the
 batch's mean reward and exact-match rate); ``--json`` writes every seed's metrics.
 
-Run (a few minutes per seed on 2 CPU cores)::
+Run (about 2 minutes a seed on 2 CPU cores)::
 
     HF_HUB_OFFLINE=1 python examples/cookbook_rl.py --seeds 0 1 2 --steps 80
 
