@@ -232,7 +232,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--loss", default="importance_sampling", choices=["importance_sampling", "ppo"])
-    p.add_argument("--log-dir", type=Path, default=None, help="default: a temporary directory")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="the cookbook's logs, one folder a seed (default: a temporary directory); "
+        "the cookbook resumes a run it finds there",
+    )
     p.add_argument("--verbose", action="store_true", help="the cookbook's metric tables too")
     p.add_argument("--json", type=Path, default=None, help="write per-seed metrics here")
     return p.parse_args(argv)

@@ -3,7 +3,7 @@
 Runs ``examples/cookbook_rl.py`` at reduced size (one seed, 50 steps instead of 80; about
 1.5 minutes on 2 CPU cores) and asserts that the mean batch reward of the last 10 steps
 is above that of the first 5 by a margin (0.05) well inside what every measured run
-showed (0.095 to 0.198 over 4 seeds; benchmarks/RESULTS.md, "RL that learns"), with
+showed (0.077 to 0.198 over 7 seeds; benchmarks/RESULTS.md, "RL that learns"), with
 no 404/409 from the service.
 """
 
