@@ -361,7 +361,8 @@ METHODS: list[Method] = [
         "pcgrad",
         lambda m: _tj()[0].PCGrad(),
         certificate=cert_pcgrad,
-        why="PCGrad's conflict tests on collinear rows (rank 1) compare inner products of about 1e-16 with 0: rounding decides them in both libraries, and no answer is right",
+        why="PCGrad's conflict tests on collinear rows (rank 1) compare inner products of "
+        "about 1e-16 with 0: rounding decides them in both libraries, and no answer is right",
         noise="orders",
     ),
     Method(
@@ -688,10 +689,12 @@ def main(argv=None) -> None:
         pre[c.name] = {"upgrad_ref": ref, "upgrad_ref_kkt": kkt, "stationary": stationary(c.j)}
     ref_kkt = max(p["upgrad_ref_kkt"] for p in pre.values())
     certified = sum(p["upgrad_ref_kkt"] <= 1e-9 for p in pre.values())
+    version = importlib.metadata.version("torchjd")
     print(
-        f"{len(all_cases)} Jacobians, float64; torchjd {importlib.metadata.version('torchjd')}, jax {jax.__version__}; "
-        f"{sum(p['stationary'] for p in pre.values())} weakly stationary; "
-        f"UPGrad reference (scipy nnls) certified by KKT residual <= 1e-9 on {certified}/{len(all_cases)} (worst {ref_kkt:.1e})"
+        f"{len(all_cases)} Jacobians, float64; torchjd {version}, jax {jax.__version__}; "
+        f"{sum(p['stationary'] for p in pre.values())} weakly stationary; UPGrad reference "
+        f"(scipy nnls) certified by KKT residual <= 1e-9 on {certified}/{len(all_cases)} "
+        f"(worst {ref_kkt:.1e})"
     )
     selected = [m for m in METHODS if not args.methods or m.name in args.methods]
     results, skipped = [], []
@@ -728,11 +731,12 @@ def main(argv=None) -> None:
         for r in results:
             for row in r["rows"]:
                 if row["diff"] > DIFFER or row["error"]:
+                    cert = [_fmt(row.get(k, np.nan)) for k in ("cert_jr", "cert_tj", "cert_tuned")]
                     print(
                         f"{r['method'].name:10s} {row['case']:45s} diff {_fmt(row['diff'])} "
-                        f"cert jr {_fmt(row.get('cert_jr', np.nan))} tj {_fmt(row.get('cert_tj', np.nan))} "
-                        f"tuned diff {_fmt(row['tuned_diff'])} cert {_fmt(row.get('cert_tuned', np.nan))} "
-                        f"jr residual {_fmt(row['jr_residual'])} {row['error']}"
+                        f"certificate jaxreg {cert[0]} TorchJD {cert[1]} tuned {cert[2]} "
+                        f"(diff {_fmt(row['tuned_diff'])}) jaxreg residual "
+                        f"{_fmt(row['jr_residual'])} {row['error']}"
                     )
     print(f"\n({time.perf_counter() - start:.0f} s)")
 

@@ -1,6 +1,7 @@
 """One multi-task model trained with each aggregator, side by side, with a plot.
 
-Run: ``python examples/multitask_aggregators.py [--steps 400] [--out runs/multitask_aggregators.png]``.
+Run: ``python examples/multitask_aggregators.py [--steps 400] [--out PNG]`` (the plot
+goes to ``runs/multitask_aggregators.png`` by default).
 
 Four regression tasks share a small tanh trunk (too small to fit them all) and each has
 its own linear head; the last task's targets are 10x larger, so its gradient dominates
@@ -12,10 +13,11 @@ the same model from the same initialisation on the same data (full batch, one co
 Per step the script records each task's loss, the conflict between the tasks (the
 smallest pairwise cosine of their gradients) and whether the aggregated direction ``d``
 worsens some task to first order (the smallest :math:`\\cos(g_i, d)`: negative means
-the step increases task ``i``'s loss; the tasks' own conflict depends on where each
-method has taken the model, so it is plotted per method too). It prints a summary table and plots the loss
-curves and both cosines. The non-conflicting methods (UPGrad, MGDA, Nash-MTL where it
-is defined) keep :math:`\\min_i \\cos(g_i, d) \\ge 0`; the sum follows the large task.
+the step increases task ``i``'s loss). The tasks' own conflict depends on where each
+method has taken the model, so it is plotted per method too. It prints a summary table
+and plots the loss curves and both cosines. The non-conflicting methods (UPGrad, MGDA,
+IMTL-G, Nash-MTL here) keep :math:`\\min_i \\cos(g_i, d) \\ge 0`; the mean follows
+the large task and steps against the others.
 
 Add a method with one line in ``AGGREGATORS``.
 """

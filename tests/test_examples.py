@@ -198,7 +198,7 @@ def test_multitask_aggregators(tmp_path, capsys):
     pairwise = np.min(cos[~np.eye(module.TASKS, dtype=bool)])
     mean_dir = j.mean(0)
     worst_mean = np.min(unit @ mean_dir) / np.linalg.norm(mean_dir)
-    for losses, pair, worst in histories.values():
+    for losses, pair, _ in histories.values():
         np.testing.assert_allclose(pair[0], pairwise, atol=1e-5)
         assert np.all(losses[-1] < losses[0])  # every task improved in 60 steps
     np.testing.assert_allclose(histories["mean"][2][0], worst_mean, atol=1e-5)
