@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -553,6 +554,17 @@ def _rel(a, b, j) -> float:
     return float(np.linalg.norm(a - b) / scale) if scale > 0 else 0.0
 
 
+_JITTED: dict = {}
+
+
+def _jitted(name: str, **options):
+    """``jr.aggregators.<name>`` with ``options``, jitted once (compiled per shape)."""
+    key = (name, tuple(sorted(options.items())))
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(functools.partial(getattr(jr.aggregators, name), **options))
+    return _JITTED[key]
+
+
 def compare(method: Method, all_cases: list[Case], pre: dict) -> dict:
     """One method on every case it applies to: per-case differences and verdicts."""
     chosen = [c for c in all_cases if method.applies(c.j)]
@@ -576,18 +588,13 @@ def compare(method: Method, all_cases: list[Case], pre: dict) -> dict:
             "jr_residual": rj,
         }
         if method.certificate is not None:
-            weights_jr = None
+            weights_jr = None  # jaxreg's alpha, for Nash-MTL's certificate
             if method.jaxreg == "nash_mtl":
-                weights_jr = None  # jaxreg's alpha: from the weight function below
-                with jax.enable_x64(True):
-                    weights_jr = np.asarray(
-                        jr.aggregators.nash_mtl_weights(jnp.asarray(c.j @ c.j.T))
-                    )
+                weights_jr = np.asarray(_jitted("nash_mtl_weights")(jnp.asarray(c.j @ c.j.T)))
             if method.jaxreg == "cagrad":
-                with jax.enable_x64(True):
-                    coef_jr = np.asarray(
-                        jr.aggregators.cagrad_weights(jnp.asarray(c.j @ c.j.T), c=0.5, rescale=0)
-                    )
+                coef_jr = np.asarray(
+                    _jitted("cagrad_weights", c=0.5, rescale=0)(jnp.asarray(c.j @ c.j.T))
+                )
                 ctx["cagrad_duals"] = _cagrad_duals(c.j, coef_jr, wt, tuned[1])
             row["cert_jr"] = method.certificate(c.j, dj, dict(ctx, weights=weights_jr))
             row["cert_tj"] = (
