@@ -189,14 +189,17 @@ def cert_closed(reference: Callable) -> Callable:
 
 def pcgrad_replay(j: np.ndarray, orders: np.ndarray) -> tuple[np.ndarray, float]:
     """PCGrad (Yu et al. 2020) in NumPy on the Jacobian, with given visiting orders,
-    and the smallest |cos| of a conflict test it made (about 1e-16: rounding decided)."""
+    and the smallest |cos| of a conflict test it made (0 when rounding decided one: a
+    cosine below 1e-10, or a projected gradient below 1e-8 of its original norm)."""
     out, closest = np.zeros(j.shape[1]), np.inf
     for i in range(len(j)):
         g = j[i].copy()
         for k in orders[i]:
             if k != i and j[k] @ j[k] > 0 and np.any(g):
                 cos = (g @ j[k]) / (np.linalg.norm(g) * np.linalg.norm(j[k]))
-                closest = min(closest, abs(cos))
+                # a test on a residual of rounding size (collinear rows) counts as |cos| = 0
+                size = np.linalg.norm(g) / np.linalg.norm(j[i])
+                closest = min(closest, abs(cos) if size > 1e-8 else 0.0)
                 if cos < 0:
                     g = g - (g @ j[k]) / (j[k] @ j[k]) * j[k]
         out += g
