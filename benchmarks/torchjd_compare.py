@@ -1,13 +1,13 @@
 r"""jaxreg's aggregators against TorchJD 0.18 on the same float64 Jacobians.
 
-Every aggregator both libraries have is one entry of :data:`METHODS`: a jaxreg
+Every aggregator both libraries have is one entry of ``METHODS``: a jaxreg
 constructor (by name in ``jaxreg.aggregators``, with its options), a TorchJD
 constructor, and a solver-free *certificate*, a number computed in float64 NumPy from
 the Jacobian and an aggregator's output alone (0 at the right answer, larger the
 further away). An entry whose jaxreg name does not exist yet is skipped, so adding a
 method is adding one entry.
 
-The Jacobians (:func:`cases`, 90 of them) are TorchJD's own test inputs
+The Jacobians (``cases()``, 90 of them) are TorchJD's own test inputs
 (``tests/unit/aggregation/_inputs.py``: normal matrices at scales 0 to 1e15, zero
 matrices, strongly and strictly weakly stationary and non-weakly stationary 20 x 10 and
 20 x 100 matrices; ``benchmarks/jd_samplers.py``) plus harder ones: pairs at cosine
@@ -20,7 +20,8 @@ For each method and case: the relative difference :math:`\|d_{jr} - d_{tj}\| /
 
 * sum, mean: the closed form; Random, PCGrad: TorchJD's random draws are replaced by
   jaxreg's (the same Gaussian vector, the same visiting orders), and the certificate is
-  a NumPy replay of the published rule with those draws.
+  a NumPy replay of the published rule with those draws (PCGrad: undecided where
+  rounding decides a conflict test, on collinear rows).
 * MGDA: the Frank-Wolfe gap :math:`\|d\|^2 - \min_i \langle g_i, d\rangle` over
   :math:`\max_i \|g_i\|^2` (an upper bound on how far :math:`\|d\|^2` is above the
   minimum; 0 exactly at the min-norm point).
