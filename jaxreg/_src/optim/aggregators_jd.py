@@ -13,26 +13,49 @@ import jax
 import jax.numpy as jnp
 from optax.experimental import aggregating
 
+from jaxreg._src.optim import gram_solvers
 from jaxreg._src.optim.aggregators import _solve_dtype, _zero_residual, from_gramian_weights
 
 
 def imtl_g_weights(gramian: jax.Array, *, with_residual: bool = False) -> Any:
     r"""IMTL-G's weights (Liu et al. 2021, "Towards Impartial Multi-task Learning").
 
-    The update :math:`d = w^\top J` has equal projections on every unit gradient,
-    :math:`\langle d, g_i\rangle / \|g_i\| = c`, with :math:`\sum_i w_i = 1`. On the
-    Gramian (the generalisation of Quinton & Rey 2024, as TorchJD):
-    :math:`v = G^{+} \sqrt{\operatorname{diag} G}`, :math:`w = v / \sum_i v_i`
-    (zero when :math:`|\sum_i v_i| < 10^{-12}`).
+    The update :math:`d = J^\top w` has equal projections :math:`u_i^\top d = c` on
+    every unit gradient :math:`u_i = g_i / \|g_i\|`, with :math:`\sum_i w_i = 1`. On
+    the Gramian (the generalisation of Quinton & Rey 2024, as TorchJD's ``IMTLG``),
+    with :math:`D = \operatorname{diag}(\|g_i\|)` and the unit-diagonal Gramian
+    :math:`\hat G = D^{-1} G D^{-1}` of the unit gradients:
 
-    Properties (TorchJD): permutation-invariant, non-conflicting when the gradients
-    are linearly independent (all projections equal ``c >= 0``), invariant to the
-    scale of the gradients (not linear under scaling).
+    .. math::
+
+        \alpha = \hat G^{+} \mathbf 1, \qquad v = D^{-1} \alpha, \qquad
+        w = v / \textstyle\sum_i v_i,
+
+    so that :math:`d = U^\top \alpha / \sum_i v_i` and :math:`c = 1 / \sum_i v_i`.
+    Where :math:`G` is invertible this is TorchJD's :math:`G^{-1}\sqrt{\operatorname{diag}
+    G}`; solving on :math:`\hat G` keeps the projections equal whatever the norm ratios
+    (``cond(G)`` grows with their square, ``cond(Ĝ)`` only with the angles). The
+    pseudo-inverse drops the eigenvalues of :math:`\hat G` below
+    :math:`10\,n\,\epsilon\,\lambda_{\max}` (rank deficiency, duplicated rows); a zero
+    gradient gets weight 0. Where no direction has equal projections (:math:`\mathbf 1`
+    outside the range of :math:`\hat G`), :math:`U^\top\alpha` is the least-squares
+    one. The weights are 0 when the sum cancels, :math:`|\sum_i v_i| \le 10\,n\,\epsilon
+    \sum_i |v_i|`, or when :math:`\max_i |\alpha_i| \le \sqrt\epsilon` (no direction
+    has a positive projection on all, e.g. two opposite gradients).
+
+    Properties (as TorchJD states them): weighted, permutation-invariant; not
+    non-conflicting (the common projection :math:`c` has the sign of :math:`\sum_i v_i`,
+    which is negative for some inputs); not linear under scaling (the weights are
+    invariant to a common scale of the gradients, so :math:`d` is positively
+    homogeneous, but :math:`c = 1/\sum_i \alpha_i/\|g_i\|` is not linear in per-row
+    scales).
 
     Args:
       gramian: the ``n x n`` Gramian.
-      with_residual: also return :math:`\max_i |(Gw)_i - c\sqrt{G_{ii}}|` relative to
-        the largest :math:`\sqrt{G_{ii}}` (0 when :math:`G` is invertible).
+      with_residual: also return the spread of the projections on the unit gradients
+        relative to their common value, :math:`\max_i |(\hat G\alpha)_i - 1|` over the
+        nonzero gradients (0 when equal projections exist; the distance of
+        :math:`\mathbf 1` from the range of :math:`\hat G` otherwise).
 
     Example:
       >>> import jax.numpy as jnp
@@ -42,17 +65,23 @@ def imtl_g_weights(gramian: jax.Array, *, with_residual: bool = False) -> Any:
       [0.6667, 0.3333]
     """
     g = _solve_dtype(gramian)
-    d = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0.0))
-    v = jnp.linalg.pinv(g, hermitian=True) @ d
+    n = g.shape[0]
+    eps = jnp.finfo(g.dtype).eps
+    norms, scale, g_hat = gram_solvers.unit_diagonal(g)
+    nonzero = norms > 0
+    ones = nonzero.astype(g.dtype)
+    pinv = jnp.linalg.pinv(g_hat, rtol=10 * n * eps, hermitian=True)
+    alpha = pinv @ ones
+    alpha = alpha + pinv @ (ones - g_hat @ alpha)  # one step of iterative refinement
+    v = jnp.where(nonzero, alpha / scale, 0.0)
     s = jnp.sum(v)
-    ok = jnp.abs(s) >= 1e-12
+    ok = (jnp.abs(s) > 10 * n * eps * jnp.sum(jnp.abs(v))) & (
+        jnp.max(jnp.abs(alpha), initial=0.0) > jnp.sqrt(eps)
+    )
     w = jnp.where(ok, v / jnp.where(ok, s, 1.0), 0.0)
     if not with_residual:
         return w.astype(gramian.dtype)
-    gw = g @ w
-    c = jnp.where(ok, 1.0 / jnp.where(ok, s, 1.0), 0.0)
-    scale = jnp.maximum(jnp.max(d), jnp.finfo(g.dtype).tiny)
-    residual = jnp.max(jnp.abs(gw - c * d)) / scale
+    residual = jnp.max(jnp.where(nonzero, jnp.abs(g_hat @ alpha - 1.0), 0.0), initial=0.0)
     return w.astype(gramian.dtype), residual
 
 
