@@ -34,16 +34,20 @@ def imtl_g_weights(gramian: jax.Array, *, with_residual: bool = False) -> Any:
     so that :math:`d = U^\top \alpha / \sum_i v_i` and :math:`c = 1 / \sum_i v_i`.
     Where :math:`G` is invertible this is TorchJD's :math:`G^{-1}\sqrt{\operatorname{diag}
     G}`; solving on :math:`\hat G` keeps the projections equal whatever the norm ratios
-    (``cond(G)`` grows with their square, ``cond(Ĝ)`` only with the angles). The
-    pseudo-inverse drops the eigenvalues of :math:`\hat G` below
-    :math:`10\,n\,\epsilon\,\lambda_{\max}` (rank deficiency, duplicated rows); a zero
-    gradient gets weight 0. Where no direction has equal projections (:math:`\mathbf 1`
+    (:math:`\operatorname{cond}(G)` grows with their square, :math:`\operatorname{cond}(\hat G)`
+    only with the angles). The pseudo-inverse drops the eigenvalues of :math:`\hat G`
+    below :math:`10\,n\,\epsilon\,\lambda_{\max}` (rank deficiency, duplicated rows); a
+    zero gradient gets weight 0. Where no direction has equal projections (:math:`\mathbf 1`
     outside the range of :math:`\hat G`), :math:`U^\top\alpha` is the least-squares
-    one. The weights are 0 when the sum cancels, :math:`|\sum_i v_i| \le 10\,n\,\epsilon
-    \sum_i |v_i|`, or when :math:`\max_i |\alpha_i| \le \sqrt\epsilon` (no direction
-    has a positive projection on all, e.g. two opposite gradients).
+    one, :math:`\min_x \sum_i (u_i^\top x - 1)^2` (TorchJD's :math:`G^{+}` weights the
+    squares by :math:`\|g_i\|^2` instead). On duplicated rows (``g`` and ``3g``) the
+    minimum-norm :math:`\alpha` gives the limit of the invertible case
+    (:math:`d = 1.5 g`, where TorchJD's :math:`G^{+}` gives :math:`2.5 g`). The weights
+    are 0 when the sum cancels, :math:`|\sum_i v_i| \le 10\,n\,\epsilon \sum_i |v_i|`,
+    or when :math:`\max_i |\alpha_i| \le \sqrt\epsilon` (the unit gradients sum to 0,
+    e.g. two opposite gradients: no direction has positive projections on all).
 
-    Properties (as TorchJD states them): weighted, permutation-invariant; not
+    Properties (as in TorchJD's table): weighted, permutation-invariant; not
     non-conflicting (the common projection :math:`c` has the sign of :math:`\sum_i v_i`,
     which is negative for some inputs); not linear under scaling (the weights are
     invariant to a common scale of the gradients, so :math:`d` is positively
@@ -86,9 +90,14 @@ def imtl_g_weights(gramian: jax.Array, *, with_residual: bool = False) -> Any:
 
 
 def imtl_g() -> aggregating.Aggregator:
-    """IMTL-G (Liu et al. 2021): the update with equal projections on every unit gradient.
+    r"""IMTL-G (Liu et al. 2021): the update with equal projections on every unit gradient.
 
-    See ``imtl_g_weights``; the state's ``residual`` is its equal-projection residual.
+    :math:`d = J^\top w` with :math:`u_i^\top d` equal for every unit gradient
+    :math:`u_i = g_i/\|g_i\|` and :math:`\sum_i w_i = 1`, solved on the unit-diagonal
+    Gramian (exact to rounding whatever the norm ratios; see ``imtl_g_weights``). The
+    state's ``residual`` is the spread :math:`\max_i |u_i^\top d / c - 1|` of the
+    projections around their common value ``c`` (0 to rounding where equal projections
+    exist, the least-squares distance where they do not).
 
     Example:
       >>> import jax.numpy as jnp
