@@ -16,8 +16,9 @@ worsens some task to first order (the smallest :math:`\\cos(g_i, d)`: negative m
 the step increases task ``i``'s loss). The tasks' own conflict depends on where each
 method has taken the model, so it is plotted per method too. It prints a summary table
 and plots the loss curves and both cosines. The non-conflicting methods (UPGrad, MGDA,
-IMTL-G, Nash-MTL here) keep :math:`\\min_i \\cos(g_i, d) \\ge 0`; the mean follows
-the large task and steps against the others.
+Nash-MTL) keep :math:`\\min_i \\cos(g_i, d) \\ge 0` (IMTL-G equalises the projections, but
+their common sign can be negative); the mean follows the large task and steps
+against the others.
 
 Add a method with one line in ``AGGREGATORS``.
 """
