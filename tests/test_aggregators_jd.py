@@ -123,3 +123,22 @@ def test_random_is_softmax_of_normal_and_the_key_advances():
     np.testing.assert_allclose(np.asarray(u1["w"]), ref / ref.sum(), rtol=1e-6)
     assert not np.allclose(u1["w"], u2["w"])
     assert abs(float(u1["w"].sum()) - 1) < 1e-6 and float(u1["w"].min()) > 0
+
+
+def test_imtl_g_homogeneous_but_not_linear_under_scaling():
+    # d = x / sum_i(a_i / (c_i |g_i|)) for row scales c: the direction x depends on the unit
+    # gradients only, the length is not linear in c (TorchJD's "linear under scaling": no).
+    j = _cases()["normal"]
+    c1, c2 = np.array([1.0, 2.0, 0.5]), np.array([3.0, 0.25, 1.0])
+    with jax.enable_x64(True):
+        agg = jr.aggregators.imtl_g()
+
+        def f(m):
+            return np.asarray(agg.update({"w": jnp.asarray(m)}, agg.init(None))[0]["w"])
+
+        d, d5 = f(j), f(5.0 * j)
+        d1, d2, d12 = f(c1[:, None] * j), f(c2[:, None] * j), f((c1 + c2)[:, None] * j)
+    np.testing.assert_allclose(d5, 5.0 * d, rtol=1e-12)
+    for di in (d1, d2, d12):  # same direction
+        np.testing.assert_allclose(di / np.linalg.norm(di), d / np.linalg.norm(d), atol=1e-12)
+    assert np.linalg.norm(d12 - d1 - d2) > 0.1 * np.linalg.norm(d12)
