@@ -485,9 +485,18 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
                 start=jnp.zeros(g.shape, g.dtype),
             ).astype(gd.dtype)
 
+        def factor():  # L L^T = D^-1 G D^-1, its small eigenvalues read from the gradients
+            _, dd, gn = gram_solvers.unit_diagonal(gd)
+            q = jnp.linalg.eigh(gn)[1]
+            rows = apply_rows((q.T / dd[None, :]).astype(g.dtype), stacked)
+            flat = [r.reshape(r.shape[0], -1).astype(g.dtype) for r in jax.tree.leaves(rows)]
+            m = sum((cross_gram(f, f) for f in flat), start=jnp.zeros(g.shape, g.dtype))
+            return gram_solvers.gram_factor(q, m.astype(gd.dtype))
+
         def refine(v):
+            fac = factor()
             for _ in range(_REFINE_STEPS):
-                v = gram_solvers.upgrad_refine(gd, v, products(v))
+                v = gram_solvers.upgrad_refine(gd, v, products(v), iterations, fac)
             return v, gram_solvers.upgrad_products_residual(gd, v, products(v))
 
         # Rounded Gramians leave sqrt(eps) errors where the projections are near 0; the
