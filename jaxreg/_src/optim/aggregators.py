@@ -472,18 +472,17 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
         v = gram_solvers.upgrad_projections(gd, iterations)
         residual = gram_solvers.upgrad_residual(gd, v)
 
-        def products(v):  # <d_i, g_j> from the gradients: J (J^T v_i)
+        def products(v):  # (<d_i, g_j>, |d_i|^2) from the gradients: J (J^T v_i)
             rows = apply_rows(v.astype(g.dtype), stacked)
-            return sum(
-                (
-                    cross_gram(
-                        a.reshape(a.shape[0], -1).astype(g.dtype),
-                        b.reshape(b.shape[0], -1).astype(g.dtype),
-                    )
-                    for a, b in zip(jax.tree.leaves(rows), jax.tree.leaves(stacked), strict=True)
-                ),
-                start=jnp.zeros(g.shape, g.dtype),
-            ).astype(gd.dtype)
+            pairs = [
+                (a.reshape(a.shape[0], -1).astype(g.dtype), b.reshape(b.shape[0], -1))
+                for a, b in zip(jax.tree.leaves(rows), jax.tree.leaves(stacked), strict=True)
+            ]
+            q = sum((cross_gram(a, b.astype(g.dtype)) for a, b in pairs), start=jnp.zeros_like(g))
+            sq = sum(
+                (jnp.sum(a * a, axis=1) for a, _ in pairs), start=jnp.zeros(g.shape[0], g.dtype)
+            )
+            return q.astype(gd.dtype), sq.astype(gd.dtype)
 
         def factor():  # L L^T = D^-1 G D^-1, its small eigenvalues read from the gradients
             _, dd, gn = gram_solvers.unit_diagonal(gd)
@@ -494,10 +493,28 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
             return gram_solvers.gram_factor(q, m.astype(gd.dtype))
 
         def refine(v):
+            # Refinement steps while one shortens a projection |d_i| (computed from the
+            # gradients); a projection keeps its shortest iterate. Every iterate is
+            # feasible (v_i >= e_i), and d_i is the point of a convex set nearest to 0,
+            # so |d - d*|^2 <= |d|^2 - |d*|^2: shorter is closer (a safeguard, since
+            # Newton steps on a rounded problem need not contract).
             fac = factor()
-            for _ in range(_REFINE_STEPS):
-                v = gram_solvers.upgrad_refine(gd, v, products(v), iterations, fac)
-            return v, gram_solvers.upgrad_products_residual(gd, v, products(v))
+            q, sq = products(v)
+
+            def cond(c):
+                return c[3] & (c[4] < _REFINE_STEPS)
+
+            def body(c):
+                v, q, sq, _, it = c
+                v_new = gram_solvers.upgrad_refine(gd, v, q, iterations, fac)
+                q_new, sq_new = products(v_new)
+                better = sq_new < sq
+                v = jnp.where(better[:, None], v_new, v)
+                q = jnp.where(better[:, None], q_new, q)
+                return v, q, jnp.minimum(sq, sq_new), jnp.any(better), it + 1
+
+            v, q, _, _, _ = jax.lax.while_loop(cond, body, (v, q, sq, jnp.asarray(True), 0))
+            return v, gram_solvers.upgrad_products_residual(gd, v, q)
 
         # Rounded Gramians leave sqrt(eps) errors where the projections are near 0; the
         # correction reads the gradients again (2 passes per step), only when needed.
@@ -512,8 +529,8 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
     return aggregating.Aggregator(init, update)
 
 
-# Newton corrections of UPGrad's projections with products read from the gradients.
-_REFINE_STEPS = 2
+# The most refinements of UPGrad's projections with products read from the gradients.
+_REFINE_STEPS = 10
 
 
 def apply_rows(rows: jax.Array, stacked: Any) -> Any:

@@ -443,11 +443,16 @@ def cagrad_direction(
 def upgrad_products_residual(g: jax.Array, v: jax.Array, products: jax.Array) -> jax.Array:
     r"""``upgrad_residual`` of the projections ``v`` with the products
     :math:`\langle d_i, g_j\rangle` given (computed from the gradients, ``upgrad_refine``)."""
+    return jnp.max(upgrad_products_residuals(g, v, products))
+
+
+def upgrad_products_residuals(g: jax.Array, v: jax.Array, products: jax.Array) -> jax.Array:
+    """The ``n`` KKT residuals of ``upgrad_products_residual``, one per projection."""
     n = g.shape[0]
     norms, d, _ = unit_diagonal(g)
     inv = jnp.where(norms > 0, 1.0 / d, 0.0)
     scaled_u = (v - jnp.eye(n, dtype=g.dtype)) * d[None, :] * inv[:, None]
-    return jnp.max(jnp.abs(jnp.minimum(scaled_u, products * inv[:, None] * inv[None, :])))
+    return jnp.max(jnp.abs(jnp.minimum(scaled_u, products * inv[:, None] * inv[None, :])), axis=1)
 
 
 def nnls_gram_from(
