@@ -492,17 +492,17 @@ def nnls_gram_from(
     rel = 10 * n * _eps(dtype)
 
     def step(free):
-        m = jnp.where(free[:, None] & free[None, :], h, 0.0)
         rhs = -jnp.where(free, grad0 - h @ jnp.where(free, 0.0, x0), 0.0)
         if factor is None:
+            m = jnp.where(free[:, None] & free[None, :], h, 0.0)
             pinv = jnp.linalg.pinv(m, rtol=_eps(dtype), hermitian=True)
-        else:
+            delta = pinv @ rhs
+            delta = delta + pinv @ (rhs - m @ delta)
+        else:  # no refinement against the rounded H: it would bring back its noise
             u_, sig, _ = jnp.linalg.svd(jnp.where(free[:, None], factor, 0.0))
             cut = 10 * jnp.sqrt(n) * _eps(dtype) * sig[0]
             inv2 = jnp.where(sig > cut, 1.0 / jnp.where(sig > cut, sig, 1.0) ** 2, 0.0)
-            pinv = (u_ * inv2) @ u_.T
-        delta = pinv @ rhs
-        delta = delta + pinv @ (rhs - m @ delta)
+            delta = u_ @ (inv2 * (u_.T @ rhs))
         return jnp.where(free, x0 + delta, 0.0)
 
     def cond(c):
