@@ -443,11 +443,23 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
 
     When that residual exceeds ``10 eps`` of the Gramian's dtype (a rounded Gramian near
     a Pareto-stationary point, where the projections are near 0 and the Gramian alone
-    leaves errors of about ``sqrt(eps) max|g|``), the projections get two Newton
-    corrections with the products ``<d_i, g_j>`` read from the gradients themselves
-    (``gram_solvers.upgrad_refine``; two more passes over them each), and the residual
-    is computed from those products. Otherwise the update is ``upgrad_weights``' on the
-    Gramian.
+    leaves errors of about ``sqrt(eps) max|g|``), each projection is re-solved from the
+    gradients themselves: the active-set method is re-run warm-started in the
+    correction (``gram_solvers.nnls_gram_from``), its gradient the products
+    ``<d_i, g_j>`` read from the gradients (``gram_solvers.upgrad_refine``), its free
+    steps from a Gramian factor whose small eigenvalues are also read from them
+    (``gram_solvers.gram_factor``: two passes once). Each round (two passes) keeps, per
+    projection, the shorter ``d_i`` (every iterate is feasible and ``d_i`` is the point of
+    a convex set nearest 0, so ``|d - d*|^2 <= |d|^2 - |d*|^2``); it stops when no
+    projection shortens, after at most 10 rounds. The residual is then computed from
+    those products. Otherwise the update is
+    ``upgrad_weights``' on the Gramian.
+
+    Accuracy in float32 (``benchmarks/float32_stationary.py``, TorchJD's stationary
+    20 x 100 Jacobians of rank 19, 5 seeds per kind): the update is within
+    ``1.4 eps ||w||_1 max|g|`` (at most ``7.2e-6 max|g|``) of the float64 one, about the
+    error of applying the exact weights ``w`` in float32; row order and scaling change it
+    by at most ``4.9e-6 max|g|`` and ``<g_j, d> >= -1e-5 |g_j| max|g|``.
 
     Example:
       >>> import jax.numpy as jnp
