@@ -459,7 +459,7 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
     20 x 100 Jacobians of rank 19, 5 seeds per kind): the update is within
     ``1.4 eps ||w||_1 max|g|`` (at most ``7.2e-6 max|g|``) of the float64 one, about the
     error of applying the exact weights ``w`` in float32; row order and scaling change it
-    by at most ``4.9e-6 max|g|`` and ``<g_j, d> >= -4.3e-6 |g_j| max|g|``.
+    by at most ``4.9e-6`` and ``6.4e-6 max|g|``; ``<g_j, d> >= -4.3e-6 |g_j| max|g|``.
 
     Example:
       >>> import jax.numpy as jnp
