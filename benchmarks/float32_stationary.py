@@ -1,11 +1,18 @@
 """The exact aggregators in float32 on TorchJD's stationary rank-deficient Jacobians.
 
 ``python -m benchmarks.float32_stationary``: for 20 x 100 Jacobians of rank 19 (TorchJD's
-samplers, ``benchmarks/jd_samplers.py``; 3 seeds per kind), the float32 update's
-distance to the float64 one, its change under a row permutation and under a scaling by
-1e3 (all divided by the largest gradient norm), its smallest cosine with a gradient, and
-the residual reported. UPGrad is run as the aggregator (with its correction from the
-gradients) and as ``upgrad_weights`` on the Gramian alone.
+samplers, ``benchmarks/jd_samplers.py``; 5 seeds per kind), the float32 update's
+distance to the float64 one (``err``), its change under a row permutation and under a
+scaling by 1e3 (all divided by the largest gradient norm), its smallest cosine with a
+gradient, and the residual reported. UPGrad is run as the aggregator (with its
+correction from the gradients) and as ``upgrad_weights`` on the Gramian alone.
+
+For UPGrad, also: ``C = err / (eps ||w||_1)``, the error in units of the rounding floor
+of applying the float64 weights ``w`` in float32 (``eps ||w||_1 max|g|``,
+``eps = 2^-23``); ``rnd``, the float64 answer on the float32-rounded input against the
+float64 answer on the exact one (what the input's rounding alone changes: where it is
+far above ``eps``, the problem is ill-posed at this input); and ``errR``, the float32
+update against the float64 answer on the rounded input.
 """
 
 from __future__ import annotations
@@ -48,20 +55,23 @@ def _methods():
 
 def main() -> None:
     methods = _methods()
+    eps = float(np.finfo(np.float32).eps)
     print(
         f"{'kind':9s} {'seed':4s} {'method':20s} {'err':>8s} {'perm':>8s} {'scale':>8s} "
-        f"{'min cos':>8s} {'residual':>9s}"
+        f"{'min cos':>8s} {'residual':>9s} {'C':>6s} {'rnd':>8s} {'errR':>8s}"
     )
     for kind in ("strong", "weak", "non_weak"):
-        for seed in range(3):
+        for seed in range(5):
             rng = np.random.default_rng(seed)
             j = sample(kind, 20, 100, 19, rng)
             p = rng.permutation(20)
             gmax = np.linalg.norm(j, axis=1).max()
+            j32 = j.astype(np.float32).astype(np.float64)
             for name, run in methods.items():
                 base = name.split("_weights")[0].split(" ")[0]
                 with jax.enable_x64(True):
                     w64 = np.asarray(getattr(agg, base + "_weights")(jnp.asarray(j @ j.T)))
+                    w64r = np.asarray(agg.upgrad_weights(jnp.asarray(j32 @ j32.T)))
                 d64 = w64 @ j
                 d, r = run(jnp.asarray(j, jnp.float32))
                 d = np.asarray(d, np.float64)
@@ -73,7 +83,14 @@ def main() -> None:
                     f"{kind:9s} {seed:<4d} {name:20s} {np.linalg.norm(d - d64) / gmax:8.1e} "
                     f"{np.linalg.norm(dp - d) / gmax:8.1e} "
                     f"{np.linalg.norm(ds - 1e3 * d) / (1e3 * gmax):8.1e} {cos.min():8.1e} "
-                    f"{float(r):9.1e}",
+                    f"{float(r):9.1e}"
+                    + (
+                        f" {np.linalg.norm(d - d64) / (eps * np.abs(w64).sum() * gmax):6.1f}"
+                        f" {np.linalg.norm(w64r @ j32 - d64) / gmax:8.1e}"
+                        f" {np.linalg.norm(d - w64r @ j32) / gmax:8.1e}"
+                        if base == "upgrad"
+                        else ""
+                    ),
                     flush=True,
                 )
 

@@ -443,11 +443,23 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
 
     When that residual exceeds ``10 eps`` of the Gramian's dtype (a rounded Gramian near
     a Pareto-stationary point, where the projections are near 0 and the Gramian alone
-    leaves errors of about ``sqrt(eps) max|g|``), the projections get two Newton
-    corrections with the products ``<d_i, g_j>`` read from the gradients themselves
-    (``gram_solvers.upgrad_refine``; two more passes over them each), and the residual
-    is computed from those products. Otherwise the update is ``upgrad_weights``' on the
-    Gramian.
+    leaves errors of about ``sqrt(eps) max|g|``), each projection is re-solved from the
+    gradients themselves: the active-set method is re-run warm-started in the
+    correction (``gram_solvers.nnls_gram_from``), its gradient the products
+    ``<d_i, g_j>`` read from the gradients (``gram_solvers.upgrad_refine``), its free
+    steps from a Gramian factor whose small eigenvalues are also read from them
+    (``gram_solvers.gram_factor``: two passes once). Each round (two passes) keeps, per
+    projection, the shorter ``d_i`` (every iterate is feasible and ``d_i`` is the point of
+    a convex set nearest 0, so ``|d - d*|^2 <= |d|^2 - |d*|^2``); it stops when no
+    projection shortens, after at most 10 rounds. The residual is then computed from
+    those products. Otherwise the update is
+    ``upgrad_weights``' on the Gramian.
+
+    Accuracy in float32 (``benchmarks/float32_stationary.py``, TorchJD's stationary
+    20 x 100 Jacobians of rank 19, 5 seeds per kind): the update is within
+    ``1.4 eps ||w||_1 max|g|`` (at most ``7.2e-6 max|g|``) of the float64 one, about the
+    error of applying the exact weights ``w`` in float32; row order and scaling change it
+    by at most ``4.9e-6`` and ``6.4e-6 max|g|``; ``<g_j, d> >= -4.3e-6 |g_j| max|g|``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -472,23 +484,49 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
         v = gram_solvers.upgrad_projections(gd, iterations)
         residual = gram_solvers.upgrad_residual(gd, v)
 
-        def products(v):  # <d_i, g_j> from the gradients: J (J^T v_i)
+        def products(v):  # (<d_i, g_j>, |d_i|^2) from the gradients: J (J^T v_i)
             rows = apply_rows(v.astype(g.dtype), stacked)
-            return sum(
-                (
-                    cross_gram(
-                        a.reshape(a.shape[0], -1).astype(g.dtype),
-                        b.reshape(b.shape[0], -1).astype(g.dtype),
-                    )
-                    for a, b in zip(jax.tree.leaves(rows), jax.tree.leaves(stacked), strict=True)
-                ),
-                start=jnp.zeros(g.shape, g.dtype),
-            ).astype(gd.dtype)
+            pairs = [
+                (a.reshape(a.shape[0], -1).astype(g.dtype), b.reshape(b.shape[0], -1))
+                for a, b in zip(jax.tree.leaves(rows), jax.tree.leaves(stacked), strict=True)
+            ]
+            q = sum((cross_gram(a, b.astype(g.dtype)) for a, b in pairs), start=jnp.zeros_like(g))
+            sq = sum(
+                (jnp.sum(a * a, axis=1) for a, _ in pairs), start=jnp.zeros(g.shape[0], g.dtype)
+            )
+            return q.astype(gd.dtype), sq.astype(gd.dtype)
+
+        def factor():  # L L^T = D^-1 G D^-1, its small eigenvalues read from the gradients
+            _, dd, gn = gram_solvers.unit_diagonal(gd)
+            q = jnp.linalg.eigh(gn)[1]
+            rows = apply_rows((q.T / dd[None, :]).astype(g.dtype), stacked)
+            flat = [r.reshape(r.shape[0], -1).astype(g.dtype) for r in jax.tree.leaves(rows)]
+            m = sum((cross_gram(f, f) for f in flat), start=jnp.zeros(g.shape, g.dtype))
+            return gram_solvers.gram_factor(q, m.astype(gd.dtype))
 
         def refine(v):
-            for _ in range(_REFINE_STEPS):
-                v = gram_solvers.upgrad_refine(gd, v, products(v))
-            return v, gram_solvers.upgrad_products_residual(gd, v, products(v))
+            # Refinement steps while one shortens a projection |d_i| (computed from the
+            # gradients); a projection keeps its shortest iterate. Every iterate is
+            # feasible (v_i >= e_i), and d_i is the point of a convex set nearest to 0,
+            # so |d - d*|^2 <= |d|^2 - |d*|^2: shorter is closer (a safeguard, since
+            # Newton steps on a rounded problem need not contract).
+            fac = factor()
+            q, sq = products(v)
+
+            def cond(c):
+                return c[3] & (c[4] < _REFINE_STEPS)
+
+            def body(c):
+                v, q, sq, _, it = c
+                v_new = gram_solvers.upgrad_refine(gd, v, q, iterations, fac)
+                q_new, sq_new = products(v_new)
+                better = sq_new < sq
+                v = jnp.where(better[:, None], v_new, v)
+                q = jnp.where(better[:, None], q_new, q)
+                return v, q, jnp.minimum(sq, sq_new), jnp.any(better), it + 1
+
+            v, q, _, _, _ = jax.lax.while_loop(cond, body, (v, q, sq, jnp.asarray(True), 0))
+            return v, gram_solvers.upgrad_products_residual(gd, v, q)
 
         # Rounded Gramians leave sqrt(eps) errors where the projections are near 0; the
         # correction reads the gradients again (2 passes per step), only when needed.
@@ -503,8 +541,8 @@ def upgrad(iterations: int | None = None, pref_vector: Any = None) -> aggregatin
     return aggregating.Aggregator(init, update)
 
 
-# Newton corrections of UPGrad's projections with products read from the gradients.
-_REFINE_STEPS = 2
+# The most refinements of UPGrad's projections with products read from the gradients.
+_REFINE_STEPS = 10
 
 
 def apply_rows(rows: jax.Array, stacked: Any) -> Any:

@@ -443,27 +443,136 @@ def cagrad_direction(
 def upgrad_products_residual(g: jax.Array, v: jax.Array, products: jax.Array) -> jax.Array:
     r"""``upgrad_residual`` of the projections ``v`` with the products
     :math:`\langle d_i, g_j\rangle` given (computed from the gradients, ``upgrad_refine``)."""
+    return jnp.max(upgrad_products_residuals(g, v, products))
+
+
+def upgrad_products_residuals(g: jax.Array, v: jax.Array, products: jax.Array) -> jax.Array:
+    """The ``n`` KKT residuals of ``upgrad_products_residual``, one per projection."""
     n = g.shape[0]
     norms, d, _ = unit_diagonal(g)
     inv = jnp.where(norms > 0, 1.0 / d, 0.0)
     scaled_u = (v - jnp.eye(n, dtype=g.dtype)) * d[None, :] * inv[:, None]
-    return jnp.max(jnp.abs(jnp.minimum(scaled_u, products * inv[:, None] * inv[None, :])))
+    return jnp.max(jnp.abs(jnp.minimum(scaled_u, products * inv[:, None] * inv[None, :])), axis=1)
 
 
-def upgrad_refine(g: jax.Array, v: jax.Array, products: jax.Array) -> jax.Array:
-    r"""One Newton correction of UPGrad's projections ``v`` (rows) with accurate products.
+def nnls_gram_from(
+    h: jax.Array,
+    x0: jax.Array,
+    grad0: jax.Array,
+    max_iter: int | None = None,
+    factor: jax.Array | None = None,
+) -> jax.Array:
+    r"""``nnls_gram`` warm-started at ``x0 >= 0`` with an accurate gradient ``grad0``.
+
+    Solves :math:`\min_{u \ge 0} \tfrac12 (u - x_0)^\top H (u - x_0) + g_0^\top (u -
+    x_0)`, where :math:`g_0` is the objective's gradient at :math:`x_0` computed more
+    accurately than :math:`H x_0 - p` could be (iterative refinement: the rounding error
+    of :math:`H` then only enters through the correction :math:`u - x_0`). The same
+    Lawson-Hanson steps as ``nnls_gram``, in the correction: the free variables'
+    step solves :math:`H_{FF}\,\delta_F = -(g_0 - H_{:,N} x_{0,N})_F` (an eigenvalue
+    pseudo-inverse cut at :math:`\epsilon`, so a dependent free set gets the minimum-norm
+    step), the gradient at :math:`u` is :math:`g_0 + H (u - x_0)`, and the active set
+    starts at the support of :math:`x_0`. It stops when no variable can enter (the KKT
+    conditions with that gradient hold) or when the variable that entered cannot move.
+
+    With ``factor`` :math:`L` (:math:`H = L L^\top`, ``gram_factor``), the free step is
+    :math:`\delta_F = U_F \Sigma_F^{-2} U_F^\top r_F` from the SVD :math:`L_F = U_F
+    \Sigma_F V_F^\top` of the free rows (cut at :math:`10\sqrt n\,\epsilon\,\sigma_
+    \max`): the singular values of the factor carry errors of
+    :math:`\epsilon\,\sigma_\max`, so eigenvalues of :math:`H_{FF}` are resolved down to
+    about :math:`\epsilon^2` where the eigenvalues of a rounded :math:`H` stop at
+    :math:`\epsilon`.
+    """
+    n = h.shape[0]
+    max_iter = default_max_iter(n) if max_iter is None else max_iter
+    dtype = h.dtype
+    idx = jnp.arange(n)
+    hmax = jnp.max(jnp.abs(h))
+    gmax = jnp.max(jnp.abs(grad0))
+    rel = 10 * n * _eps(dtype)
+
+    def step(free):
+        rhs = -jnp.where(free, grad0 - h @ jnp.where(free, 0.0, x0), 0.0)
+        if factor is None:
+            m = jnp.where(free[:, None] & free[None, :], h, 0.0)
+            pinv = jnp.linalg.pinv(m, rtol=_eps(dtype), hermitian=True)
+            delta = pinv @ rhs
+            delta = delta + pinv @ (rhs - m @ delta)
+        else:  # no refinement against the rounded H: it would bring back its noise
+            u_, sig, _ = jnp.linalg.svd(jnp.where(free[:, None], factor, 0.0))
+            cut = 10 * jnp.sqrt(n) * _eps(dtype) * sig[0]
+            inv2 = jnp.where(sig > cut, 1.0 / jnp.where(sig > cut, sig, 1.0) ** 2, 0.0)
+            delta = u_ @ (inv2 * (u_.T @ rhs))
+        return jnp.where(free, x0 + delta, 0.0)
+
+    def cond(c):
+        return ~c[4] & (c[3] < max_iter)
+
+    def body(c):
+        u, free, entered, it, _ = c
+        s = step(free)
+        bad = free & ~(s > 0)
+        feasible = ~jnp.any(bad)
+        gap = u - s
+        ratio = jnp.where(bad & (gap > 0), u / jnp.where(gap > 0, gap, 1.0), 0.0)
+        ratio = jnp.where(bad, ratio, jnp.inf)
+        out = jnp.argmin(ratio)
+        back = u + ratio[out] * (s - u)
+        free_back = free & (back > 0) & (idx != out)
+        stalled = (out == entered) & (ratio[out] <= 0)
+        w = jnp.where(free, -jnp.inf, -(grad0 + h @ (s - x0)))
+        j = jnp.argmax(w)
+        enter = w[j] > rel * (gmax + hmax * jnp.sum(jnp.abs(s - x0)))
+        u = jnp.where(feasible, s, jnp.where(stalled, u, jnp.where(free_back, back, 0.0)))
+        free = jnp.where(
+            feasible,
+            free | ((idx == j) & enter),
+            jnp.where(stalled, free & (idx != out), free_back),
+        )
+        entered = jnp.where(feasible, jnp.where(enter, j, -1), -1)
+        done = jnp.where(feasible, ~enter, stalled)
+        return u, free, entered, it + 1, done
+
+    x0 = jnp.maximum(x0, 0.0)
+    init = (x0, x0 > 0, jnp.asarray(-1), 0, jnp.asarray(False))
+    return lax.while_loop(cond, body, init)[0]
+
+
+def gram_factor(q: jax.Array, m: jax.Array) -> jax.Array:
+    r"""A factor :math:`L` with :math:`L L^\top = Q M Q^\top`, accurate column by column.
+
+    ``q`` is orthogonal (the eigenvectors of a rounded Gramian :math:`H`) and ``m`` is
+    :math:`Q^\top H Q` computed from the gradients themselves (:math:`B B^\top` with
+    :math:`B = Q^\top D^{-1} J`), so its small diagonal entries are accurate where the
+    rounded :math:`H`'s small eigenvalues are noise. With :math:`S = \mathrm{diag}(M)^
+    {1/2}` and :math:`S^{-1} M S^{-1} = W \Gamma W^\top` (a well-conditioned matrix),
+    :math:`L = Q S W \Gamma^{1/2}`.
+    """
+    s = jnp.sqrt(jnp.maximum(jnp.diagonal(m), 0.0))
+    s = jnp.where(s > 0, s, 1.0)
+    gam, w = jnp.linalg.eigh(m / s[:, None] / s[None, :])
+    return (q * s[None, :]) @ (w * jnp.sqrt(jnp.maximum(gam, 0.0))[None, :])
+
+
+def upgrad_refine(
+    g: jax.Array,
+    v: jax.Array,
+    products: jax.Array,
+    max_iter: int | None = None,
+    factor: jax.Array | None = None,
+) -> jax.Array:
+    r"""One refinement of UPGrad's projections ``v`` (rows) with accurate products.
 
     ``products[i, j]`` is :math:`\langle d_i, g_j\rangle`, :math:`d_i = v_i^\top J`,
     computed from the gradients themselves (:math:`J (J^\top v_i)`): its rounding error
     is :math:`\epsilon \|d_i\| \|g_j\|`, where :math:`(G v_i)_j` from a rounded Gramian
     carries :math:`\epsilon \|v_i\| \|g_i\| \|g_j\|`. That caps :math:`\|d_i\|` at about
     :math:`\sqrt{\epsilon}\,\|v_i\|\max\|g\|` when the projection is near 0
-    (stationary inputs: the Gramian squares the condition number). On the support
-    :math:`F_i = \{j: (v_i - e_i)_j > 0\} \cup \{j : \langle d_i, g_j\rangle < 0\}`, the
-    least-squares step :math:`\min_\delta \|d_i + J_F^\top \delta\|` is
-    :math:`\delta = -D^{-1} \hat G_{FF}^{+} D^{-1} (J d_i)_F` (the pseudo-inverse of the
-    unit-diagonal Gramian, cut at :math:`\epsilon` relative, so dependent gradients get
-    the minimum-norm step); the multipliers are then clipped at 0.
+    (stationary inputs: the Gramian squares the condition number). Each projection's
+    problem, in the unit-diagonal variables :math:`x = D(v_i - e_i)`, is re-solved by
+    ``nnls_gram_from`` warm-started at the current :math:`x` with the gradient
+    :math:`D^{-1}(J d_i)`: the active set may change (variables enter and leave), and
+    the Gramian's rounding error only scales the correction.
     """
     n = g.shape[0]
     dtype = g.dtype
@@ -472,10 +581,7 @@ def upgrad_refine(g: jax.Array, v: jax.Array, products: jax.Array) -> jax.Array:
     inv = jnp.where(norms > 0, 1.0 / d, 0.0)
 
     def one(ui, qi):
-        free = (ui > 0) | (qi < 0)
-        m = jnp.where(free[:, None] & free[None, :], gn, 0.0)
-        rhs = jnp.where(free, qi, 0.0) * inv
-        step = jnp.linalg.pinv(m, rtol=_eps(products.dtype), hermitian=True) @ rhs
-        return jnp.maximum(ui - jnp.where(free, step * inv, 0.0), 0.0)
+        x = nnls_gram_from(gn, ui * d, qi * inv, max_iter, factor)
+        return x * inv
 
     return eye + jax.vmap(one)(v - eye, products.astype(dtype))
