@@ -398,8 +398,8 @@ def _graddrop_ref(j, ctx):
 def gradvac_replay(j: np.ndarray, orders: list, beta: float = 0.5, eps: float = 0.0):
     """GradVac (Wang et al. 2021, Algorithm 1) in NumPy on the Jacobian over the steps
     of ``orders`` (one ``[m, m]`` array of visiting orders per step, the same J each
-    step); the last step's update, and the smallest |phi - target| of a test made
-    (rounding decides a test closer than 1e-10)."""
+    step); the last step's update, and the smallest |phi - target| or 1 - |phi| of a
+    test made (rounding decides a test closer than 1e-10)."""
     m = len(j)
     targets = np.zeros((m, m))
     closest, out = np.inf, np.zeros(j.shape[1])
@@ -413,8 +413,8 @@ def gradvac_replay(j: np.ndarray, orders: list, beta: float = 0.5, eps: float = 
                 ni, nk = np.linalg.norm(g), np.linalg.norm(j[k])
                 phi = (g @ j[k]) / (ni * nk + eps) if ni * nk + eps > 0 else 0.0
                 hat = targets[i, k]
-                if ni * nk > 0:
-                    closest = min(closest, abs(phi - hat))
+                if ni * nk > 0:  # |phi| = 1 (collinear): sqrt(1 - phi^2) is all rounding
+                    closest = min(closest, abs(phi - hat), 1 - abs(phi))
                 if phi < hat:
                     den = nk * np.sqrt(max(1 - hat**2, 0.0)) + eps
                     if den > 0:
@@ -427,7 +427,7 @@ def gradvac_replay(j: np.ndarray, orders: list, beta: float = 0.5, eps: float = 
 
 def cert_gradvac(j, d, ctx):
     """The distance to the NumPy replay (last step); nan (undecided) where rounding
-    decides a test (|phi - target| < 1e-10: collinear rows, or phi = target)."""
+    decides a test (|phi - target| or 1 - |phi| below 1e-10: collinear rows)."""
     ref, closest = gradvac_replay(j, ctx["orders_steps"])
     if closest < 1e-10:
         return float("nan")
@@ -447,7 +447,8 @@ def excess_mtl_replay(j: np.ndarray, steps: int, eta: float = 1.0) -> np.ndarray
             initial, scaled = risks, risks
         else:
             scaled = risks / (initial + 1e-7)
-        z = np.log(alpha) + eta * scaled
+        with np.errstate(divide="ignore"):  # a weight that underflowed to 0 stays 0
+            z = np.log(alpha) + eta * scaled
         alpha = np.exp(z - z.max())
         alpha = alpha / alpha.sum()
     return alpha @ j
@@ -811,6 +812,7 @@ def run_torchjd(
     same Jacobian; ``weights @ J`` where it is a weighted aggregator), its last
     weights, and an error message ('' when it ran)."""
     import torch
+    from torchjd.aggregation import WeightedAggregator as weighted
 
     jt = torch.as_tensor(j, dtype=torch.float64)
     try:
@@ -819,7 +821,7 @@ def run_torchjd(
         with _torch_draws(noise or {}), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for _ in range(steps):
-                if hasattr(agg, "weighting"):
+                if isinstance(agg, weighted):  # ConFIG has a .weighting but is not weighted
                     w = agg.weighting(jt).detach().numpy().astype(np.float64)
                     outs.append(w @ j)
                 else:
