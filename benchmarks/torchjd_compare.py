@@ -37,6 +37,25 @@ For each method and case: the relative difference :math:`\|d_{jr} - d_{tj}\| /
   :math:`\|v^\top J\| \approx 0`) the right output is 0.
 * IMTL-G: the spread of the projections :math:`\langle d, g_i\rangle / \|g_i\|` over
   their largest magnitude (IMTL-G equalises them), where ``G`` is invertible.
+* DualProj: as UPGrad, for the projection of the mean onto the dual cone (non-conflict
+  and the distance to the ``nnls`` projection).
+* AlignedMTL: the closed form from the SVD of ``J`` (not the eigendecomposition of
+  ``G``); ConFIG: the spread of the projections on the unit gradients and the length
+  :math:`\sum_i \langle g_i, \hat d\rangle`, where the unit gradients are
+  independent; Krum: the paper's rule (squared distances); TrimmedMean: the sorted
+  closed form; GradDrop: Algorithm 1 with jaxreg's uniform draw (TorchJD's
+  ``torch.rand`` replaced).
+* Stateful methods run 3 updates on the same Jacobian and the largest difference over
+  the steps is reported; GradVac (TorchJD's ``randperm`` of the other rows replaced by
+  jaxreg's orders): a NumPy replay of the 3 steps (undecided where rounding decides a
+  test: collinear rows); ExcessMTL: a float64 replay of Eqs. 6-9.
+* FairGrad (``alpha = 2``): :math:`\max_i |w_i^{1/\alpha} (G w)_i - 1|` (0 is right;
+  where no solution exists, :math:`|d|`). PCD (one step, scales
+  :math:`1/\sqrt{|g_i|^2 + \epsilon}`): the QP solved as an NNLS by ``scipy`` where the
+  secondaries are independent.
+* The weightings MoDo, SDMGrad and CR-MOGM (around MGDA), a second table: the last of 3
+  steps' weights on Gramians whose rows are rescaled at each step, against a float64
+  NumPy replay of the published update (MoDo, SDMGrad).
 
 For the main cause of each difference, a second TorchJD configuration (``tuned``:
 UPGrad without its ``reg_eps`` ridge, MGDA with a tight Frank-Wolfe tolerance, CAGrad
