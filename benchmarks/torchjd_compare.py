@@ -1038,10 +1038,10 @@ def _simplex(y: np.ndarray) -> np.ndarray:
     """The Euclidean projection onto the simplex (Held et al. 1974: sort, threshold)."""
     if not np.all(np.isfinite(y)):
         return np.full_like(y, np.nan)
+    y = y - np.max(y)  # the projection is invariant to a shift along (1, ..., 1)
     u = np.sort(y)[::-1]
     css = np.cumsum(u) - 1.0
-    # k = 0 always qualifies (u_1 - (u_1 - 1) = 1); rounding can hide it at |y| ~ 1e16
-    k = max(np.nonzero(u - css / np.arange(1, len(y) + 1) > 0)[0], default=0)
+    k = np.nonzero(u - css / np.arange(1, len(y) + 1) > 0)[0][-1]  # k = 0 qualifies
     return np.maximum(y - css[k] / (k + 1), 0.0)
 
 
