@@ -1102,6 +1102,9 @@ WEIGHTINGS: list[WeightingMethod] = [
         lambda: jr.weighting.modo(),
         lambda: _tjw().MoDoWeighting(),
         replay=modo_replay,
+        why="TorchJD's simplex projection rounds u_1 - (u_1 - 1) to 0 at entries near 1e16 "
+        "(gradient scale 1e10 and above) and returns zero weights; jaxreg shifts by the "
+        "maximum first",
     ),
     WeightingMethod(
         "SDMGrad",
