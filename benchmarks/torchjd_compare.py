@@ -40,6 +40,25 @@ For each method and case: the relative difference :math:`\|d_{jr} - d_{tj}\| /
   projections exists (``U x = 1`` solvable for the unit gradients ``U``, checked by
   least squares); 1 for a zero output there. Elsewhere (``nan``) the two
   generalisations differ by definition.
+* DualProj: as UPGrad, for the projection of the mean onto the dual cone (non-conflict
+  and the distance to the ``nnls`` projection).
+* AlignedMTL: the closed form from the SVD of ``J`` (not the eigendecomposition of
+  ``G``); ConFIG: the spread of the projections on the unit gradients and the length
+  :math:`\sum_i \langle g_i, \hat d\rangle`, where the unit gradients are
+  independent; Krum: the paper's rule (squared distances); TrimmedMean: the sorted
+  closed form; GradDrop: Algorithm 1 with jaxreg's uniform draw (TorchJD's
+  ``torch.rand`` replaced).
+* Stateful methods run 3 updates on the same Jacobian and the largest difference over
+  the steps is reported; GradVac (TorchJD's ``randperm`` of the other rows replaced by
+  jaxreg's orders): a NumPy replay of the 3 steps (undecided where rounding decides a
+  test: collinear rows); ExcessMTL: a float64 replay of Eqs. 6-9.
+* FairGrad (``alpha = 2``): :math:`\max_i |w_i^{1/\alpha} (G w)_i - 1|` (0 is right;
+  where no solution exists, :math:`|d|`). PCD (one step, scales
+  :math:`1/\sqrt{|g_i|^2 + \epsilon}`): the QP solved as an NNLS by ``scipy`` where the
+  secondaries are independent.
+* The weightings MoDo, SDMGrad and CR-MOGM (around MoDo), a second table: the last of 3
+  steps' weights on Gramians whose rows are rescaled at each step, against a float64
+  NumPy replay of the published update.
 
 For the main cause of each difference, a second TorchJD configuration (``tuned``:
 UPGrad without its ``reg_eps`` ridge, MGDA with a tight Frank-Wolfe tolerance, CAGrad
@@ -310,6 +329,197 @@ def cert_imtl_g(j, d, ctx):
     return float(np.ptp(proj) / top) if top > 0 else 1.0
 
 
+def _dual_cone_projection(j: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """The projection of ``x`` onto the dual cone ``{y : J y >= 0}`` by
+    ``scipy.optimize.nnls`` (``y = x + J^T u``, ``u = argmin_{u >= 0} |J^T u + x|``), and
+    the KKT residual of ``u`` relative to ``|x|``."""
+    norms = np.linalg.norm(j, axis=1)
+    nz = norms > 0
+    if not np.any(nz) or not np.any(x):
+        return x.copy(), 0.0
+    u, _ = scipy.optimize.nnls(j[nz].T, -x, maxiter=50 * len(j))
+    y = x + u @ j[nz]
+    r = np.minimum(u * norms[nz], (j[nz] @ y) / norms[nz]) / np.linalg.norm(x)
+    return y, float(np.max(np.abs(r)))
+
+
+def _conflict(j: np.ndarray, d: np.ndarray) -> float:
+    """max(0, -min_i cos(g_i, d)) over the nonzero rows (0 for d ~ 0)."""
+    norms = np.linalg.norm(j, axis=1)
+    nd = np.linalg.norm(d)
+    if nd <= ZERO * np.max(norms) or not np.any(norms > 0):
+        return 0.0
+    cos = (j[norms > 0] @ d) / (norms[norms > 0] * nd)
+    return max(0.0, -float(np.min(cos)))
+
+
+def cert_dualproj(j, d, ctx):
+    """The worst conflict, or the distance to the nnls projection of the mean
+    (relative), whichever is larger; the conflict alone where the nnls KKT residual is
+    above 1e-9 (nan if there is none)."""
+    ref, kkt = _dual_cone_projection(j, j.mean(0))
+    conflict = _conflict(j, d)
+    if kkt > 1e-9:
+        return conflict if conflict > 1e-12 else float("nan")
+    top = np.max(np.linalg.norm(j, axis=1))
+    if np.linalg.norm(ref) <= ZERO * top:  # the answer is 0: |d| relative to the gradients
+        return max(conflict, float(np.linalg.norm(d) / top) if top > 0 else 0.0)
+    return max(conflict, float(np.linalg.norm(d - ref) / np.linalg.norm(ref)))
+
+
+def _aligned_mtl_ref(j, ctx):
+    """Aligned-MTL (scale "min") from the SVD of J itself: the aligned gradients
+    sigma_min V_r U_r^T-style balance, d = J^T B p with B = s_min U_r S_r^-1 U_r^T."""
+    m = len(j)
+    if not np.any(j):
+        return j.mean(0)
+    u, s, _ = np.linalg.svd(j, full_matrices=False)
+    keep = s**2 > s[0] ** 2 * m * np.finfo(float).eps
+    u, s = u[:, keep], s[keep]
+    b = s.min() * (u / s) @ u.T
+    return (b @ np.full(m, 1.0 / m)) @ j
+
+
+def cert_config(j, d, ctx):
+    """Where the unit gradients are linearly independent: the spread of the
+    projections <u_i, d> over their largest magnitude (ConFIG equalises them), and the
+    relative error of |d| against sum_i <g_i, d/|d|>; nan elsewhere."""
+    norms = np.linalg.norm(j, axis=1)
+    if np.any(norms == 0) or np.linalg.matrix_rank(j / norms[:, None]) < len(j):
+        return float("nan")
+    s = np.linalg.svd(j / norms[:, None], compute_uv=False)
+    if s[-1] < 1e-6 * s[0]:
+        return float("nan")  # nearly dependent: the pseudo-inverse's cut-off decides
+    nd = np.linalg.norm(d)
+    if nd == 0:
+        return float("inf")
+    proj = (j @ d) / norms
+    spread = (proj.max() - proj.min()) / np.max(np.abs(proj))
+    size = abs(nd - np.sum(j @ d) / nd) / nd
+    return float(max(spread, size))
+
+
+def _krum_ref(j, ctx, f: int = 1):
+    """Krum (Blanchard et al. 2017): the row with the smallest sum of squared distances
+    to its n - f - 2 nearest others (ties to the lower index)."""
+    m = len(j)
+    dist = np.sum((j[:, None, :] - j[None, :, :]) ** 2, axis=2)
+    np.fill_diagonal(dist, np.inf)
+    scores = np.sort(dist, axis=1)[:, : m - f - 2].sum(1)
+    return j[int(np.argmin(scores))]
+
+
+def _trimmed_mean_ref(j, ctx, b: int = 1):
+    s = np.sort(j, axis=0)
+    return s[b : len(j) - b].mean(0)
+
+
+def _graddrop_ref(j, ctx):
+    """GradDrop's Algorithm 1 (no leak, f the identity) with the draw ``ctx["uniform"]``."""
+    mag = np.abs(j).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = 0.5 * (1 + np.where(mag > 0, j.sum(0) / np.where(mag > 0, mag, 1), 0.0))
+    u = ctx["uniform"]
+    mask = ((p > u) & (j > 0)) | ((p < u) & (j < 0))
+    return (mask * j).sum(0)
+
+
+def gradvac_replay(j: np.ndarray, orders: list, beta: float = 0.5, eps: float = 0.0):
+    """GradVac (Wang et al. 2021, Algorithm 1) in NumPy on the Jacobian over the steps
+    of ``orders`` (one ``[m, m]`` array of visiting orders per step, the same J each
+    step); the last step's update, and the smallest |phi - target| or 1 - |phi| of a
+    test made (rounding decides a test closer than 1e-10)."""
+    m = len(j)
+    targets = np.zeros((m, m))
+    closest, out = np.inf, np.zeros(j.shape[1])
+    for step_orders in orders:
+        out = np.zeros(j.shape[1])
+        for i in range(m):
+            g = j[i].copy()
+            for k in step_orders[i]:
+                if k == i:
+                    continue
+                ni, nk = np.linalg.norm(g), np.linalg.norm(j[k])
+                phi = (g @ j[k]) / (ni * nk + eps) if ni * nk + eps > 0 else 0.0
+                hat = targets[i, k]
+                if ni * nk > 0:  # |phi| = 1 (collinear): sqrt(1 - phi^2) is all rounding
+                    closest = min(closest, abs(phi - hat), 1 - abs(phi))
+                if phi < hat:
+                    den = nk * np.sqrt(max(1 - hat**2, 0.0)) + eps
+                    if den > 0:
+                        w = ni * (hat * np.sqrt(max(1 - phi**2, 0.0)) - phi * np.sqrt(1 - hat**2))
+                        g = g + w / den * j[k]
+                targets[i, k] = (1 - beta) * hat + beta * phi
+            out += g
+    return out, closest
+
+
+def cert_gradvac(j, d, ctx):
+    """The distance to the NumPy replay (last step); nan (undecided) where rounding
+    decides a test (|phi - target| or 1 - |phi| below 1e-10: collinear rows)."""
+    ref, closest = gradvac_replay(j, ctx["orders_steps"])
+    if closest < 1e-10:
+        return float("nan")
+    nref = np.linalg.norm(ref)
+    return float(np.linalg.norm(d - ref) / nref) if nref > 0 else float(np.linalg.norm(d))
+
+
+def excess_mtl_replay(j: np.ndarray, steps: int, eta: float = 1.0) -> np.ndarray:
+    """ExcessMTL (He et al. 2024, Eqs. 6-9; no warmup) in float64 NumPy, the same J
+    each step; the last step's update."""
+    m = len(j)
+    alpha, total, initial = np.full(m, 1.0 / m), np.zeros_like(j), None
+    for _ in range(steps):
+        total = total + j**2
+        risks = (j**2 / np.sqrt(total + 1e-7)).sum(1)
+        if initial is None:
+            initial, scaled = risks, risks
+        else:
+            scaled = risks / (initial + 1e-7)
+        with np.errstate(divide="ignore"):  # a weight that underflowed to 0 stays 0
+            z = np.log(alpha) + eta * scaled
+        alpha = np.exp(z - z.max())
+        alpha = alpha / alpha.sum()
+    return alpha @ j
+
+
+def cert_pcd(j, d, ctx, tau: float = 0.02, eps: float = 1e-8):
+    """The distance to PCD's QP solved by ``scipy.optimize.nnls`` (the first step: scales
+    1/sqrt(|g_i|^2 + eps)). The dual min_{mu >= 0} 1/2 |S^T mu + g~1|^2 - c^T mu, c_j =
+    tau |g~j|^2, is an NNLS once c = S z (secondaries linearly independent; nan
+    elsewhere); d~ = g~1 + S^T mu is checked feasible and rescaled to |g_1|."""
+    m = len(j)
+    n1 = np.linalg.norm(j[0])
+    if m == 1 or n1 == 0:
+        return cert_closed(lambda j, ctx: j[0] if n1 > 0 else 0 * j[0])(j, d, ctx)
+    s = 1 / np.sqrt(np.sum(j**2, axis=1) + eps)
+    js = j * s[:, None]
+    sec = js[1:]
+    if np.linalg.matrix_rank(sec) < m - 1:
+        return float("nan")
+    c = tau * np.sum(sec**2, axis=1)
+    z = np.linalg.lstsq(sec, c, rcond=None)[0]
+    mu, _ = scipy.optimize.nnls(sec.T, z - js[0], maxiter=50 * m)
+    dt = js[0] + mu @ sec
+    if np.min(sec @ dt - c) < -1e-9 * np.max(np.sum(sec**2, 1)):
+        return float("nan")
+    ref = dt * n1 / np.linalg.norm(dt)
+    return float(np.linalg.norm(d - ref) / n1)
+
+
+def cert_fairgrad(j, d, ctx, alpha: float = 2.0):
+    """max_i |w_i^(1/alpha) (G w)_i - 1|; where no solution exists, |d| (0 is right)."""
+    if ctx["stationary"]:
+        return float(np.linalg.norm(d))
+    w = ctx["weights"]
+    if w is None:
+        return float("nan")
+    w = np.asarray(w, np.float64)
+    if np.any(w <= 0):
+        return float("inf")
+    return float(np.max(np.abs(w ** (1 / alpha) * (j @ (w @ j)) - 1.0)))
+
+
 # ----------------------------------------------------------------- the methods
 
 
@@ -321,8 +531,12 @@ class Method:
     options; ``torchjd(m)``: a fresh TorchJD aggregator for ``m`` rows; ``tuned(m)``:
     a TorchJD configuration that removes the main cause of a difference (optional);
     ``certificate(j, d, ctx) -> float`` (0 is right); ``noise``: ``"normal"`` or
-    ``"orders"`` when TorchJD's random draws must be jaxreg's; ``applies(j)``: which
-    Jacobians the method takes; ``why``: the cause of the differences, as measured.
+    ``"orders"`` (PCGrad's), ``"orders_others"`` (GradVac's: a permutation of the other
+    rows) or ``"uniform"`` (GradDrop's) when TorchJD's random draws must be jaxreg's;
+    ``applies(j)``: which Jacobians the method takes; ``why``: the cause of the
+    differences, as measured; ``steps``: how many updates a stateful method makes on
+    the same Jacobian (the last is compared); ``weights_fn``: jaxreg's weight function
+    and options, whose weights the certificate reads (``ctx["weights"]``).
     """
 
     name: str
@@ -335,6 +549,8 @@ class Method:
     noise: str | None = None
     applies: Callable[[np.ndarray], bool] = lambda j: True
     why: str = ""
+    steps: int = 1
+    weights_fn: tuple[str, dict] | None = None
 
 
 def _tj():
@@ -439,23 +655,55 @@ METHODS: list[Method] = [
         "J (residual 2e-3 at x1e3, 1e2 at x1e10 on the same matrices); it returns a finite "
         "alpha where no solution exists and fails on zero matrices",
     ),
-    # The aggregators other branches add (skipped while jaxreg lacks the name).
-    Method("AlignedMTL", "aligned_mtl", lambda m: _tj()[0].AlignedMTL()),
-    Method("ConFIG", "config", lambda m: _tj()[0].ConFIG()),
+    Method(
+        "AlignedMTL",
+        "aligned_mtl",
+        lambda m: _tj()[0].AlignedMTL(),
+        certificate=cert_closed(_aligned_mtl_ref),
+    ),
+    Method("ConFIG", "config", lambda m: _tj()[0].ConFIG(), certificate=cert_config),
     Method(
         "DualProj",
         "dualproj",
         lambda m: _tj()[0].DualProj(),
+        certificate=cert_dualproj,
         tuned=lambda m: _tj()[0].DualProj(projector=_tj()[1](norm_eps=0.0, reg_eps=1e-12)),
         tuned_label="reg_eps=1e-12, norm_eps=0",
+        why="as UPGrad: TorchJD's reg_eps=1e-4 ridge on G/tr(G) leaves outputs 2e-4..5e-2 "
+        "off on ordinary inputs, vectors that conflict with a task where the projection is 0 "
+        "(strongly stationary, rank-1 inputs), and 11-22x off at cos -0.999 with norm "
+        "ratios 1e2..1e4; without it TorchJD agrees to 6e-10 on ordinary inputs, but not "
+        "where G is singular (quadprog), at norm ratios 1e2..1e4 or row norms 1e-4..1e4",
     ),
-    Method("GradDrop", "graddrop", lambda m: _tj()[0].GradDrop()),
-    Method("GradVac", "gradvac", lambda m: _tj()[0].GradVac()),
+    Method(
+        "GradDrop",
+        "graddrop",
+        lambda m: _tj()[0].GradDrop(),
+        certificate=cert_closed(_graddrop_ref),
+        noise="uniform",
+    ),
+    Method(
+        "GradVac (3 steps)",
+        "gradvac",
+        lambda m: _tj()[0].GradVac(),
+        options={"n_tasks": "m"},
+        certificate=cert_gradvac,
+        why="TorchJD adds eps=1e-8 to the denominators: at row norms near 1e-10 (and 1e-4) "
+        "it changes the result (by up to 0.9); with eps=0 it agrees to 3e-14 there; the "
+        "rest are rank-1 inputs (|cos| = 1), where rounding decides every test",
+        tuned=lambda m: _tj()[0].GradVac(eps=0.0),
+        tuned_label="eps=0",
+        noise="orders_others",
+        steps=3,
+    ),
     Method(
         "Krum",
         "krum",
         lambda m: _tj()[0].Krum(n_byzantine=1),
         options={"n_byzantine": 1},
+        certificate=cert_closed(_krum_ref),
+        why="TorchJD 0.18 sums plain distances, the paper (and jaxreg) squared ones: they "
+        "pick different gradients on rank-1 inputs and at row norms 1e-4..1e4",
         applies=lambda j: len(j) >= 4,
     ),
     Method(
@@ -463,10 +711,43 @@ METHODS: list[Method] = [
         "trimmed_mean",
         lambda m: _tj()[0].TrimmedMean(trim_number=1),
         options={"trim_number": 1},
+        certificate=cert_closed(_trimmed_mean_ref),
         applies=lambda j: len(j) >= 3,
     ),
-    Method("ExcessMTL", "excess_mtl", lambda m: _tj()[0].ExcessMTL(n_tasks=m)),
-    Method("FairGrad", "fairgrad", lambda m: _tj()[0].FairGrad()),
+    Method(
+        "ExcessMTL (3 steps)",
+        "excess_mtl",
+        lambda m: _tj()[0].ExcessMTL(),
+        options={"num_tasks": "m"},
+        certificate=cert_closed(lambda j, ctx: excess_mtl_replay(j, 3)),
+        why="jaxreg keeps ExcessMTL's state (weights, squared-gradient sums, baseline) in "
+        "float32: up to 2.6e-6 off the float64 replay, which TorchJD matches to 5e-15",
+        steps=3,
+    ),
+    Method(
+        "FairGrad (alpha=2)",
+        "fairgrad",
+        lambda m: _tj()[0].FairGrad(alpha=2.0),
+        options={"alpha": 2.0},
+        certificate=cert_fairgrad,
+        weights_fn=("fairgrad_weights", {"alpha": 2.0}),
+        why="TorchJD runs scipy's least_squares from the uniform weights: where no solution "
+        "exists (0 in the convex hull) it returns finite weights, at scale 1e-10 its start "
+        "(residual 1), elsewhere residuals up to 28 at row norms 1e-4..1e4; jaxreg's Newton "
+        "solve is <= 3.9e-11. jaxreg is wrong on one input (row norms 1e-4..1e4 with a cos "
+        "-0.99 pair, 5 independent rows): it declares no solution where one exists",
+    ),
+    Method(
+        "PCD",
+        "pcd",
+        lambda m: _tj()[0].PCD(),
+        options={"num_tasks": "m"},
+        certificate=cert_pcd,
+        why="one input (4x3 rank 2 at scale 1e-10: dependent secondaries, not certified) "
+        "where jaxreg's output changes by 1.5 with the rounding of the Gramian (padded with "
+        "zero columns, as batched here; unpadded it equals TorchJD's): a borderline "
+        "feasibility decision",
+    ),
 ]
 
 
@@ -477,19 +758,26 @@ def _jaxreg_aggregator(method: Method, m: int):
     options = dict(method.options)
     if options.get("weights") == "mean":
         options["weights"] = [1.0 / m] * m
+    for k, v in options.items():
+        if v == "m":  # the number of rows (n_tasks, num_tasks)
+            options[k] = m
     return getattr(jr.aggregators, method.jaxreg)(**options)
 
 
 def run_jaxreg(method: Method, js: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
-    """The aggregator's update and state residual on each Jacobian, float64: one jit per
-    number of rows, ``lax.map`` over the Jacobians padded with zero columns (which change
-    neither the Gramian nor the other columns of the update)."""
+    """The aggregator's updates (``[steps, n]``, each step on the same Jacobian) and the
+    last state's residual on each Jacobian, float64: one jit per number of rows,
+    ``lax.map`` over the Jacobians padded with zero columns (which change neither the
+    Gramian nor the other columns of the update). GradDrop draws one uniform number per
+    column, so it is jitted per shape, unpadded."""
     out: list[Any] = [None] * len(js)
     res: list[Any] = [None] * len(js)
     groups: dict = {}
     for k, j in enumerate(js):
-        groups.setdefault(j.shape[0], []).append(k)
-    for m, ks in groups.items():
+        key = j.shape if method.noise == "uniform" else j.shape[0]
+        groups.setdefault(key, []).append(k)
+    for ks in groups.values():
+        m = js[ks[0]].shape[0]
         agg = _jaxreg_aggregator(method, m)
         width = max(js[k].shape[1] for k in ks)
         padded = [np.pad(js[k], ((0, 0), (0, width - js[k].shape[1]))) for k in ks]
@@ -497,62 +785,100 @@ def run_jaxreg(method: Method, js: list[np.ndarray]) -> tuple[list[np.ndarray], 
         state = agg.init({"p": batch[0, 0]})
 
         def one(j, agg=agg, state=state):
-            update, new = agg.update({"p": j}, state)
-            return update["p"], getattr(new, "residual", jnp.full((), jnp.nan, jnp.float32))
+            def step(state, _):
+                update, new = agg.update({"p": j}, state)
+                return new, update["p"]
+
+            last, updates = jax.lax.scan(step, state, None, length=method.steps)
+            return updates, getattr(last, "residual", jnp.full((), jnp.nan, jnp.float32))
 
         upd, r = jax.jit(lambda b, one=one: jax.lax.map(one, b))(batch)
         for row, k in enumerate(ks):
             n = js[k].shape[1]
-            out[k], res[k] = np.asarray(upd[row, :n], np.float64), float(r[row])
+            out[k], res[k] = np.asarray(upd[row, :, :n], np.float64), float(r[row])
     return out, res
 
 
-def jaxreg_noise(m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The Gaussian vector and the visiting orders jaxreg's first update draws
-    (``from_gramian_weights`` splits the state's key and hands the second half over)."""
-    _, sub = jax.random.split(jax.random.key(seed))
-    normal = np.asarray(jax.random.normal(sub, (m,), jnp.float64))
-    keys = jax.random.split(sub, m)
-    orders = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, m))(keys))
-    return normal, orders
+def jaxreg_noise(m: int, n: int, steps: int = 1, seed: int = 0) -> dict:
+    """The draws of jaxreg's updates, step by step (each update splits the state's key
+    and hands the second half over): the Gaussian vector (``random``), the visiting
+    orders (``pcgrad``, ``gradvac``) and GradDrop's uniform draw for one ``n``-column
+    leaf, each a list over the steps."""
+    key = jax.random.key(seed)
+    draws: dict = {"normal": [], "orders": [], "uniform": []}
+    for _ in range(steps):
+        key, sub = jax.random.split(key)
+        draws["normal"].append(np.asarray(jax.random.normal(sub, (m,), jnp.float64)))
+        keys = jax.random.split(sub, m)
+        draws["orders"].append(np.asarray(jax.vmap(lambda k: jax.random.permutation(k, m))(keys)))
+        u = jax.random.uniform(jax.random.fold_in(sub, 0), (n,), jnp.float64)
+        draws["uniform"].append(np.asarray(u))
+    return draws
 
 
 # ----------------------------------------------------------------- running TorchJD
 
 
+def _torch_noise(kind: str | None, draws: dict) -> dict:
+    """jaxreg's draws in the form TorchJD asks for them: ``randn``, ``randperm`` (rows
+    in call order) and ``rand`` replacements, over all the steps."""
+    if kind == "normal":
+        return {"randn": list(draws["normal"])}
+    if kind == "orders":
+        return {"randperm": [row for step in draws["orders"] for row in step]}
+    if kind == "orders_others":  # GradVac: a permutation of the indices into the others
+        rows = []
+        for step in draws["orders"]:
+            for i, order in enumerate(step):
+                rows.append(np.array([k if k < i else k - 1 for k in order if k != i]))
+        return {"randperm": rows}
+    if kind == "uniform":
+        return {"rand": list(draws["uniform"])}
+    return {}
+
+
 @contextlib.contextmanager
-def _torch_draws(normal: np.ndarray | None, orders: np.ndarray | None):
-    """Replaces ``torch.randn`` / ``torch.randperm`` by jaxreg's draws."""
+def _torch_draws(noise: dict):
+    """Replaces ``torch.randn`` / ``torch.randperm`` / ``torch.rand`` by jaxreg's draws."""
     import torch
 
-    randn, randperm = torch.randn, torch.randperm
-    rows = iter(orders) if orders is not None else None
-    if normal is not None:
-        torch.randn = lambda *a, **k: torch.as_tensor(normal, dtype=torch.float64)
-    if rows is not None:
-        torch.randperm = lambda *a, **k: torch.as_tensor(next(rows))
+    saved = {name: getattr(torch, name) for name in noise}
+    for name, values in noise.items():
+        it = iter(values)
+        setattr(
+            torch,
+            name,
+            lambda *a, it=it, **k: torch.as_tensor(next(it), dtype=k.get("dtype")),
+        )
     try:
         yield
     finally:
-        torch.randn, torch.randperm = randn, randperm
+        for name, f in saved.items():
+            setattr(torch, name, f)
 
 
 def run_torchjd(
-    make, j: np.ndarray, noise=(None, None)
+    make, j: np.ndarray, noise: dict | None = None, steps: int = 1
 ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
-    """TorchJD's update (``weights @ J`` where it is a weighted aggregator), its
+    """TorchJD's updates (``[steps, n]``, one instance called ``steps`` times on the
+    same Jacobian; ``weights @ J`` where it is a weighted aggregator), its last
     weights, and an error message ('' when it ran)."""
     import torch
+    from torchjd.aggregation import WeightedAggregator as weighted
 
     jt = torch.as_tensor(j, dtype=torch.float64)
     try:
         agg = make(len(j))
-        with _torch_draws(*noise), warnings.catch_warnings():
+        outs, w = [], None
+        with _torch_draws(noise or {}), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if hasattr(agg, "weighting"):
-                w = agg.weighting(jt).detach().numpy().astype(np.float64)
-                return w @ j, w, ""
-            return agg(jt).detach().numpy().astype(np.float64), None, ""
+            for _ in range(steps):
+                if isinstance(agg, weighted):  # ConFIG has a .weighting but is not weighted
+                    w = agg.weighting(jt).detach().numpy().astype(np.float64)
+                    outs.append(w @ j)
+                else:
+                    outs.append(agg(jt).detach().numpy().astype(np.float64))
+        return np.stack(outs), w, ""
     except Exception as e:
         return None, None, f"{type(e).__name__}: {str(e)[:60]}"
 
@@ -581,45 +907,65 @@ def _jitted(name: str, **options):
     return _JITTED[key]
 
 
+def _rel_steps(a, b, j) -> float:
+    """The largest ``_rel`` over the steps (``[steps, n]`` updates)."""
+    if a is None or b is None:
+        return float("nan")
+    return max(_rel(x, y, j) for x, y in zip(a, b, strict=True))
+
+
 def compare(method: Method, all_cases: list[Case], pre: dict) -> dict:
-    """One method on every case it applies to: per-case differences and verdicts."""
+    """One method on every case it applies to: per-case differences and verdicts
+    (certificates on the last step)."""
     chosen = [c for c in all_cases if method.applies(c.j)]
     d_jr, res_jr = run_jaxreg(method, [c.j for c in chosen])
     rows = []
     for c, dj, rj in zip(chosen, d_jr, res_jr, strict=True):
-        m = len(c.j)
-        normal, orders = jaxreg_noise(m)
-        noise = (
-            normal if method.noise == "normal" else None,
-            orders if method.noise == "orders" else None,
+        m, n = c.j.shape
+        draws = jaxreg_noise(m, n, method.steps)
+        noise = _torch_noise(method.noise, draws)
+        dt, wt, err = run_torchjd(method.torchjd, c.j, noise, method.steps)
+        tuned = (
+            run_torchjd(method.tuned, c.j, _torch_noise(method.noise, draws), method.steps)
+            if method.tuned
+            else (None, None, "")
         )
-        dt, wt, err = run_torchjd(method.torchjd, c.j, noise)
-        tuned = run_torchjd(method.tuned, c.j, noise) if method.tuned else (None, None, "")
-        ctx = dict(pre[c.name], normal=normal, orders=orders)
+        ctx = dict(
+            pre[c.name],
+            normal=draws["normal"][-1],
+            orders=draws["orders"][-1],
+            orders_steps=draws["orders"],
+            uniform=draws["uniform"][-1],
+        )
         row = {
             "case": c.name,
-            "diff": _rel(dj, dt, c.j),
-            "tuned_diff": _rel(dj, tuned[0], c.j),
+            "diff": _rel_steps(dj, dt, c.j),
+            "tuned_diff": _rel_steps(dj, tuned[0], c.j),
             "error": err,
             "jr_residual": rj,
         }
         if method.certificate is not None:
-            weights_jr = None  # jaxreg's alpha, for Nash-MTL's certificate
+            weights_jr = None  # jaxreg's weights, for Nash-MTL's and FairGrad's certificates
             if method.jaxreg == "nash_mtl":
                 weights_jr = np.asarray(_jitted("nash_mtl_weights")(jnp.asarray(c.j @ c.j.T)))
+            if method.weights_fn is not None:
+                fn, options = method.weights_fn
+                weights_jr = np.asarray(_jitted(fn, **options)(jnp.asarray(c.j @ c.j.T)))
             if method.jaxreg == "cagrad":
                 coef_jr = np.asarray(
                     _jitted("cagrad_weights", c=0.5, rescale=0)(jnp.asarray(c.j @ c.j.T))
                 )
                 ctx["cagrad_duals"] = _cagrad_duals(c.j, coef_jr, wt, tuned[1])
-            row["cert_jr"] = method.certificate(c.j, dj, dict(ctx, weights=weights_jr))
+            row["cert_jr"] = method.certificate(c.j, dj[-1], dict(ctx, weights=weights_jr))
             row["cert_tj"] = (
-                method.certificate(c.j, dt, dict(ctx, weights=wt))
+                method.certificate(c.j, dt[-1], dict(ctx, weights=wt))
                 if dt is not None
                 else float("nan")
             )
             if tuned[0] is not None:
-                row["cert_tuned"] = method.certificate(c.j, tuned[0], dict(ctx, weights=tuned[1]))
+                row["cert_tuned"] = method.certificate(
+                    c.j, tuned[0][-1], dict(ctx, weights=tuned[1])
+                )
         rows.append(row)
     return {"method": method, "rows": rows}
 
@@ -697,6 +1043,158 @@ def summarise(result: dict) -> list[str]:
     ]
 
 
+# ----------------------------------------------------------------- the weightings
+
+
+def _simplex(y: np.ndarray) -> np.ndarray:
+    """The Euclidean projection onto the simplex (Held et al. 1974: sort, threshold)."""
+    if not np.all(np.isfinite(y)):
+        return np.full_like(y, np.nan)
+    y = y - np.max(y)  # the projection is invariant to a shift along (1, ..., 1)
+    u = np.sort(y)[::-1]
+    css = np.cumsum(u) - 1.0
+    k = np.nonzero(u - css / np.arange(1, len(y) + 1) > 0)[0][-1]  # k = 0 qualifies
+    return np.maximum(y - css[k] / (k + 1), 0.0)
+
+
+def modo_replay(gs: list[np.ndarray], gamma: float = 0.1, rho: float = 0.1) -> np.ndarray:
+    """MoDo (Chen et al. 2024, Eq. 2.9a) over the matrices ``gs``: the last weights."""
+    lam = np.full(len(gs[0]), 1.0 / len(gs[0]))
+    for a in gs:
+        lam = _simplex(lam - gamma * (a @ lam + rho * lam))
+    return lam
+
+
+def sdmgrad_replay(gs: list[np.ndarray], lr=10.0, momentum=0.5, iters=20, lam=0.3) -> np.ndarray:
+    """SDMGrad (Xiao et al. 2023; the official code's projected SGD with momentum on
+    A / (mean sqrt(diag A))^2) over the matrices ``gs``: the last weights."""
+    m = len(gs[0])
+    w, wt = np.full(m, 1.0 / m), np.full(m, 1.0 / m)
+    for a in gs:
+        a = a / (np.mean(np.sqrt(np.maximum(np.diag(a), 0.0))) ** 2 + 1e-8)
+        v = None
+        for _ in range(iters):
+            grad = a @ (w + lam * wt)
+            v = grad if v is None else momentum * v + grad
+            w = _simplex(w - lr * v)
+    return (w + lam * wt) / (1 + lam)
+
+
+def cr_mogm_modo_replay(gs: list[np.ndarray], alpha: float = 0.9) -> np.ndarray:
+    """CR-MOGM (Zhou et al. 2022): lambda_k = alpha lambda_(k-1) + (1 - alpha) hat_k,
+    lambda_0 = hat_1, around MoDo's weights hat_k (a weighting both libraries agree on,
+    so the table measures the moving average)."""
+    lam = None
+    for k in range(1, len(gs) + 1):
+        hat = modo_replay(gs[:k])
+        lam = hat if lam is None else alpha * lam + (1 - alpha) * hat
+    return lam
+
+
+@dataclasses.dataclass
+class WeightingMethod:
+    """One weighting both libraries have (``jr.weighting.<name>``, on the Gramian)."""
+
+    name: str
+    jaxreg: Callable[[], Any]
+    torchjd: Callable[[], Any]
+    replay: Callable[[list[np.ndarray]], np.ndarray] | None = None
+    why: str = ""
+
+
+def _tjw():
+    from torchjd import aggregation as tja
+
+    return tja
+
+
+WEIGHTINGS: list[WeightingMethod] = [
+    WeightingMethod(
+        "MoDo",
+        lambda: jr.weighting.modo(),
+        lambda: _tjw().MoDoWeighting(),
+        replay=modo_replay,
+        why="TorchJD's simplex projection rounds u_1 - (u_1 - 1) to 0 at entries near 1e16 "
+        "(gradient scale 1e10 and above) and returns zero weights; jaxreg shifts by the "
+        "maximum first",
+    ),
+    WeightingMethod(
+        "SDMGrad",
+        lambda: jr.weighting.sdmgrad(),
+        lambda: _tjw().SDMGradWeighting(),
+        replay=sdmgrad_replay,
+    ),
+    WeightingMethod(
+        "CR-MOGM (MoDo, alpha=0.9)",
+        lambda: jr.weighting.cr_mogm(jr.weighting.modo(), alpha=0.9),
+        lambda: _tjw().CRMOGMWeighting(_tjw().MoDoWeighting(), alpha=0.9),
+        replay=cr_mogm_modo_replay,
+    ),
+]
+
+WEIGHTING_STEPS = 3
+
+
+def weighting_matrices(j: np.ndarray) -> list[np.ndarray]:
+    """The Gramians the stateful weightings see, one per step: ``J`` with its rows
+    rescaled by ``1 + s k / m`` at step ``s`` (so the weights move between steps)."""
+    m = len(j)
+    out = []
+    for s in range(WEIGHTING_STEPS):
+        js = j * (1.0 + s * np.arange(m) / m)[:, None]
+        out.append(js @ js.T)
+    return out
+
+
+def compare_weighting(method: WeightingMethod, all_cases: list[Case]) -> list[str]:
+    """The largest |w_jaxreg - w_TorchJD|_1 of the last step's weights over the cases,
+    and the largest distance of each library's weights to the float64 NumPy replay."""
+    import torch
+
+    diffs, cert_jr, cert_tj = [], [], []
+    worst = ("", 0.0)
+    fns: dict = {}
+    for c in all_cases:
+        gs = weighting_matrices(c.j)
+        m = len(c.j)
+        if m not in fns:
+            wm = method.jaxreg()
+
+            def run(stack, wm=wm, m=m):
+                def step(state, g):
+                    w, state = wm.update(g, state)
+                    return state, w
+
+                return jax.lax.scan(step, wm.init(m), stack)[1][-1]
+
+            fns[m] = jax.jit(run)
+        w_jr = np.asarray(fns[m](jnp.asarray(np.stack(gs))), np.float64)
+        tw = method.torchjd()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for gram in gs:
+                w_tj = tw(torch.as_tensor(gram, dtype=torch.float64)).numpy().astype(np.float64)
+        diff = float(np.abs(w_jr - w_tj).sum())
+        diffs.append(diff)
+        if diff > worst[1]:
+            worst = (c.name, diff)
+        if method.replay is not None:
+            ref = method.replay(gs)
+            cert_jr.append(float(np.abs(w_jr - ref).sum()))
+            cert_tj.append(float(np.abs(w_tj - ref).sum()))
+    differ = sum(d > DIFFER for d in diffs)
+    return [
+        method.name,
+        f"{len(diffs)}",
+        _fmt(max(diffs)) + (f" ({worst[0]})" if worst[1] > DIFFER else ""),
+        f"{differ}",
+        f"{_fmt(np.nanmax(cert_jr))} / {_fmt(np.nanmax(cert_tj))}"
+        + (f" ({sum(np.isnan(cert_jr))} replays not finite)" if np.any(np.isnan(cert_jr)) else "")
+        if cert_jr
+        else "-",
+    ]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="*", help="names from METHODS (default: all)")
@@ -745,14 +1243,42 @@ def main(argv=None) -> None:
         "worst certificate jaxreg / TorchJD",
         "max rel. diff, TorchJD tuned",
     ]
-    print()
-    print(table([summarise(r) for r in results], header))
-    print()
+    if results:
+        print()
+        print(table([summarise(r) for r in results], header))
+        print()
     for r in results:
         if r["method"].why:
             print(f"* {r['method'].name}: {r['method'].why}.")
     if skipped:
         print(f"\nnot in jaxreg yet (skipped): {', '.join(skipped)}")
+    wselected = [w for w in WEIGHTINGS if not args.methods or w.name in args.methods]
+    if wselected:
+        with jax.enable_x64(True):
+            wrows = []
+            for w in wselected:
+                t = time.perf_counter()
+                wrows.append(compare_weighting(w, all_cases))
+                print(f"  {w.name}: {time.perf_counter() - t:.1f} s")
+        print(
+            f"\nWeightings on the Gramians, {WEIGHTING_STEPS} steps (rows rescaled by "
+            "1 + s k/m at step s), the last step's weights:"
+        )
+        print(
+            table(
+                wrows,
+                [
+                    "weighting",
+                    "cases",
+                    "max L1(w_jaxreg - w_TorchJD) (case)",
+                    f"differ > {DIFFER:g}",
+                    "max L1(w - w_replay) jaxreg / TorchJD",
+                ],
+            )
+        )
+        for w in wselected:
+            if w.why:
+                print(f"* {w.name}: {w.why}.")
     if args.details:
         for r in results:
             for row in r["rows"]:

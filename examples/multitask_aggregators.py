@@ -1,7 +1,8 @@
 """One multi-task model trained with each aggregator, side by side, with a plot.
 
-Run: ``python examples/multitask_aggregators.py [--steps 400] [--out PNG]`` (the plot
-goes to ``runs/multitask_aggregators.png`` by default).
+Run: ``python examples/multitask_aggregators.py [--steps 400] [--out PNG] [--methods
+all | LABEL ...]`` (the plot goes to ``runs/multitask_aggregators.png`` by default; the
+nine methods of ``DEFAULT`` unless ``--methods`` picks others).
 
 Four regression tasks share a small tanh trunk (too small to fit them all) and each has
 its own linear head; the last task's targets are 10x larger, so its gradient dominates
@@ -16,9 +17,9 @@ worsens some task to first order (the smallest :math:`\\cos(g_i, d)`: negative m
 the step increases task ``i``'s loss). The tasks' own conflict depends on where each
 method has taken the model, so it is plotted per method too. It prints a summary table
 and plots the loss curves and both cosines. The non-conflicting methods (UPGrad, MGDA,
-Nash-MTL) keep :math:`\\min_i \\cos(g_i, d) \\ge 0` (IMTL-G equalises the projections, but
-their common sign can be negative); the mean follows the large task and steps
-against the others.
+DualProj, Nash-MTL and FairGrad here) keep :math:`\\min_i \\cos(g_i, d) \\ge 0`
+(IMTL-G equalises the projections, but their common sign can be negative); the mean
+follows the large task and steps against the others.
 
 Add a method with one line in ``AGGREGATORS``.
 """
@@ -53,9 +54,29 @@ AGGREGATORS = {
     "Aligned-MTL": ("aligned_mtl", {}),
     "ConFIG": ("config", {}),
     "DualProj": ("dualproj", {}),
-    "GradVac": ("gradvac", {}),
-    "FairGrad": ("fairgrad", {}),
+    "GradVac": ("gradvac", {"n_tasks": TASKS}),
+    "FairGrad (a=2)": ("fairgrad", {"alpha": 2.0}),
+    "GradDrop": ("graddrop", {}),
+    "PCD (task 0)": ("pcd", {"num_tasks": TASKS}),
+    "ExcessMTL": ("excess_mtl", {"num_tasks": TASKS}),
+    "Krum (f=1)": ("krum", {"n_byzantine": 1}),
+    "TrimmedMean": ("trimmed_mean", {"trim_number": 1}),
 }
+
+
+# The methods plotted by default (more than about 9 curves per panel do not read well);
+# ``--methods all`` runs every one, ``--methods LABEL ...`` picks others.
+DEFAULT = [
+    "mean",
+    "PCGrad",
+    "MGDA",
+    "UPGrad",
+    "CAGrad (c=0.5)",
+    "Nash-MTL",
+    "DualProj",
+    "ConFIG",
+    "FairGrad (a=2)",
+]
 
 
 def make_data(key, n: int = 256):
@@ -133,11 +154,13 @@ def train(aggregator, params, batch, steps: int, lr: float = 1e-2):
 
 
 def available(names=None) -> dict:
-    """The methods of ``AGGREGATORS`` that jaxreg has (all, or those in ``names``)."""
+    """The methods of ``AGGREGATORS`` that jaxreg has: those in ``names`` (``DEFAULT``
+    when ``None``, every one for ``["all"]``)."""
+    names = DEFAULT if names is None else names
     return {
         label: (name, options)
         for label, (name, options) in AGGREGATORS.items()
-        if hasattr(jr.aggregators, name) and (not names or label in names)
+        if hasattr(jr.aggregators, name) and (names == ["all"] or label in names)
     }
 
 
@@ -181,16 +204,22 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--out", default="runs/multitask_aggregators.png")
-    parser.add_argument("--aggregators", nargs="*", help="labels from AGGREGATORS (default: all)")
+    parser.add_argument(
+        "--methods",
+        "--aggregators",
+        dest="methods",
+        nargs="*",
+        help="labels from AGGREGATORS, or 'all' (default: DEFAULT, 9 of them)",
+    )
     args = parser.parse_args(argv)
     k_data, k_params = jax.random.split(jax.random.key(0))
     batch, params = make_data(k_data), init_params(k_params)
     histories = {}
     print(
-        f"{'aggregator':15s} {'final loss per task':>36s} {'mean loss/initial':>18s} "
+        f"{'aggregator':16s} {'final loss per task':>36s} {'mean loss/initial':>18s} "
         f"{'min cos(g_i, d)':>16s} {'steps < 0':>10s} {'time':>6s}"
     )
-    for label, (name, options) in available(args.aggregators).items():
+    for label, (name, options) in available(args.methods).items():
         start = time.perf_counter()
         aggregator = getattr(jr.aggregators, name)(**options)
         losses, pairwise, worst = train(aggregator, params, batch, args.steps)
@@ -198,7 +227,7 @@ def main(argv=None) -> dict:
         final = "  ".join(f"{v:7.4f}" for v in losses[-1])
         relative = np.mean(losses[-1] / losses[0])
         print(
-            f"{label:15s} {final:>36s} {relative:18.3f} {worst.min():16.3f} "
+            f"{label:16s} {final:>36s} {relative:18.3f} {worst.min():16.3f} "
             f"{int(np.sum(worst < -1e-6)):10d} {time.perf_counter() - start:5.1f}s",
             flush=True,
         )

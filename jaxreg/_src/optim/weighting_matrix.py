@@ -47,8 +47,21 @@ class MatrixWeighting(NamedTuple):
 
 def project_simplex(y: jax.Array) -> jax.Array:
     r"""The Euclidean projection of ``y`` onto the probability simplex (sort-based):
-    :math:`(y - \theta)^+` with :math:`\theta` such that the result sums to 1."""
+    :math:`(y - \theta)^+` with :math:`\theta` such that the result sums to 1.
+
+    ``y`` is first shifted by its maximum (the projection is invariant to adding a
+    constant to every entry), so the threshold stays exact for entries of any size (at
+    :math:`|y| \sim 10^{16}` unshifted, :math:`u_1 - (u_1 - 1)` rounds to 0 and every
+    weight to 0, as in TorchJD 0.18).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxreg as jr
+      >>> print(jr.weighting.project_simplex(jnp.array([1e20, 0.0])))
+      [1. 0.]
+    """
     n = y.shape[0]
+    y = y - jnp.max(y)
     u = jnp.sort(y)[::-1]
     css = jnp.cumsum(u)
     k = jnp.arange(1, n + 1, dtype=y.dtype)
