@@ -734,8 +734,7 @@ METHODS: list[Method] = [
         why="TorchJD runs scipy's least_squares from the uniform weights: where no solution "
         "exists (0 in the convex hull) it returns finite weights, at scale 1e-10 its start "
         "(residual 1), elsewhere residuals up to 28 at row norms 1e-4..1e4; jaxreg's Newton "
-        "solve is <= 3.9e-11. jaxreg is wrong on one input (row norms 1e-4..1e4 with a cos "
-        "-0.99 pair, 5 independent rows): it declares no solution where one exists",
+        "solve is <= 3.9e-11",
     ),
     Method(
         "PCD",

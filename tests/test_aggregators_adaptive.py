@@ -153,6 +153,91 @@ def test_fairgrad_no_solution_on_stationary_inputs(kind):
     assert np.all(np.asarray(w) == 0) and np.isinf(float(res))
 
 
+def _mismatched_scales():
+    """Solvable inputs with row norms 1e-4..1e4 and near-opposite pairs: the TorchJD
+    comparison's cases (FairGrad once declared them unsolvable) and two built here."""
+    from benchmarks import torchjd_compare as tc
+
+    bench = {c.name: c.j for c in tc.cases()}
+    rng = np.random.default_rng(3)
+    out = {
+        name: bench[name]
+        for name in (
+            "row scales 1e-4..1e4 + cos -0.99 5x100",
+            "row scales 1e-4..1e4 + cos -0.99 3x20",
+            "row scales 1e-4..1e4 4x50",
+        )
+    }
+    pair = tc._pair(-0.999, 30, 1.0, rng)  # cos -0.999, norms 1e-4 and 1e4, a third at 1
+    out["cos -0.999 1e-4/1e4 + 1"] = np.vstack(
+        [1e-4 * pair[0], 1e4 * pair[1], rng.normal(size=30) / np.sqrt(30)]
+    )
+    j = np.vstack([tc._pair(-0.99, 40, 1.0, rng), rng.normal(size=(2, 40)) / np.sqrt(40)])
+    out["cos -0.99 1e4/1e-4 + 1e-2, 1e2"] = j * np.array([1e4, 1e-4, 1e-2, 1e2])[:, None]
+    return out
+
+
+def _fairgrad_certificate(g, w, alpha, eps):
+    r"""``(residual, floor)``: :math:`\max_i |w_i^{1/\alpha}(G w)_i - 1|` in float64 and the
+    rounding floor of its evaluation, :math:`10 n \epsilon \max_i (|G||w|)_i/|(G w)_i|`
+    (near-opposite rows of norms 1e-4 and 1e4 cancel in :math:`(G w)_i`)."""
+    gw = g @ w
+    floor = 10 * len(w) * eps * np.max((np.abs(g) @ w) / np.abs(gw))
+    return np.max(np.abs(w ** (1 / alpha) * gw - 1)), floor
+
+
+_MISMATCHED = [
+    "row scales 1e-4..1e4 + cos -0.99 5x100",
+    "row scales 1e-4..1e4 + cos -0.99 3x20",
+    "row scales 1e-4..1e4 4x50",
+    "cos -0.999 1e-4/1e4 + 1",
+    "cos -0.99 1e4/1e-4 + 1e-2, 1e2",
+]
+# float32 where the evaluation's rounding floor is below 1: alpha = 0.5 makes
+# max (|G||w|)_i/|(G w)_i| reach 1e5-1e11 here (beyond float32's 1/eps), alpha = 2 on the
+# cos -0.999 and cos -0.99 x 1e4/1e-4 cases 1e6-1e7.
+_MISMATCHED_32 = [(name, 1.0) for name in _MISMATCHED] + [(name, 2.0) for name in _MISMATCHED[:3]]
+
+
+@pytest.mark.parametrize(
+    "name, alpha, dtype",
+    [(name, alpha, jnp.float64) for name in _MISMATCHED for alpha in (0.5, 1.0, 2.0)]
+    + [(name, alpha, jnp.float32) for name, alpha in _MISMATCHED_32],
+)
+def test_fairgrad_solves_mismatched_scales(name, alpha, dtype):
+    # Linearly independent rows (0 is not in their hull): a solution exists. It used to
+    # end with zero weights and an infinite residual, or a residual of 0.6-1.
+    j = _mismatched_scales()[name]
+    assert np.linalg.matrix_rank(j / np.linalg.norm(j, axis=1, keepdims=True)) == len(j)
+    with jax.enable_x64(dtype == jnp.float64):
+        g = jnp.asarray(_gram64(j), dtype)
+        w, res = _fairgrad_jit(alpha)(g)
+    w = np.asarray(w, np.float64)
+    assert np.all(w > 0), w
+    # the defining equation, in float64 NumPy on the (rounded) unscaled Gramian
+    tol = 1e-9 if dtype == jnp.float64 else 1e-3
+    residual, floor = _fairgrad_certificate(
+        np.asarray(g, np.float64), w, alpha, float(jnp.finfo(dtype).eps)
+    )
+    assert floor < 1  # the check can fail
+    assert residual <= max(tol, floor), (residual, floor)
+    assert float(res) <= max(tol, floor)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_fairgrad_no_solution_at_mismatched_scales(alpha):
+    # 0 in the hull: g next to -g (norms 1e-4 and 1e4), and a zero row next to rows of
+    # norms 1e-4 and 1e4: zero weights and an infinite residual.
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(2, 20))
+    opposite = np.vstack([1e-4 * v[0], -1e4 * v[0], v[1]])
+    zero = np.vstack([1e-4 * v[0], 1e4 * v[1], np.zeros(20)])
+    for j in (opposite, zero):
+        with jax.enable_x64(True):
+            w, res = _fairgrad_jit(alpha)(jnp.asarray(_gram64(j)))
+        assert np.all(np.asarray(w) == 0) and np.isinf(float(res))
+
+
 def test_fairgrad_against_torchjd():
     torch = pytest.importorskip("torch")
     tja = pytest.importorskip("torchjd.aggregation")

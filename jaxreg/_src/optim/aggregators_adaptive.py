@@ -79,7 +79,10 @@ def _fairgrad_solve(g: jax.Array, alpha: float, max_iter: int) -> tuple[jax.Arra
         lam2 = grad @ delta  # the squared Newton decrement
         # The largest step that keeps w > 0 (with a margin); far from the solution,
         # backtracking on phi; close to it (lam2 < 1/16), full steps until the decrement
-        # stops shrinking fourfold (the rounding floor, where phi cannot rank steps).
+        # stops shrinking fourfold at the rounding floor (lam2 < n eps), where phi cannot
+        # rank steps. phi is not self-concordant: with c spread over decades (row norms
+        # 1e-4..1e4, alpha != 1) full steps with lam2 < 1/16 can shrink it only linearly
+        # for a while, which is not a stall (stopping there left residuals of 0.6-1).
         shrink = jnp.where(delta > 0, 0.99 * w / jnp.where(delta > 0, delta, 1.0), jnp.inf)
         t0 = jnp.minimum(1.0, jnp.min(shrink))
         pure = lam2 < 1.0 / 16
@@ -90,7 +93,7 @@ def _fairgrad_solve(g: jax.Array, alpha: float, max_iter: int) -> tuple[jax.Arra
 
         t = lax.while_loop(bt_cond, lambda t: 0.5 * t, t0)
         new = w - t * delta
-        stalled = pure & (prev < 1.0 / 16) & (lam2 > prev / 4)
+        stalled = pure & (prev < n * eps) & (lam2 > prev / 4)
         ok = jnp.all(jnp.isfinite(new)) & jnp.all(new > 0)
         w_next = jnp.where(ok & ~stalled, new, w)
         done = ~ok | stalled | (lam2 <= (n * eps) ** 2) | (t <= 1e-12)
