@@ -10,18 +10,16 @@ returned.
 
 import json
 import math
-import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from cookbook_helpers import ROOT, example_env
 
 pytest.importorskip("tinker_cookbook")
 pytestmark = pytest.mark.e2e  # a service, a subprocess, 6 custom steps: ~45 s on 2 cores
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
 ARGS = ["--batch-size", "8", "--learning-rate", "1e-2", "--lr-schedule", "constant"]
 
@@ -100,13 +98,7 @@ def recompute(arrays, step: int, kl_weight: float, entropy_weight: float) -> dic
 
 
 def test_cookbook_loop_logs_jaxreg_terms(tmp_path):
-    env = dict(
-        os.environ,
-        TINKER_API_KEY="tml-local",
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(tmp_path / "hub"),
-        PYTHONPATH=str(ROOT),
-    )
+    env = example_env(tmp_path)
     log, dump = tmp_path / "log", tmp_path / "steps.npz"
     example = ROOT / "examples" / "cookbook_jaxreg_terms.py"
     out = subprocess.run(

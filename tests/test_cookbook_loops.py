@@ -9,21 +9,14 @@ import subprocess
 import sys
 
 import pytest
+from cookbook_helpers import ROOT, example_env
 
 pytest.importorskip("tinker_cookbook")
 pytestmark = pytest.mark.e2e
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def test_cookbook_supervised_train(tmp_path):
-    env = dict(
-        os.environ,
-        TINKER_API_KEY="tml-local",
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(tmp_path / "hub"),
-        PYTHONPATH=str(ROOT),
-    )
+    env = example_env(tmp_path)
     log = tmp_path / "log"
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "cookbook_sl.py"), str(log)],

@@ -9,30 +9,21 @@ no 404/409 from the service.
 
 import json
 import math
-import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
+from cookbook_helpers import ROOT, example_env
 
 pytest.importorskip("tinker_cookbook")
 pytestmark = pytest.mark.e2e
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, FIRST, LAST = 50, 5, 10  # steps run; steps averaged at the start and the end
 MARGIN = 0.05  # reward is a fraction of positions right, in [0, 1]
 
 
 def test_cookbook_rl_reward_rises(tmp_path):
-    env = dict(
-        os.environ,
-        TINKER_API_KEY="tml-local",
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(tmp_path / "hub"),
-        PYTHONPATH=str(ROOT),
-        TQDM_DISABLE="1",
-    )
+    env = example_env(tmp_path, TQDM_DISABLE="1")
     out_json = tmp_path / "curve.json"
     cmd = [sys.executable, str(ROOT / "examples" / "cookbook_rl.py"), "--seeds", "0"]
     cmd += ["--steps", str(STEPS), "--json", str(out_json), "--log-dir", str(tmp_path / "log")]
